@@ -1,0 +1,327 @@
+//! NAR round trips and rejections, without Nix (the comparison with `nix-store --dump` is in
+//! the `fleetcache-tests` crate).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// Collects events as owned, comparable values.
+#[derive(Default)]
+struct Events(Vec<String>);
+
+impl NarVisitor for Events {
+    fn event(&mut self, e: NarEvent<'_>) -> io::Result<()> {
+        let s = match e {
+            NarEvent::DirectoryStart { path } => format!("dir {}", String::from_utf8_lossy(path)),
+            NarEvent::DirectoryEnd => "end".into(),
+            NarEvent::FileStart {
+                path,
+                executable,
+                size,
+                offset,
+            } => {
+                format!(
+                    "file {} x={executable} {size}@{offset}",
+                    String::from_utf8_lossy(path)
+                )
+            }
+            NarEvent::FileData(d) => format!("data {}", d.len()),
+            NarEvent::FileEnd => "fend".into(),
+            NarEvent::Symlink { path, target } => {
+                format!(
+                    "link {} -> {}",
+                    String::from_utf8_lossy(path),
+                    String::from_utf8_lossy(target)
+                )
+            }
+        };
+        // Data chunking depends on how the input was split; merge adjacent data events.
+        match (self.0.last_mut(), s.strip_prefix("data ")) {
+            (Some(last), Some(n)) if last.starts_with("data ") => {
+                let total: usize =
+                    last[5..].parse::<usize>().unwrap() + n.parse::<usize>().unwrap();
+                *last = format!("data {total}");
+            }
+            _ => self.0.push(s),
+        }
+        Ok(())
+    }
+}
+
+fn sample() -> Vec<u8> {
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.directory_start().unwrap();
+    e.entry_start(b"bin").unwrap();
+    e.directory_start().unwrap();
+    e.entry_start(b"llama-cli").unwrap();
+    e.regular(true, b"#!/bin/sh\necho hi\n").unwrap();
+    e.entry_end().unwrap();
+    e.directory_end().unwrap();
+    e.entry_end().unwrap();
+    e.entry_start(b"empty").unwrap();
+    e.regular(false, b"").unwrap();
+    e.entry_end().unwrap();
+    e.entry_start(b"link").unwrap();
+    e.symlink(b"bin/llama-cli").unwrap();
+    e.entry_end().unwrap();
+    e.directory_end().unwrap();
+    e.finish().unwrap()
+}
+
+fn parse_all(nar: &[u8]) -> Result<Vec<String>, NarError> {
+    let mut p = NarParser::new();
+    let mut ev = Events::default();
+    p.feed(nar, &mut ev)?;
+    p.finish()?;
+    Ok(ev.0)
+}
+
+#[test]
+fn events_describe_the_tree() {
+    let nar = sample();
+    let ev = parse_all(&nar).unwrap();
+    assert_eq!(
+        ev,
+        [
+            "dir ",
+            "dir bin",
+            "file bin/llama-cli x=true 18@408",
+            "data 18",
+            "fend",
+            "end",
+            "file empty x=false 0@648",
+            "fend",
+            "link link -> bin/llama-cli",
+            "end"
+        ]
+    );
+    // The offset really is where the contents are.
+    assert_eq!(&nar[408..408 + 18], b"#!/bin/sh\necho hi\n");
+}
+
+#[test]
+fn any_split_of_the_input_gives_the_same_events() {
+    let nar = sample();
+    let whole = parse_all(&nar).unwrap();
+    for chunk in [1, 3, 7, 8, 9, 64] {
+        let mut p = NarParser::new();
+        let mut ev = Events::default();
+        for c in nar.chunks(chunk) {
+            p.feed(c, &mut ev).unwrap();
+        }
+        p.finish().unwrap();
+        assert_eq!(ev.0, whole, "chunk size {chunk}");
+    }
+}
+
+#[test]
+fn every_truncation_is_rejected() {
+    let nar = sample();
+    for len in 0..nar.len() {
+        let err = parse_all(&nar[..len]).unwrap_err();
+        assert!(
+            matches!(err, NarError::Truncated { offset } if offset == len as u64),
+            "prefix of {len} bytes: {err}"
+        );
+    }
+}
+
+#[test]
+fn trailing_data_is_rejected() {
+    let mut nar = sample();
+    let end = nar.len() as u64;
+    nar.extend_from_slice(&[0; 8]);
+    assert!(
+        matches!(parse_all(&nar).unwrap_err(), NarError::TrailingData { offset } if offset == end)
+    );
+}
+
+fn dir_with(names: &[&[u8]]) -> Vec<u8> {
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.directory_start().unwrap();
+    for n in names {
+        e.entry_start(n).unwrap();
+        e.regular(false, b"x").unwrap();
+        e.entry_end().unwrap();
+    }
+    e.directory_end().unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn unsorted_duplicate_and_invalid_names_are_rejected() {
+    assert!(parse_all(&dir_with(&[b"a", b"b", b"c"])).is_ok());
+    assert!(matches!(
+        parse_all(&dir_with(&[b"b", b"a"])).unwrap_err(),
+        NarError::NotSorted { .. }
+    ));
+    assert!(matches!(
+        parse_all(&dir_with(&[b"a", b"a"])).unwrap_err(),
+        NarError::DuplicateEntry { .. }
+    ));
+    // Byte order, not locale order: "B" (0x42) sorts before "a" (0x61).
+    assert!(parse_all(&dir_with(&[b"B", b"a"])).is_ok());
+    for bad in [&b""[..], b".", b"..", b"a/b", b"../etc", b"a\0b"] {
+        let err = parse_all(&dir_with(&[bad])).unwrap_err();
+        assert!(
+            matches!(err, NarError::InvalidName { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn structural_errors_are_rejected() {
+    let mut bad_magic = sample();
+    bad_magic[8] = b'N';
+    assert!(matches!(
+        parse_all(&bad_magic).unwrap_err(),
+        NarError::BadMagic
+    ));
+    assert!(matches!(
+        parse_all(&[0xff; 64]).unwrap_err(),
+        NarError::BadMagic
+    ));
+
+    let mut padding = sample();
+    // The magic is 13 bytes: bytes 21..24 are its padding.
+    padding[22] = 1;
+    assert!(matches!(
+        parse_all(&padding).unwrap_err(),
+        NarError::NonZeroPadding { offset: 21 }
+    ));
+
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    for t in ["(", "type", "regular", "executable", "yes"] {
+        e.str(t.as_bytes()).unwrap();
+    }
+    assert!(matches!(
+        parse_all(&e.finish().unwrap()).unwrap_err(),
+        NarError::Unexpected { .. }
+    ));
+
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    for t in ["(", "type", "fifo"] {
+        e.str(t.as_bytes()).unwrap();
+    }
+    let err = parse_all(&e.finish().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("expected a node type"), "{err}");
+
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.symlink(b"").unwrap();
+    assert!(matches!(
+        parse_all(&e.finish().unwrap()).unwrap_err(),
+        NarError::InvalidSymlinkTarget { .. }
+    ));
+
+    let mut huge = NarEncoder::new(Vec::new()).unwrap().finish().unwrap();
+    huge.extend_from_slice(&(MAX_TOKEN_LEN + 1).to_le_bytes());
+    assert!(matches!(
+        parse_all(&huge).unwrap_err(),
+        NarError::TokenTooLong { .. }
+    ));
+}
+
+#[test]
+fn a_file_padding_must_be_zero() {
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.regular(false, b"abc").unwrap();
+    let mut nar = e.finish().unwrap();
+    let contents_at = nar.windows(3).position(|w| w == b"abc").unwrap();
+    nar[contents_at + 4] = 7;
+    assert!(matches!(
+        parse_all(&nar).unwrap_err(),
+        NarError::NonZeroPadding { .. }
+    ));
+}
+
+/// A random tree: directories, regular and executable files, symlinks.
+#[derive(Debug, Clone)]
+enum Node {
+    File(bool, Vec<u8>),
+    Link(String),
+    Dir(Vec<(String, Node)>),
+}
+
+fn arb_node() -> impl Strategy<Value = Node> {
+    let leaf = prop_oneof![
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..300)
+        )
+            .prop_map(|(x, d)| Node::File(x, d)),
+        "[a-z./ ]{1,20}".prop_map(Node::Link),
+    ];
+    leaf.prop_recursive(4, 40, 6, |inner| {
+        proptest::collection::btree_map("[a-zA-Z0-9 ._é-]{1,12}", inner, 0..6).prop_map(|m| {
+            Node::Dir(
+                m.into_iter()
+                    .filter(|(k, _)| k != "." && k != "..")
+                    .collect(),
+            )
+        })
+    })
+}
+
+fn create(path: &Path, node: &Node) {
+    match node {
+        Node::File(x, data) => {
+            fs::write(path, data).unwrap();
+            fs::set_permissions(
+                path,
+                fs::Permissions::from_mode(if *x { 0o755 } else { 0o644 }),
+            )
+            .unwrap();
+        }
+        Node::Link(t) => symlink(t, path).unwrap(),
+        Node::Dir(entries) => {
+            fs::create_dir(path).unwrap();
+            for (name, n) in entries {
+                create(&path.join(name), n);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dump_unpack_dump_is_identity(node in arb_node()) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        create(&a, &node);
+        let nar = dump_path(&a, Vec::new()).unwrap();
+        prop_assert_eq!(validate(&nar[..]).unwrap(), nar.len() as u64);
+        let b = dir.path().join("b");
+        prop_assert_eq!(unpack(&nar[..], &b).unwrap(), nar.len() as u64);
+        prop_assert_eq!(dump_path(&b, Vec::new()).unwrap(), nar);
+    }
+}
+
+#[test]
+fn unpack_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = unpack(&sample()[..], dir.path()).unwrap_err();
+    assert!(matches!(err, UnpackError::Exists(_)));
+}
+
+#[test]
+fn dump_rejects_special_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    assert!(matches!(
+        dump_path(&sock, Vec::new()).unwrap_err(),
+        DumpError::UnsupportedType(_)
+    ));
+    assert!(matches!(
+        dump_path(&dir.path().join("missing"), Vec::new()).unwrap_err(),
+        DumpError::Io { .. }
+    ));
+}
