@@ -37,7 +37,7 @@ impl HashAlgo {
     }
 
     /// The digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             HashAlgo::Md5 => 16,
             HashAlgo::Sha1 => 20,
@@ -96,7 +96,7 @@ impl Hash {
     pub fn new(algo: HashAlgo, digest: &[u8]) -> Self {
         assert_eq!(
             digest.len(),
-            algo.len(),
+            algo.digest_len(),
             "digest length does not match {}",
             algo.name()
         );
@@ -122,7 +122,7 @@ impl Hash {
 
     /// The raw digest.
     pub fn digest(&self) -> &[u8] {
-        &self.bytes[..self.algo.len()]
+        &self.bytes[..self.algo.digest_len()]
     }
 
     /// Parses `algo:digest` (digest in base16, nix32 or base64) or SRI `algo-base64`.
@@ -140,7 +140,7 @@ impl Hash {
             algo: algo.name(),
             digest: digest.to_owned(),
         };
-        let len = algo.len();
+        let len = algo.digest_len();
         let bytes = if sri {
             BASE64.decode(digest).map_err(|_| bad())?
         } else if digest.len() == len * 2 {

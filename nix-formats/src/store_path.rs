@@ -71,10 +71,15 @@ impl StorePath {
         if base.len() < HASH_LEN + 2 {
             return Err(StorePathError::TooShort(base.to_owned()));
         }
-        let (hash, rest) = base.split_at(HASH_LEN);
-        if !nixbase32::is_nix32(hash) {
+        // Check the bytes before splitting: the split point must not fall inside a UTF-8
+        // character (found by the narinfo fuzz target).
+        if !base.as_bytes()[..HASH_LEN]
+            .iter()
+            .all(|&c| nixbase32::ALPHABET.contains(&c))
+        {
             return Err(StorePathError::BadHash(base.to_owned()));
         }
+        let (hash, rest) = base.split_at(HASH_LEN);
         let name = rest
             .strip_prefix('-')
             .ok_or_else(|| StorePathError::NoDash(base.to_owned()))?;

@@ -1,14 +1,37 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The fleetcache test harness: real `nix`, a real S3 server (Garage) and the real binaries.
+//!
+//! - [`nix`]: run the real Nix with the configuration this environment needs, build tiny
+//!   fixture derivations, and make throw-away stores that play "a fleet machine".
+//! - [`garage`]: a fresh bucket on a real Garage server in one call.
+//! - [`process`]: child processes that are stopped with SIGTERM when dropped, and readiness
+//!   polling that notices a child that died.
+//! - [`bin`]: where the workspace's binaries are.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod garage;
+pub mod nix;
+pub mod process;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+use std::path::PathBuf;
+
+/// Path of a workspace binary (`orchestrator`, `cache-server`, `builder`).
+///
+/// Found beside the test executable's `deps/` directory, where `cargo test --workspace` and
+/// `cargo nextest run --workspace` build them, or in `$FLEETCACHE_BIN_DIR`. Panics with what to
+/// do when it is missing, rather than skipping the test.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("FLEETCACHE_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let deps = exe.parent().expect("test binary has a directory");
+            deps.parent().expect("deps/ has a parent").to_owned()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build the workspace binaries first (`cargo build --workspace --bins`, which scripts/test does) or set FLEETCACHE_BIN_DIR",
+        path.display()
+    );
+    path
 }

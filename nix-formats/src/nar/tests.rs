@@ -325,3 +325,32 @@ fn dump_rejects_special_files() {
         DumpError::Io { .. }
     ));
 }
+
+/// `nix-store --dump` (Nix 2.8) of a tree with a subdirectory, an executable, a symlink and a
+/// UTF-8 name with a space in its directory.
+const SAMPLE_FROM_NIX: &[u8] = include_bytes!("../../tests/fixtures/sample.nar");
+
+#[test]
+fn a_nar_written_by_nix_unpacks_and_dumps_back_identically() {
+    let events = parse_all(SAMPLE_FROM_NIX).unwrap();
+    assert!(
+        events.iter().any(|e| e.starts_with("file run x=true 10@")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("file sub/a x=false 3@")),
+        "{events:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    assert_eq!(
+        unpack(SAMPLE_FROM_NIX, &out).unwrap(),
+        SAMPLE_FROM_NIX.len() as u64
+    );
+    assert_eq!(fs::read_link(out.join("link")).unwrap(), Path::new("sub/a"));
+    assert_eq!(fs::read(out.join("sub/a")).unwrap(), b"hi\n");
+    assert!(fs::metadata(out.join("with space/é")).unwrap().len() == 0);
+    assert_eq!(dump_path(&out, Vec::new()).unwrap(), SAMPLE_FROM_NIX);
+}

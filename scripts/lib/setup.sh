@@ -1,0 +1,59 @@
+# Shared set-up for scripts/test, scripts/demo and scripts/bench: installs what is missing on a
+# fresh Debian machine and exports the environment the tools need. Source it; do not run it.
+
+FLEETCACHE_CACHE_DIR=${FLEETCACHE_CACHE_DIR:-/var/cache/fleetcache-test}
+GARAGE_VERSION=2.5.0
+
+# Nix as Debian's nix-bin runs it here: single-user as root, no sandbox, offline.
+export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command flakes\nsubstituters ='
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        as_root apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+# Debian packages: nix-bin (the real Nix), git (flakes), a C toolchain (Garage's bundled C
+# libraries, libfuzzer), curl.
+ensure_debian_packages() {
+    local missing=()
+    command -v nix-store >/dev/null || missing+=(nix-bin)
+    command -v git >/dev/null || missing+=(git)
+    command -v cc >/dev/null || missing+=(build-essential)
+    command -v c++ >/dev/null || missing+=(g++)
+    command -v make >/dev/null || missing+=(make)
+    command -v curl >/dev/null || missing+=(curl)
+    if [ ${#missing[@]} -gt 0 ]; then
+        step "installing Debian packages: ${missing[*]}"
+        apt_install "${missing[@]}"
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "error: cargo is not installed (this project needs a Rust toolchain, 1.85 or newer)" >&2
+        return 1
+    fi
+}
+
+# Garage, the S3 server the tests run against, built from crates.io once per version and kept
+# under $FLEETCACHE_CACHE_DIR (outside the clone). It is AGPL: run as a program, never linked.
+ensure_garage() {
+    local root="$FLEETCACHE_CACHE_DIR/garage-$GARAGE_VERSION"
+    local bin="$root/bin/garage"
+    if ! { [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$GARAGE_VERSION"; }; then
+        step "building Garage $GARAGE_VERSION from crates.io into $root (once per machine, ~10-15 min)"
+        mkdir -p "$FLEETCACHE_CACHE_DIR"
+        local build="$FLEETCACHE_CACHE_DIR/garage-build"
+        CARGO_TARGET_DIR="$build" cargo install garage --version "$GARAGE_VERSION" --locked \
+            --no-default-features --features sqlite,bundled-libs --root "$root" --quiet
+        rm -rf "$build"
+    fi
+    export FLEETCACHE_GARAGE="$bin"
+}

@@ -1,0 +1,107 @@
+//! Child processes for tests: stopped with SIGTERM on drop, readiness without sleeps-as-sync.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process};
+
+/// A running child process, sent SIGTERM (then SIGKILL after 10 s) when dropped.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd`; `name` is used in messages.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        ChildGuard {
+            name: name.to_owned(),
+            child: Some(child),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Panics if the child has exited, with its status.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("try_wait")
+        {
+            panic!("{} exited early with {status}", self.name);
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit (SIGKILL after 10 s). Returns the exit status.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Some(pid) = Pid::from_raw(child.id() as i32) {
+            let _ = kill_process(pid, Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    return child.wait().ok();
+                }
+            }
+        }
+    }
+
+    /// Sends SIGKILL and reaps the child, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loopback TCP port that was free a moment ago, for servers that cannot take a bound
+/// socket (Garage). Our own servers take a listener bound to port 0 instead.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local_addr")
+        .port()
+}
+
+/// Polls until `addr` accepts TCP connections, checking that `child` is still alive between
+/// attempts. Panics after `timeout`.
+pub fn wait_for_port(child: &mut ChildGuard, addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        child.assert_alive();
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not open {addr} within {timeout:?}",
+            child.name
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
