@@ -1,22 +1,133 @@
-//! The `cache-server` command: fleetcache's Nix binary cache (substituter and upload endpoint).
+//! The `cache-server` command.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+use cache_server::config::Config;
+use cache_server::storage::{Key, put_bytes};
 use clap::Parser;
 
-/// fleetcache cache-server: serves a Nix binary cache from a local directory or S3 and
-/// verifies, signs and stores uploads.
+/// fleetcache cache-server: serves a Nix binary cache from a local directory or an S3 bucket,
+/// and verifies, signs and stores uploads (from builders, or `nix copy --to http://…`).
 ///
-/// Not implemented yet: this release only ships the formats library and the orchestrator's
-/// `keygen`. Serving arrives with the cache-server milestone.
+/// Settings come from `--config FILE` (TOML) and the flags below; flags win. Without a signing
+/// key or without upload tokens the server is read-only.
 #[derive(Parser)]
 #[command(version, about, long_about)]
-struct Cli {}
+struct Cli {
+    /// TOML configuration file (see cache-server.example.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port (printed on start). Default 127.0.0.1:8080.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The cache: `file:///dir` or `s3://bucket?endpoint=URL&region=R`.
+    #[arg(long)]
+    store: Option<String>,
+    /// Secret key file in Nix's format; repeat during a rotation (every key signs).
+    #[arg(long = "signing-key-file")]
+    signing_key_files: Vec<PathBuf>,
+    /// File of `name:token` lines allowed to upload.
+    #[arg(long)]
+    upload_tokens_file: Option<PathBuf>,
+    /// File of `name:token` lines allowed to read (default: reads are public).
+    #[arg(long)]
+    read_tokens_file: Option<PathBuf>,
+    /// Check the configuration (files readable, keys and tokens valid) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut c = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(l) = cli.listen {
+        c.listen = l;
+    }
+    if let Some(s) = &cli.store {
+        c.store = s.clone();
+    }
+    if !cli.signing_key_files.is_empty() {
+        c.signing_key_files = cli.signing_key_files.clone();
+    }
+    if cli.upload_tokens_file.is_some() {
+        c.upload_tokens_file = cli.upload_tokens_file.clone();
+    }
+    if cli.read_tokens_file.is_some() {
+        c.read_tokens_file = cli.read_tokens_file.clone();
+    }
+    Ok(c)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let config = config(&cli)?;
+    let state = cache_server::setup(&config).await?;
+    if cli.check_config {
+        println!(
+            "configuration OK: store {}, {} signing key(s)",
+            state.storage.describe(),
+            state.signing_keys.len()
+        );
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if state.writable() {
+        // The bucket or directory alone must be a valid cache: make sure it says what it is.
+        if let Err(e) = put_bytes(
+            state.storage.as_ref(),
+            &Key::cache_info(),
+            state.cache_info.clone().into(),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "could not write nix-cache-info to the store");
+        }
+    }
+    for key in &state.signing_keys {
+        tracing::info!(public_key = %key.public_key(), "signing with");
+    }
+    if !state.writable() {
+        tracing::info!("read-only: no signing key or no upload tokens");
+    }
+    tracing::info!(store = %state.storage.describe(), "serving");
+    // The first line on stdout is the address, for scripts and tests that asked for port 0.
+    println!("listening on http://{addr}");
+    cache_server::run(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
 
 fn main() -> ExitCode {
-    Cli::parse();
-    eprintln!(
-        "error: cache-server cannot serve yet: this build has no serving code (see the README's status)"
-    );
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(serve(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -17,6 +17,71 @@ use crate::hash::{Hash, HashError};
 use crate::signing::{KeyError, PublicKey, SecretKey, Signature};
 use crate::store_path::{StorePath, StorePathError};
 
+/// The compression of a NAR file in a cache, as named in `Compression:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    /// `none`: the file is the NAR.
+    None,
+    /// `xz`, Nix's default for `nix copy --to`.
+    Xz,
+    /// `zstd`, what fleetcache writes.
+    Zstd,
+    /// `bzip2`, what Nix assumes when the field is missing.
+    Bzip2,
+    /// `br` (brotli).
+    Brotli,
+}
+
+impl Compression {
+    /// Parses a `Compression:` value.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "none" => Compression::None,
+            "xz" => Compression::Xz,
+            "zstd" => Compression::Zstd,
+            "bzip2" => Compression::Bzip2,
+            "br" => Compression::Brotli,
+            _ => return None,
+        })
+    }
+
+    /// The `Compression:` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Xz => "xz",
+            Compression::Zstd => "zstd",
+            Compression::Bzip2 => "bzip2",
+            Compression::Brotli => "br",
+        }
+    }
+
+    /// The file name extension Nix gives NARs with this compression (after `.nar`).
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::None => "",
+            Compression::Xz => ".xz",
+            Compression::Zstd => ".zst",
+            Compression::Bzip2 => ".bz2",
+            Compression::Brotli => ".br",
+        }
+    }
+
+    /// The compression a NAR file name says, from its extension (`x.nar.zst` is zstd).
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let ext = &name[name.find(".nar")? + 4..];
+        [
+            Compression::None,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+            Compression::Brotli,
+        ]
+        .into_iter()
+        .find(|c| c.extension() == ext)
+    }
+}
+
 /// A problem with one line of a narinfo.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LineError {
@@ -259,6 +324,12 @@ impl NarInfo {
             .any(|s| keys.iter().any(|k| k.verify(fp.as_bytes(), s)))
     }
 
+    /// The compression named, with Nix's default (bzip2) when the field is missing; `None` for a
+    /// name Nix does not know.
+    pub fn compression(&self) -> Option<Compression> {
+        Compression::from_name(self.compression.as_deref().unwrap_or("bzip2"))
+    }
+
     /// The file name of this path's narinfo in a cache: `<hash>.narinfo`.
     pub fn file_name(&self) -> String {
         format!("{}.narinfo", self.store_path.hash_part())
@@ -346,6 +417,26 @@ mod tests {
             n.fingerprint()
                 .starts_with(&format!("1;{};sha256:", n.store_path))
         );
+    }
+
+    #[test]
+    fn compression_names_and_extensions() {
+        let n = NarInfo::parse(FROM_NIX).unwrap();
+        assert_eq!(n.compression(), Some(Compression::Xz));
+        assert_eq!(Compression::from_file_name(&n.url), Some(Compression::Xz));
+        assert_eq!(
+            Compression::from_file_name("nar/abc.nar"),
+            Some(Compression::None)
+        );
+        assert_eq!(
+            Compression::from_file_name("nar/abc.nar.zst"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(Compression::from_file_name("nar/abc.nar.gz"), None);
+        assert_eq!(Compression::from_file_name("nar/abc"), None);
+        let mut missing = n.clone();
+        missing.compression = None;
+        assert_eq!(missing.compression(), Some(Compression::Bzip2));
     }
 
     #[test]

@@ -10,7 +10,14 @@ use tempfile::TempDir;
 /// The `NIX_CONFIG` every Nix command in the tests runs with: no sandbox and no build users
 /// (Debian's single-user `nix-bin` as root), the new CLI and flakes, and no substituters (there
 /// is no network to reach cache.nixos.org).
-pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nexperimental-features = nix-command flakes\nsubstituters =\n";
+///
+/// The narinfo disk cache TTLs are 0 because every test server is a new cache on a port an
+/// earlier one may have used, and because `nix copy --to http://…` records the narinfo it
+/// *uploaded* (unsigned) in that cache, which a later `nix copy --from` of the same URL would
+/// believe for 30 days instead of fetching the signed one the server published.
+pub const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\n\
+    experimental-features = nix-command flakes\nsubstituters =\n\
+    narinfo-cache-negative-ttl = 0\nnarinfo-cache-positive-ttl = 0\n";
 
 /// A command for a Nix program (`nix`, `nix-store`, `nix-build`) with [`NIX_CONFIG`].
 pub fn command(program: &str) -> Command {

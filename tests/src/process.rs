@@ -24,6 +24,16 @@ impl ChildGuard {
         }
     }
 
+    /// Takes the child's piped stdout.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child
+            .as_mut()
+            .expect("running")
+            .stdout
+            .take()
+            .expect("stdout was piped")
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -8,10 +8,12 @@
 
 mod parser;
 mod unpack;
+mod verifier;
 mod writer;
 
 pub use parser::{NarError, NarEvent, NarParser, NarVisitor, validate};
 pub use unpack::{UnpackError, unpack};
+pub use verifier::NarVerifier;
 pub use writer::{DumpError, NarEncoder, dump_path};
 
 /// The first token of every NAR.

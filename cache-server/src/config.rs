@@ -1,0 +1,222 @@
+//! cache-server configuration: a TOML file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why the configuration is unusable.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct (unknown keys included).
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error, with the line.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The store URL is not one this server knows.
+    #[error("invalid store URL {url:?}: {why}")]
+    StoreUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// The settings. Every field has a default, stated on it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the cache is: `file:///dir` or `s3://bucket?endpoint=…&region=…`.
+    /// Default `file:///var/lib/fleetcache/cache`.
+    #[serde(default = "default_store")]
+    pub store: String,
+    /// Secret key files in Nix's format; every key signs every narinfo (several during a key
+    /// rotation). Default none: the server is read-only.
+    #[serde(default)]
+    pub signing_key_files: Vec<PathBuf>,
+    /// File of `name:token` lines allowed to upload. Default none: the server is read-only.
+    #[serde(default)]
+    pub upload_tokens_file: Option<PathBuf>,
+    /// File of `name:token` lines allowed to read. Default none: reads are public.
+    #[serde(default)]
+    pub read_tokens_file: Option<PathBuf>,
+    /// Substituter priority advertised in `nix-cache-info` (lower wins; cache.nixos.org is 40).
+    /// Default 30.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Largest narinfo upload accepted, in bytes. Default 1 MiB.
+    #[serde(default = "default_max_narinfo_bytes")]
+    pub max_narinfo_bytes: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_store() -> String {
+    "file:///var/lib/fleetcache/cache".to_owned()
+}
+fn default_priority() -> u32 {
+    30
+}
+fn default_max_narinfo_bytes() -> usize {
+    1024 * 1024
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// A parsed store URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A local directory.
+    File(PathBuf),
+    /// An S3 bucket.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Endpoint for non-AWS services.
+        endpoint: Option<String>,
+        /// Region; default `us-east-1`.
+        region: String,
+        /// `checksums=when-required` (the default) or `checksums=when-supported` (AWS's default).
+        checksums_when_required: bool,
+    },
+}
+
+impl StoreUrl {
+    /// Parses `file:///abs/dir` or `s3://bucket?endpoint=URL&region=R&checksums=when-required`.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let bad = |why| ConfigError::StoreUrl {
+            url: url.to_owned(),
+            why,
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad(
+                    "a file:// store needs an absolute path (file:///var/lib/…)",
+                ));
+            }
+            return Ok(StoreUrl::File(PathBuf::from(path)));
+        }
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or(bad("expected file:// or s3://"))?;
+        let (bucket, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if bucket.is_empty() || bucket.contains('/') {
+            return Err(bad(
+                "an s3:// store needs a bucket name and nothing after it but ?options",
+            ));
+        }
+        let mut endpoint = None;
+        let mut region = "us-east-1".to_owned();
+        let mut checksums_when_required = true;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or(bad("options must be key=value"))?;
+            match k {
+                "endpoint" => endpoint = Some(v.to_owned()),
+                "region" => region = v.to_owned(),
+                "checksums" => {
+                    checksums_when_required = match v {
+                        "when-required" => true,
+                        "when-supported" => false,
+                        _ => return Err(bad("checksums is when-required or when-supported")),
+                    }
+                }
+                _ => return Err(bad("unknown option (known: endpoint, region, checksums)")),
+            }
+        }
+        Ok(StoreUrl::S3 {
+            bucket: bucket.to_owned(),
+            endpoint,
+            region,
+            checksums_when_required,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_stated_once() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.store, "file:///var/lib/fleetcache/cache");
+        assert!(c.signing_key_files.is_empty() && c.upload_tokens_file.is_none());
+        assert_eq!(c.priority, 30);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err =
+            toml::from_str::<Config>("listen = \"127.0.0.1:1\"\nlisten-port = 3\n").unwrap_err();
+        assert!(err.to_string().contains("listen-port"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../cache-server.example.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        assert_ne!(c, Config::default(), "the example sets something");
+        StoreUrl::parse(&c.store).unwrap();
+    }
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(
+            StoreUrl::parse("file:///var/cache").unwrap(),
+            StoreUrl::File("/var/cache".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://b?endpoint=http://127.0.0.1:3900&region=garage").unwrap(),
+            StoreUrl::S3 {
+                bucket: "b".into(),
+                endpoint: Some("http://127.0.0.1:3900".into()),
+                region: "garage".into(),
+                checksums_when_required: true
+            }
+        );
+        assert!(StoreUrl::parse("file://relative").is_err());
+        assert!(StoreUrl::parse("http://x").is_err());
+        assert!(StoreUrl::parse("s3://").is_err());
+        assert!(StoreUrl::parse("s3://b?bogus=1").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! fleetcache's cache-server: a Nix binary cache over a local directory or S3 that verifies
+//! every upload, signs narinfos with the fleet's key(s) and serves them to fleet machines.
+//!
+//! [`run`] takes an already-bound listener and a shutdown signal, so tests bind port 0 and
+//! systemd socket activation works; SIGTERM drains requests in flight.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod storage;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix_formats::{CacheInfo, SecretKey};
+use thiserror::Error;
+
+use crate::auth::{TokenFileError, Tokens};
+use crate::config::{Config, ConfigError, StoreUrl};
+use crate::http::AppState;
+use crate::metrics::{Metrics, TimedStorage};
+use crate::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
+
+/// Why the server could not be set up from its configuration.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A signing key file could not be read or parsed.
+    #[error("signing key {path}: {message}")]
+    SigningKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tokens file could not be read or parsed.
+    #[error(transparent)]
+    Tokens(#[from] TokenFileError),
+    /// S3 credentials are missing.
+    #[error(transparent)]
+    S3(#[from] storage::MissingCredentials),
+    /// The storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Reads the signing keys, tokens and storage a configuration names. Does not contact S3.
+pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
+    let signing_keys = config
+        .signing_key_files
+        .iter()
+        .map(|path| {
+            let err = |message: String| SetupError::SigningKey {
+                path: path.clone(),
+                message,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+            SecretKey::parse(&text).map_err(|e| err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let upload_tokens = config
+        .upload_tokens_file
+        .as_deref()
+        .map(Tokens::load)
+        .transpose()?;
+    let read_tokens = config
+        .read_tokens_file
+        .as_deref()
+        .map(Tokens::load)
+        .transpose()?;
+    let metrics = Arc::new(Metrics::default());
+    let backend: Box<dyn Storage> = match StoreUrl::parse(&config.store)? {
+        StoreUrl::File(dir) => Box::new(LocalStorage::open(&dir).await?),
+        StoreUrl::S3 {
+            bucket,
+            endpoint,
+            region,
+            checksums_when_required,
+        } => Box::new(S3Storage::new(&S3Options {
+            bucket,
+            endpoint,
+            region,
+            credentials: None,
+            checksums_when_required,
+        })?),
+    };
+    let cache_info = CacheInfo {
+        priority: Some(config.priority),
+        ..CacheInfo::fleetcache_default()
+    };
+    Ok(AppState {
+        storage: Arc::new(TimedStorage::new(backend, metrics.clone())),
+        signing_keys,
+        upload_tokens,
+        read_tokens,
+        cache_info: cache_info.to_string(),
+        max_narinfo_bytes: config.max_narinfo_bytes,
+        metrics,
+    })
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = Arc::new(state);
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

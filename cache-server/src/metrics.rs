@@ -1,0 +1,170 @@
+//! Counters exported in Prometheus text format on `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The server's counters.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
+    bytes_served: AtomicU64,
+    bytes_ingested: AtomicU64,
+    verification_failures: Mutex<BTreeMap<&'static str, u64>>,
+    storage: Mutex<BTreeMap<&'static str, (u64, f64)>>,
+}
+
+impl Metrics {
+    /// Counts a finished request.
+    pub fn request(&self, route: &'static str, method: &'static str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((route, method, status))
+            .or_default() += 1;
+    }
+
+    /// Counts response body bytes.
+    pub fn served(&self, n: u64) {
+        self.bytes_served.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts accepted upload bytes.
+    pub fn ingested(&self, n: u64) {
+        self.bytes_ingested.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts an upload rejected by verification, by reason.
+    pub fn verification_failure(&self, reason: &'static str) {
+        *self
+            .verification_failures
+            .lock()
+            .expect("metrics lock")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Records how long a storage operation took.
+    pub fn storage_op(&self, op: &'static str, took: Duration) {
+        let mut m = self.storage.lock().expect("metrics lock");
+        let e = m.entry(op).or_default();
+        e.0 += 1;
+        e.1 += took.as_secs_f64();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str(
+            "# HELP fleetcache_http_requests_total HTTP requests by route, method and status.\n",
+        );
+        s.push_str("# TYPE fleetcache_http_requests_total counter\n");
+        for ((route, method, status), n) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                s,
+                "fleetcache_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+            );
+        }
+        s.push_str("# HELP fleetcache_bytes_served_total Response body bytes sent.\n");
+        s.push_str("# TYPE fleetcache_bytes_served_total counter\n");
+        let _ = writeln!(
+            s,
+            "fleetcache_bytes_served_total {}",
+            self.bytes_served.load(Ordering::Relaxed)
+        );
+        s.push_str("# HELP fleetcache_bytes_ingested_total Upload bytes accepted into storage.\n");
+        s.push_str("# TYPE fleetcache_bytes_ingested_total counter\n");
+        let _ = writeln!(
+            s,
+            "fleetcache_bytes_ingested_total {}",
+            self.bytes_ingested.load(Ordering::Relaxed)
+        );
+        s.push_str(
+            "# HELP fleetcache_upload_verification_failures_total Uploads rejected, by reason.\n",
+        );
+        s.push_str("# TYPE fleetcache_upload_verification_failures_total counter\n");
+        for (reason, n) in self
+            .verification_failures
+            .lock()
+            .expect("metrics lock")
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "fleetcache_upload_verification_failures_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        s.push_str(
+            "# HELP fleetcache_storage_operation_seconds Time spent in storage operations.\n",
+        );
+        s.push_str("# TYPE fleetcache_storage_operation_seconds summary\n");
+        for (op, (count, sum)) in self.storage.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                s,
+                "fleetcache_storage_operation_seconds_count{{op=\"{op}\"}} {count}"
+            );
+            let _ = writeln!(
+                s,
+                "fleetcache_storage_operation_seconds_sum{{op=\"{op}\"}} {sum:.6}"
+            );
+        }
+        s
+    }
+}
+
+/// A [`Storage`] that records how long each operation takes in [`Metrics`].
+pub struct TimedStorage {
+    inner: Box<dyn Storage>,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl TimedStorage {
+    /// Wraps `inner`.
+    pub fn new(inner: Box<dyn Storage>, metrics: std::sync::Arc<Metrics>) -> Self {
+        TimedStorage { inner, metrics }
+    }
+}
+
+use crate::storage::{ByteRange, Key, Object, Storage, StorageError, Upload};
+
+#[async_trait::async_trait]
+impl Storage for TimedStorage {
+    async fn get(
+        &self,
+        key: &Key,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Object>, StorageError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.get(key, range).await;
+        self.metrics.storage_op("get", t.elapsed());
+        r
+    }
+
+    async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.head(key).await;
+        self.metrics.storage_op("head", t.elapsed());
+        r
+    }
+
+    async fn begin_put(&self, key: &Key) -> Result<Box<dyn Upload>, StorageError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.begin_put(key).await;
+        self.metrics.storage_op("begin_put", t.elapsed());
+        r
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), StorageError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.delete(key).await;
+        self.metrics.storage_op("delete", t.elapsed());
+        r
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}

@@ -1,0 +1,165 @@
+//! The local directory backend (`file:///var/lib/fleetcache/cache`).
+
+use std::io::{self, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::fs;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio_util::io::ReaderStream;
+
+use super::{ByteRange, Key, Object, Storage, StorageError, Upload};
+
+/// Uploads in progress live here, under the root, so the final rename stays on one file system.
+/// Nix never asks for names starting with a dot, and [`Key`] cannot name them.
+const TMP_DIR: &str = ".fleetcache-tmp";
+
+/// A cache in a local directory.
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// Opens (creating if needed) a cache directory.
+    pub async fn open(root: &Path) -> Result<Self, StorageError> {
+        let io_err = |source| StorageError::Io {
+            key: root.display().to_string(),
+            source,
+        };
+        fs::create_dir_all(root.join(TMP_DIR))
+            .await
+            .map_err(io_err)?;
+        fs::create_dir_all(root.join("nar")).await.map_err(io_err)?;
+        Ok(LocalStorage {
+            root: root.to_owned(),
+        })
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+}
+
+fn io_err(key: &Key) -> impl Fn(io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        key: key.to_string(),
+        source,
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    async fn get(
+        &self,
+        key: &Key,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Object>, StorageError> {
+        let mut file = match fs::File::open(self.path(key)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(key)(e)),
+        };
+        let size = file.metadata().await.map_err(io_err(key))?.len();
+        let body = match range {
+            None => ReaderStream::with_capacity(file, 256 * 1024).boxed(),
+            Some(r) => {
+                file.seek(SeekFrom::Start(r.start))
+                    .await
+                    .map_err(io_err(key))?;
+                ReaderStream::with_capacity(file.take(r.len()), 256 * 1024).boxed()
+            }
+        };
+        Ok(Some(Object { size, body }))
+    }
+
+    async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError> {
+        match fs::metadata(self.path(key)).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(key)(e)),
+        }
+    }
+
+    async fn begin_put(&self, key: &Key) -> Result<Box<dyn Upload>, StorageError> {
+        let mut rand = [0u8; 8];
+        getrandom::fill(&mut rand).map_err(|e| io_err(key)(io::Error::other(e.to_string())))?;
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(format!("{:016x}", u64::from_le_bytes(rand)));
+        let file = fs::File::create_new(&tmp).await.map_err(io_err(key))?;
+        Ok(Box::new(LocalUpload {
+            key: key.clone(),
+            dest: self.path(key),
+            tmp,
+            file: Some(file),
+            size: 0,
+            finished: false,
+        }))
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), StorageError> {
+        match fs::remove_file(self.path(key)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(key)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+struct LocalUpload {
+    key: Key,
+    dest: PathBuf,
+    tmp: PathBuf,
+    file: Option<fs::File>,
+    size: u64,
+    /// Set once the temporary file was renamed into place or removed.
+    finished: bool,
+}
+
+#[async_trait]
+impl Upload for LocalUpload {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        let file = self.file.as_mut().expect("not committed");
+        file.write_all(&chunk).await.map_err(io_err(&self.key))?;
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<u64, StorageError> {
+        let key = self.key.clone();
+        let mut file = self.file.take().expect("committed once");
+        file.flush().await.map_err(io_err(&key))?;
+        // The bytes are durable before the name appears: a crash never leaves a short file.
+        file.sync_all().await.map_err(io_err(&key))?;
+        drop(file);
+        if let Some(parent) = self.dest.parent() {
+            fs::create_dir_all(parent).await.map_err(io_err(&key))?;
+        }
+        fs::rename(&self.tmp, &self.dest)
+            .await
+            .map_err(io_err(&key))?;
+        self.finished = true;
+        Ok(self.size)
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        self.file = None;
+        self.finished = true;
+        fs::remove_file(&self.tmp).await.map_err(io_err(&self.key))
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

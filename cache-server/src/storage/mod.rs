@@ -1,0 +1,144 @@
+//! Where the cache lives: one trait, two backends (a local directory and S3), one layout —
+//! exactly Nix's binary cache layout, so the directory or bucket alone is a valid cache.
+//!
+//! Writes go through an [`Upload`] that becomes visible only on [`Upload::commit`]: a rename
+//! for the directory, a completed (multipart) upload for S3. An upload that is aborted,
+//! dropped or interrupted by a crash leaves nothing under its key.
+
+mod key;
+mod local;
+mod s3;
+
+use std::fmt;
+use std::io;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use thiserror::Error;
+
+pub use key::{Key, KeyError};
+pub use local::LocalStorage;
+pub use s3::{MissingCredentials, S3Options, S3Storage};
+
+/// A storage failure. Every variant is the server's problem (5xx), never the client's.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// The local file system failed.
+    #[error("storage I/O on {key}: {source}")]
+    Io {
+        /// The key being read or written.
+        key: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The S3 service failed or could not be reached.
+    #[error("S3 {op} {key}: {message}")]
+    S3 {
+        /// The S3 operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// The service's or the connection's error, flattened.
+        message: String,
+    },
+}
+
+/// A byte range, both ends inclusive, as in HTTP `Range: bytes=start-end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// Last byte.
+    pub end: u64,
+}
+
+impl ByteRange {
+    /// Number of bytes in the range.
+    pub fn len(&self) -> u64 {
+        self.end - self.start + 1
+    }
+
+    /// Never true: a range holds at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// An object's bytes, streamed.
+pub struct Object {
+    /// Size of the whole object.
+    pub size: u64,
+    /// The body: the whole object, or the requested range.
+    pub body: BoxStream<'static, io::Result<Bytes>>,
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Object")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A storage backend holding a binary cache.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Reads an object, or the given range of it; `None` if it does not exist.
+    async fn get(
+        &self,
+        key: &Key,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Object>, StorageError>;
+
+    /// The size of an object; `None` if it does not exist.
+    async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError>;
+
+    /// Starts writing an object; nothing is visible under `key` until the upload is committed.
+    async fn begin_put(&self, key: &Key) -> Result<Box<dyn Upload>, StorageError>;
+
+    /// Deletes an object; deleting a missing object is not an error.
+    async fn delete(&self, key: &Key) -> Result<(), StorageError>;
+
+    /// A short description for logs (`file:///…`, `s3://bucket`).
+    fn describe(&self) -> String;
+}
+
+/// An object being written.
+#[async_trait]
+pub trait Upload: Send {
+    /// Appends bytes.
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError>;
+
+    /// Makes the object visible, replacing any previous one; returns its size.
+    async fn commit(self: Box<Self>) -> Result<u64, StorageError>;
+
+    /// Discards what was written. Dropping an upload without committing does the same.
+    async fn abort(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+/// Writes a whole object from memory.
+pub async fn put_bytes(storage: &dyn Storage, key: &Key, bytes: Bytes) -> Result<(), StorageError> {
+    let mut up = storage.begin_put(key).await?;
+    up.write(bytes).await?;
+    up.commit().await?;
+    Ok(())
+}
+
+/// Reads a whole object into memory; for small objects (narinfos) only.
+pub async fn get_bytes(storage: &dyn Storage, key: &Key) -> Result<Option<Bytes>, StorageError> {
+    use futures_util::TryStreamExt as _;
+    let Some(obj) = storage.get(key, None).await? else {
+        return Ok(None);
+    };
+    let chunks: Vec<Bytes> = obj
+        .body
+        .try_collect()
+        .await
+        .map_err(|source| StorageError::Io {
+            key: key.to_string(),
+            source,
+        })?;
+    Ok(Some(chunks.concat().into()))
+}

@@ -1,0 +1,322 @@
+//! The S3 backend (`s3://bucket?endpoint=…&region=…`): AWS S3, R2, Garage, MinIO.
+//!
+//! Small objects are sent with one PUT once complete; larger ones as a multipart upload
+//! whose parts stream as they fill, completed only on commit, so an interrupted or rejected
+//! upload never becomes visible (and is aborted, so no parts linger).
+
+use std::io;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use tokio_util::io::ReaderStream;
+
+use super::{ByteRange, Key, Object, Storage, StorageError, Upload};
+
+/// Size of each multipart part, and the size above which an upload becomes multipart.
+/// S3's minimum part size is 5 MiB; 8 MiB keeps memory per upload small.
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// How to reach a bucket.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// Bucket name.
+    pub bucket: String,
+    /// Endpoint URL for non-AWS services (`http://127.0.0.1:3900`); path-style addressing is
+    /// used whenever it is set.
+    pub endpoint: Option<String>,
+    /// Region (`garage` for Garage, `auto` for R2, the bucket's region on AWS).
+    pub region: String,
+    /// Access key id and secret; when `None`, from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.
+    pub credentials: Option<(String, String)>,
+    /// Send and check checksums only when the operation requires them. Needed for Garage, R2
+    /// and older MinIO, which refuse the SDK's default streamed checksum trailers.
+    pub checksums_when_required: bool,
+}
+
+/// Why S3 could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a credentials file in the config)"
+)]
+pub struct MissingCredentials;
+
+/// A cache in an S3 bucket.
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Storage {
+    /// A client for the bucket. Does not contact the service.
+    pub fn new(opts: &S3Options) -> Result<Self, MissingCredentials> {
+        let (id, secret) = match &opts.credentials {
+            Some(c) => c.clone(),
+            None => match (
+                std::env::var("AWS_ACCESS_KEY_ID"),
+                std::env::var("AWS_SECRET_ACCESS_KEY"),
+            ) {
+                (Ok(id), Ok(secret)) if !id.is_empty() && !secret.is_empty() => (id, secret),
+                _ => return Err(MissingCredentials),
+            },
+        };
+        let session = std::env::var("AWS_SESSION_TOKEN").ok();
+        let mut conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(opts.region.clone()))
+            .credentials_provider(Credentials::new(id, secret, session, None, "fleetcache"));
+        if let Some(endpoint) = &opts.endpoint {
+            conf = conf.endpoint_url(endpoint).force_path_style(true);
+        }
+        if opts.checksums_when_required {
+            conf = conf
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
+        Ok(S3Storage {
+            client: Client::from_conf(conf.build()),
+            bucket: opts.bucket.clone(),
+        })
+    }
+}
+
+fn s3_err<'a, E: std::error::Error + 'static>(
+    op: &'static str,
+    key: &'a Key,
+) -> impl Fn(SdkError<E>) -> StorageError + 'a {
+    move |e| StorageError::S3 {
+        op,
+        key: key.to_string(),
+        message: DisplayErrorContext(&e).to_string(),
+    }
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn get(
+        &self,
+        key: &Key,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Object>, StorageError> {
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key.as_str());
+        if let Some(r) = range {
+            req = req.range(format!("bytes={}-{}", r.start, r.end));
+        }
+        let out = match req.send().await {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(s3_err("GetObject", key)(e)),
+        };
+        let size = match (range, out.content_range()) {
+            // `bytes 0-99/1234`: the total is after the slash.
+            (Some(_), Some(cr)) => cr
+                .rsplit('/')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0),
+            _ => out.content_length().unwrap_or(0).max(0) as u64,
+        };
+        let body = ReaderStream::with_capacity(out.body.into_async_read(), 256 * 1024)
+            .map(|r| r.map_err(io::Error::other))
+            .boxed();
+        Ok(Some(Object { size, body }))
+    }
+
+    async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(s3_err("HeadObject", key)(e)),
+        }
+    }
+
+    async fn begin_put(&self, key: &Key) -> Result<Box<dyn Upload>, StorageError> {
+        Ok(Box::new(S3Upload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.clone(),
+            buf: BytesMut::new(),
+            multipart: None,
+            size: 0,
+        }))
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), StorageError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .send()
+            .await
+            .map_err(s3_err("DeleteObject", key))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+}
+
+struct Multipart {
+    upload_id: String,
+    parts: Vec<CompletedPart>,
+}
+
+struct S3Upload {
+    client: Client,
+    bucket: String,
+    key: Key,
+    buf: BytesMut,
+    multipart: Option<Multipart>,
+    size: u64,
+}
+
+impl S3Upload {
+    async fn flush_part(&mut self) -> Result<(), StorageError> {
+        let key = self.key.clone();
+        if self.multipart.is_none() {
+            let out = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key.as_str())
+                .send()
+                .await
+                .map_err(s3_err("CreateMultipartUpload", &key))?;
+            let upload_id = out.upload_id().unwrap_or_default().to_owned();
+            self.multipart = Some(Multipart {
+                upload_id,
+                parts: Vec::new(),
+            });
+        }
+        let mp = self.multipart.as_mut().expect("just created");
+        let part_number = mp.parts.len() as i32 + 1;
+        let body = self.buf.split().freeze();
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .upload_id(&mp.upload_id)
+            .part_number(part_number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(s3_err("UploadPart", &key))?;
+        mp.parts.push(
+            CompletedPart::builder()
+                .part_number(part_number)
+                .set_e_tag(out.e_tag)
+                .build(),
+        );
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Upload for S3Upload {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        self.size += chunk.len() as u64;
+        self.buf.extend_from_slice(&chunk);
+        while self.buf.len() >= PART_SIZE {
+            let rest = self.buf.split_off(PART_SIZE);
+            self.flush_part().await?;
+            self.buf = rest;
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<u64, StorageError> {
+        let key = self.key.clone();
+        if self.multipart.is_none() {
+            let body = self.buf.split().freeze();
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key.as_str())
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(s3_err("PutObject", &key))?;
+            return Ok(self.size);
+        }
+        if !self.buf.is_empty() {
+            self.flush_part().await?;
+        }
+        let mp = self.multipart.take().expect("multipart");
+        let done = CompletedMultipartUpload::builder()
+            .set_parts(Some(mp.parts))
+            .build();
+        let result = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .upload_id(&mp.upload_id)
+            .multipart_upload(done)
+            .send()
+            .await
+            .map_err(s3_err("CompleteMultipartUpload", &key));
+        if result.is_err() {
+            self.multipart = Some(Multipart {
+                upload_id: mp.upload_id,
+                parts: Vec::new(),
+            });
+        }
+        result?;
+        Ok(self.size)
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        if let Some(mp) = self.multipart.take() {
+            let key = self.key.clone();
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key.as_str())
+                .upload_id(mp.upload_id)
+                .send()
+                .await
+                .map_err(s3_err("AbortMultipartUpload", &key))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3Upload {
+    fn drop(&mut self) {
+        // Dropped mid-way (client went away, verification failed): abort in the background so
+        // the parts do not linger. A bucket lifecycle rule catches what a crash leaves.
+        if let Some(mp) = self.multipart.take() {
+            let req = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.key.as_str())
+                .upload_id(mp.upload_id);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = req.send().await;
+                });
+            }
+        }
+    }
+}
