@@ -10,13 +10,14 @@ use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures_util::StreamExt as _;
 use nix_formats::SecretKey;
 
 use crate::auth::{Tokens, presented_token};
 use crate::ingest::{self, IngestError};
 use crate::metrics::Metrics;
+use crate::native;
 use crate::storage::{ByteRange, Key, KeyError, Storage, StorageError};
 
 /// Everything a request handler needs.
@@ -112,6 +113,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/nar/{file}", get(get_nar).head(head_nar).put(put_nar))
         .route("/log/{drv}", get(get_log).head(head_log).put(put_log))
         .route("/{file}", get(get_top).head(head_top).put(put_top))
+        .route("/api/v1/upload", post(native_upload))
+        .route("/api/v1/missing", post(native_missing))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -125,6 +128,8 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         Some("/nix-cache-info") => "nix-cache-info",
         Some("/nar/{file}") => "nar",
         Some("/log/{drv}") => "log",
+        Some("/api/v1/upload") => "api-upload",
+        Some("/api/v1/missing") => "api-missing",
         Some("/{file}") if req.uri().path().ends_with(".ls") => "ls",
         Some("/{file}") => "narinfo",
         _ => "other",
@@ -133,6 +138,7 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         Method::GET => "GET",
         Method::HEAD => "HEAD",
         Method::PUT => "PUT",
+        Method::POST => "POST",
         _ => "other",
     };
     let start = Instant::now();
@@ -485,6 +491,35 @@ async fn put_log(
     }
     up.commit().await?;
     Ok(StatusCode::OK.into_response())
+}
+
+async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
+    let who = check_upload(&s, &h)?.to_owned();
+    let result = native::upload(
+        s.storage.as_ref(),
+        &s.signing_keys,
+        &s.metrics,
+        body.into_data_stream(),
+    )
+    .await
+    .map_err(|e| count_failure(&s, e))?;
+    tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
+    Ok(json(&result))
+}
+
+async fn native_missing(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
+    check_read(&s, &h)?;
+    let bytes = axum::body::to_bytes(body, 64 * 1024 * 1024)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request over 64 MiB"))?;
+    let req: native::MissingRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    Ok(json(&native::missing(s.storage.as_ref(), req).await?))
+}
+
+fn json(value: &impl serde::Serialize) -> Response {
+    let body = serde_json::to_vec(value).expect("serialisable");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[cfg(test)]

@@ -248,6 +248,16 @@ pub async fn ingest_narinfo(
         _ => info.file_size = Some(found.file_size),
     }
 
+    publish(storage, keys, info).await
+}
+
+/// Checks that every reference has a narinfo, signs with every key and writes the narinfo:
+/// the last step of every upload. Returns the signed text.
+pub(crate) async fn publish(
+    storage: &dyn Storage,
+    keys: &[SecretKey],
+    mut info: NarInfo,
+) -> Result<String, IngestError> {
     let checks = info
         .references
         .iter()
@@ -265,14 +275,13 @@ pub async fn ingest_narinfo(
     if !missing.is_empty() {
         return Err(IngestError::MissingReferences(missing));
     }
-
     for key in keys {
         info.sign(key);
     }
     let text = info.to_string();
     put_bytes(
         storage,
-        &Key::narinfo(hash_part)?,
+        &Key::narinfo(info.store_path.hash_part())?,
         Bytes::from(text.clone()),
     )
     .await?;

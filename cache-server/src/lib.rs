@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod native;
 pub mod storage;
 
 use std::future::Future;

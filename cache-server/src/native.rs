@@ -1,0 +1,288 @@
+//! fleetcache's own upload protocol, for builders: one request per store path, and one request
+//! for "which of these paths are missing?".
+//!
+//! `POST /api/v1/upload`: the body is one line of JSON [`UploadMeta`], a newline, then the
+//! zstd-compressed NAR. The server stores the compressed bytes as they arrive (multipart on
+//! S3, so a 10 GiB NAR works) while a second thread decompresses them and checks the NAR and
+//! its hash; the object is committed only if NarHash and NarSize match the claim, and the
+//! narinfo is written after that, signed. Nothing is visible if anything fails.
+//!
+//! `POST /api/v1/missing`: `{"paths": [...]}` in, `{"missing": [...]}` out.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt as _};
+use nix_formats::hash::HashingWriter;
+use nix_formats::nar::NarVerifier;
+use nix_formats::{Hash, NarInfo, SecretKey, StorePath};
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::IngestError;
+use crate::metrics::Metrics;
+use crate::storage::{Key, Storage};
+
+/// Longest metadata line accepted.
+pub const MAX_META_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a builder says about the path it uploads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UploadMeta {
+    /// Full store path.
+    pub store_path: String,
+    /// Full store paths it refers to.
+    pub references: Vec<String>,
+    /// Full path of its derivation, if known.
+    #[serde(default)]
+    pub deriver: Option<String>,
+    /// Content address, if content-addressed.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// NarHash as Nix knows it (any of Nix's hash formats).
+    pub nar_hash: String,
+    /// NarSize as Nix knows it.
+    pub nar_size: u64,
+}
+
+/// The answer to an upload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UploadResult {
+    /// The signed narinfo now published.
+    pub narinfo: String,
+    /// Compressed bytes stored.
+    pub file_size: u64,
+}
+
+/// `{"paths": [...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingRequest {
+    /// Full store paths.
+    pub paths: Vec<String>,
+}
+
+/// `{"missing": [...]}`: the requested paths without a narinfo, in request order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissingResponse {
+    /// Full store paths.
+    pub missing: Vec<String>,
+}
+
+fn bad(field: &str, e: impl std::fmt::Display) -> IngestError {
+    IngestError::Body(format!("upload metadata {field}: {e}"))
+}
+
+/// Answers a batch "which are missing?" with bounded concurrency against storage.
+pub async fn missing(
+    storage: &dyn Storage,
+    req: MissingRequest,
+) -> Result<MissingResponse, IngestError> {
+    let parsed = req
+        .paths
+        .iter()
+        .map(|p| StorePath::from_absolute(p).map_err(|e| bad("paths", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let count = parsed.len();
+    let found: Vec<(usize, bool)> = futures_util::stream::iter(parsed.into_iter().enumerate())
+        .map(|(i, p)| async move {
+            let key = Key::narinfo(p.hash_part()).expect("valid hash part");
+            storage.head(&key).await.map(|h| (i, h.is_some()))
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let mut present = vec![false; count];
+    for (i, ok) in found {
+        present[i] = ok;
+    }
+    let missing = req
+        .paths
+        .into_iter()
+        .zip(present)
+        .filter(|(_, ok)| !ok)
+        .map(|(p, _)| p)
+        .collect();
+    Ok(MissingResponse { missing })
+}
+
+/// A `Read` over chunks sent from the async side, for the decompressing verifier thread.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError> {
+    let mut decoder =
+        zstd::Decoder::new(reader).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
+    let mut verifier = NarVerifier::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
+        };
+        verifier
+            .update(&buf[..n])
+            .map_err(|e| IngestError::InvalidNar(e.to_string()))?;
+    }
+    verifier
+        .finish()
+        .map_err(|e| IngestError::InvalidNar(e.to_string()))
+}
+
+/// Handles `POST /api/v1/upload`.
+pub async fn upload<S, E>(
+    storage: &dyn Storage,
+    keys: &[SecretKey],
+    metrics: &Arc<Metrics>,
+    body: S,
+) -> Result<UploadResult, IngestError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    // The metadata line.
+    let mut head = BytesMut::new();
+    let newline = loop {
+        if let Some(i) = head.iter().position(|&b| b == b'\n') {
+            break i;
+        }
+        if head.len() > MAX_META_BYTES {
+            return Err(bad("line", format!("longer than {MAX_META_BYTES} bytes")));
+        }
+        match body.next().await {
+            Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+            Some(Err(e)) => return Err(IngestError::Body(e.to_string())),
+            None => {
+                return Err(bad(
+                    "line",
+                    "missing (the body must start with a JSON line)",
+                ));
+            }
+        }
+    };
+    let meta: UploadMeta = serde_json::from_slice(&head[..newline]).map_err(|e| bad("JSON", e))?;
+    let rest = head.split_off(newline + 1).freeze();
+
+    let store_path =
+        StorePath::from_absolute(&meta.store_path).map_err(|e| bad("store_path", e))?;
+    let references = meta
+        .references
+        .iter()
+        .map(|r| StorePath::from_absolute(r).map_err(|e| bad("references", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let deriver = meta
+        .deriver
+        .as_deref()
+        .map(StorePath::from_absolute)
+        .transpose()
+        .map_err(|e| bad("deriver", e))?;
+    let nar_hash = Hash::parse_sha256(&meta.nar_hash).map_err(|e| bad("nar_hash", e))?;
+    if meta.nar_size == 0 {
+        return Err(bad("nar_size", "must not be 0"));
+    }
+
+    // Named by the NAR hash: known before the bytes arrive, and checked before commit.
+    let file_name = format!("{}.nar.zst", nar_hash.to_nix32());
+    let key = Key::nar(&file_name).expect("a nix32 sha256 is a valid NAR file name");
+    let mut upload = storage.begin_put(&key).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let verifier = tokio::task::spawn_blocking(move || {
+        verify_zstd_stream(ChannelReader {
+            rx,
+            current: Bytes::new(),
+        })
+    });
+    let mut file = HashingWriter::new(io::sink());
+    let mut next = if rest.is_empty() {
+        None
+    } else {
+        Some(Ok(rest))
+    };
+    let streamed: Result<(), IngestError> = async {
+        loop {
+            let chunk = match next.take() {
+                Some(c) => c,
+                None => match body.next().await {
+                    Some(Ok(c)) => Ok(c),
+                    Some(Err(e)) => Err(IngestError::Body(e.to_string())),
+                    None => break,
+                },
+            }?;
+            io::Write::write_all(&mut file, &chunk).expect("sink");
+            // A closed channel means the verifier already failed; its error is reported below.
+            let _ = tx.send(chunk.clone()).await;
+            upload.write(chunk).await?;
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let verified = verifier
+        .await
+        .map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
+    let (found_hash, found_size) = match (streamed, verified) {
+        (Err(e), _) | (Ok(()), Err(e)) => {
+            let _ = upload.abort().await;
+            return Err(e);
+        }
+        (Ok(()), Ok(v)) => v,
+    };
+    let mismatch = if found_hash != nar_hash {
+        Some(("NarHash", nar_hash.to_string(), found_hash.to_string()))
+    } else if found_size != meta.nar_size {
+        Some(("NarSize", meta.nar_size.to_string(), found_size.to_string()))
+    } else {
+        None
+    };
+    if let Some((field, claimed, actual)) = mismatch {
+        let _ = upload.abort().await;
+        return Err(IngestError::Mismatch {
+            field,
+            claimed,
+            actual,
+        });
+    }
+    let file_size = upload.commit().await?;
+    metrics.ingested(file_size);
+    let (file_hash, _, _) = file.finish();
+    let info = NarInfo {
+        store_path,
+        url: format!("nar/{file_name}"),
+        compression: Some("zstd".to_owned()),
+        file_hash: Some(file_hash),
+        file_size: Some(file_size),
+        nar_hash,
+        nar_size: found_size,
+        references,
+        deriver,
+        system: None,
+        signatures: Vec::new(),
+        ca: meta.ca,
+        unknown: Vec::new(),
+    };
+    let narinfo = crate::ingest::publish(storage, keys, info).await?;
+    Ok(UploadResult { narinfo, file_size })
+}

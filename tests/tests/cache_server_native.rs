@@ -1,0 +1,239 @@
+//! The builder's protocol against the real cache-server: one streamed request per path, a
+//! batch "missing" query, and what happens when the client or S3 goes away mid-upload.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use cache_server::native::{MissingResponse, UploadMeta};
+use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::garage::Garage;
+use fleetcache_tests::nix::{self, TempStore};
+use nix_formats::nar::dump_path;
+use nix_formats::{Hash, StorePath};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// The closure of `top` with `nix path-info` metadata, dependencies before dependents.
+fn closure_in_upload_order(top: &StorePath) -> Vec<Value> {
+    let mut todo = nix::path_info(&[top], true);
+    let mut done: Vec<Value> = Vec::new();
+    while !todo.is_empty() {
+        let ready = todo
+            .iter()
+            .position(|i| {
+                i["references"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|r| r == &i["path"] || done.iter().any(|d| &d["path"] == r))
+            })
+            .expect("closure is acyclic");
+        done.push(todo.remove(ready));
+    }
+    done
+}
+
+fn body_for(info: &Value) -> Vec<u8> {
+    let meta = UploadMeta {
+        store_path: info["path"].as_str().unwrap().to_owned(),
+        references: info["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect(),
+        deriver: info["deriver"].as_str().map(str::to_owned),
+        ca: info["ca"].as_str().map(str::to_owned),
+        nar_hash: info["narHash"].as_str().unwrap().to_owned(),
+        nar_size: info["narSize"].as_u64().unwrap(),
+    };
+    let nar = dump_path(Path::new(&meta.store_path), Vec::new()).unwrap();
+    let mut body = serde_json::to_vec(&meta).unwrap();
+    body.push(b'\n');
+    body.extend(zstd::encode_all(&nar[..], 1).unwrap());
+    body
+}
+
+async fn upload(server: &CacheServer, body: impl Into<reqwest::Body>) -> (StatusCode, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/upload", server.url))
+        .bearer_auth(&server.token)
+        .body(body)
+        .send()
+        .await;
+    match resp {
+        Ok(r) => (r.status(), r.text().await.unwrap()),
+        Err(e) => (StatusCode::from_u16(599).unwrap(), e.to_string()),
+    }
+}
+
+async fn missing(server: &CacheServer, paths: &[&str]) -> Vec<String> {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/missing", server.url))
+        .json(&serde_json::json!({ "paths": paths }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json::<MissingResponse>().await.unwrap().missing
+}
+
+async fn status_of(server: &CacheServer, path: &str) -> StatusCode {
+    reqwest::get(format!("{}/{path}", server.url))
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closure_uploaded_natively_is_substituted_by_nix() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let top = nix::build_closure("native-upload", 4, 0);
+    let infos = closure_in_upload_order(&top);
+    let paths: Vec<&str> = infos.iter().map(|i| i["path"].as_str().unwrap()).collect();
+    assert_eq!(missing(&server, &paths).await, paths);
+
+    for info in &infos {
+        let (s, body) = upload(&server, body_for(info)).await;
+        assert_eq!(s, StatusCode::OK, "{body}\n{}", server.log());
+    }
+    assert!(missing(&server, &paths).await.is_empty());
+    let store = TempStore::new();
+    nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&top]));
+    assert!(paths.iter().all(|p| store.has(&p.parse().unwrap())));
+    // Uploading again is harmless.
+    assert_eq!(upload(&server, body_for(&infos[0])).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lies_and_broken_streams_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let top = nix::build_closure("native-lies", 1, 0);
+    let infos = closure_in_upload_order(&top);
+    let leaf = &infos[0];
+    let leaf_path: StorePath = leaf["path"].as_str().unwrap().parse().unwrap();
+    let narinfo = format!("{}.narinfo", leaf_path.hash_part());
+
+    // A claimed NarHash that is not the NAR's.
+    let mut lie = leaf.clone();
+    let wrong = Hash::sha256_of(b"another nar");
+    lie["narHash"] = Value::String(wrong.to_sri());
+    let (s, body) = upload(&server, body_for(&lie)).await;
+    assert_eq!(
+        (s, body.contains("NarHash")),
+        (StatusCode::BAD_REQUEST, true),
+        "{body}"
+    );
+    assert_eq!(status_of(&server, &narinfo).await, StatusCode::NOT_FOUND);
+    assert_eq!(
+        status_of(&server, &format!("nar/{}.nar.zst", wrong.to_nix32())).await,
+        StatusCode::NOT_FOUND
+    );
+
+    // A NarSize that lies.
+    let mut lie = leaf.clone();
+    lie["narSize"] = Value::from(leaf["narSize"].as_u64().unwrap() + 8);
+    assert_eq!(
+        upload(&server, body_for(&lie)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+
+    // A stream cut short: the compressed NAR ends early.
+    let mut short = body_for(leaf);
+    short.truncate(short.len() - 20);
+    let (s, body) = upload(&server, short).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+
+    // The client goes away mid-upload.
+    let full = body_for(leaf);
+    let half = Bytes::copy_from_slice(&full[..full.len() / 2]);
+    let stream = futures_util::stream::iter(vec![
+        Ok::<Bytes, std::io::Error>(half),
+        Err(std::io::Error::other("client crashed")),
+    ]);
+    let (s, _) = upload(&server, reqwest::Body::wrap_stream(stream)).await;
+    assert!(!s.is_success());
+
+    // Not JSON, and a reference that is not in the cache.
+    assert_eq!(
+        upload(&server, b"garbage\n".to_vec()).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let top_info = infos.last().unwrap();
+    let (s, body) = upload(&server, body_for(top_info)).await;
+    assert_eq!(
+        (s, body.contains("references not in this cache")),
+        (StatusCode::BAD_REQUEST, true),
+        "{body}"
+    );
+
+    // Nothing was published, and no partial file is left in the store directory.
+    assert_eq!(status_of(&server, &narinfo).await, StatusCode::NOT_FOUND);
+    let nar_files: Vec<_> = std::fs::read_dir(dir.path().join("nar")).unwrap().collect();
+    assert!(
+        nar_files.len() <= 1,
+        "only the verified NAR of the unpublished top may remain: {nar_files:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(dir.path().join(".fleetcache-tmp"))
+        .unwrap()
+        .count()
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "temporary upload files left behind"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // And the honest upload still works afterwards.
+    assert_eq!(upload(&server, body_for(leaf)).await.0, StatusCode::OK);
+    assert_eq!(status_of(&server, &narinfo).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_down_mid_upload_gives_5xx_and_no_narinfo_then_recovers() {
+    let mut g = Garage::start();
+    let server = CacheServer::start_with(
+        &g.store_url(),
+        Options {
+            env: g.credential_env().to_vec(),
+            ..Default::default()
+        },
+    );
+    let top = nix::build_closure("native-s3-down", 2, 0);
+    let infos = closure_in_upload_order(&top);
+    let (first, rest) = infos.split_first().unwrap();
+    assert_eq!(upload(&server, body_for(first)).await.0, StatusCode::OK);
+
+    g.stop();
+    let (s, body) = upload(&server, body_for(&rest[0])).await;
+    assert!(s.is_server_error(), "{s}: {body}");
+    assert!(!body.contains("127.0.0.1"), "internals leaked: {body}");
+
+    g.restart();
+    let next: StorePath = rest[0]["path"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        status_of(&server, &format!("{}.narinfo", next.hash_part())).await,
+        StatusCode::NOT_FOUND
+    );
+    for info in rest {
+        let (s, body) = upload(&server, body_for(info)).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let store = TempStore::new();
+    nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&top]));
+    assert!(store.has(&top));
+    // The stopped upload left no multipart upload open.
+    let open = g
+        .client()
+        .list_multipart_uploads()
+        .bucket(&g.bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(open.uploads().is_empty());
+}
