@@ -15,8 +15,6 @@ struct Cli {}
 
 fn main() -> ExitCode {
     Cli::parse();
-    eprintln!(
-        "error: builder cannot claim jobs yet: this build has no agent code (see the README's status)"
-    );
+    eprintln!("error: builder cannot claim jobs yet: this build has no agent code (see the README's status)");
     ExitCode::from(2)
 }

@@ -42,10 +42,8 @@ impl Tokens {
     /// Reads a file of `name:token` lines; blank lines and `#` comments are skipped. Removing a
     /// line and restarting the server revokes that token.
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenFileError::Read { path: path.to_owned(), source })?;
         let mut entries = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -57,10 +55,7 @@ impl Tokens {
                     entries.push((name.to_owned(), token.as_bytes().to_vec()))
                 }
                 _ => {
-                    return Err(TokenFileError::Malformed {
-                        path: path.to_owned(),
-                        line: i + 1,
-                    });
+                    return Err(TokenFileError::Malformed { path: path.to_owned(), line: i + 1 });
                 }
             }
         }
@@ -113,20 +108,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, "Bearer s3cret".parse().unwrap());
         assert_eq!(presented_token(&h).unwrap(), b"s3cret");
-        h.insert(
-            AUTHORIZATION,
-            format!("Basic {}", BASE64.encode("anyone:s3cret"))
-                .parse()
-                .unwrap(),
-        );
+        h.insert(AUTHORIZATION, format!("Basic {}", BASE64.encode("anyone:s3cret")).parse().unwrap());
         assert_eq!(presented_token(&h).unwrap(), b"s3cret");
         h.insert(AUTHORIZATION, "Digest x".parse().unwrap());
         assert_eq!(presented_token(&h), None);
 
         std::fs::write(&f, "ok:1\nnocolon\n").unwrap();
-        assert!(matches!(
-            Tokens::load(&f).unwrap_err(),
-            TokenFileError::Malformed { line: 2, .. }
-        ));
+        assert!(matches!(Tokens::load(&f).unwrap_err(), TokenFileError::Malformed { line: 2, .. }));
     }
 }

@@ -62,6 +62,10 @@ pub struct Config {
     /// Default 30.
     #[serde(default = "default_priority")]
     pub priority: u32,
+    /// Seconds a narinfo that exists is kept in memory (0 turns this off; misses are never
+    /// kept). Default 30.
+    #[serde(default = "default_narinfo_cache_seconds")]
+    pub narinfo_cache_seconds: u64,
     /// Largest narinfo upload accepted, in bytes. Default 1 MiB.
     #[serde(default = "default_max_narinfo_bytes")]
     pub max_narinfo_bytes: usize,
@@ -74,6 +78,9 @@ fn default_store() -> String {
     "file:///var/lib/fleetcache/cache".to_owned()
 }
 fn default_priority() -> u32 {
+    30
+}
+fn default_narinfo_cache_seconds() -> u64 {
     30
 }
 fn default_max_narinfo_bytes() -> usize {
@@ -89,14 +96,9 @@ impl Default for Config {
 impl Config {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
     }
 }
 
@@ -121,34 +123,23 @@ pub enum StoreUrl {
 impl StoreUrl {
     /// Parses `file:///abs/dir` or `s3://bucket?endpoint=URL&region=R&checksums=when-required`.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
-        let bad = |why| ConfigError::StoreUrl {
-            url: url.to_owned(),
-            why,
-        };
+        let bad = |why| ConfigError::StoreUrl { url: url.to_owned(), why };
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(bad(
-                    "a file:// store needs an absolute path (file:///var/lib/…)",
-                ));
+                return Err(bad("a file:// store needs an absolute path (file:///var/lib/…)"));
             }
             return Ok(StoreUrl::File(PathBuf::from(path)));
         }
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or(bad("expected file:// or s3://"))?;
+        let rest = url.strip_prefix("s3://").ok_or(bad("expected file:// or s3://"))?;
         let (bucket, query) = rest.split_once('?').unwrap_or((rest, ""));
         if bucket.is_empty() || bucket.contains('/') {
-            return Err(bad(
-                "an s3:// store needs a bucket name and nothing after it but ?options",
-            ));
+            return Err(bad("an s3:// store needs a bucket name and nothing after it but ?options"));
         }
         let mut endpoint = None;
         let mut region = "us-east-1".to_owned();
         let mut checksums_when_required = true;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or(bad("options must be key=value"))?;
+            let (k, v) = pair.split_once('=').ok_or(bad("options must be key=value"))?;
             match k {
                 "endpoint" => endpoint = Some(v.to_owned()),
                 "region" => region = v.to_owned(),
@@ -162,12 +153,7 @@ impl StoreUrl {
                 _ => return Err(bad("unknown option (known: endpoint, region, checksums)")),
             }
         }
-        Ok(StoreUrl::S3 {
-            bucket: bucket.to_owned(),
-            endpoint,
-            region,
-            checksums_when_required,
-        })
+        Ok(StoreUrl::S3 { bucket: bucket.to_owned(), endpoint, region, checksums_when_required })
     }
 }
 
@@ -186,8 +172,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err =
-            toml::from_str::<Config>("listen = \"127.0.0.1:1\"\nlisten-port = 3\n").unwrap_err();
+        let err = toml::from_str::<Config>("listen = \"127.0.0.1:1\"\nlisten-port = 3\n").unwrap_err();
         assert!(err.to_string().contains("listen-port"), "{err}");
     }
 
@@ -201,10 +186,7 @@ mod tests {
 
     #[test]
     fn store_urls() {
-        assert_eq!(
-            StoreUrl::parse("file:///var/cache").unwrap(),
-            StoreUrl::File("/var/cache".into())
-        );
+        assert_eq!(StoreUrl::parse("file:///var/cache").unwrap(), StoreUrl::File("/var/cache".into()));
         assert_eq!(
             StoreUrl::parse("s3://b?endpoint=http://127.0.0.1:3900&region=garage").unwrap(),
             StoreUrl::S3 {

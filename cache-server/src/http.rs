@@ -17,6 +17,7 @@ use nix_formats::SecretKey;
 use crate::auth::{Tokens, presented_token};
 use crate::ingest::{self, IngestError};
 use crate::metrics::Metrics;
+use crate::narinfo_cache::NarinfoCache;
 use crate::native;
 use crate::storage::{ByteRange, Key, KeyError, Storage, StorageError};
 
@@ -34,6 +35,8 @@ pub struct AppState {
     pub cache_info: String,
     /// Largest narinfo body accepted.
     pub max_narinfo_bytes: usize,
+    /// Recently served narinfos.
+    pub narinfo_cache: NarinfoCache,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -54,23 +57,17 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
+        ApiError { status, message: message.into() }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, format!("{}\n", self.message)).into_response();
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"fleetcache\""),
-            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"fleetcache\""));
         }
         r
     }
@@ -85,10 +82,7 @@ impl From<KeyError> for ApiError {
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         tracing::error!(error = %e, "storage failure");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage backend unavailable; retry later",
-        )
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage backend unavailable; retry later")
     }
 }
 
@@ -164,11 +158,7 @@ fn check_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 }
 
 fn check_upload<'a>(state: &'a AppState, headers: &HeaderMap) -> ApiResult<&'a str> {
-    let Some(uploaders) = state
-        .upload_tokens
-        .as_ref()
-        .filter(|_| !state.signing_keys.is_empty())
-    else {
+    let Some(uploaders) = state.upload_tokens.as_ref().filter(|_| !state.signing_keys.is_empty()) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "this cache-server is read-only: it has no signing key or no upload tokens configured",
@@ -176,9 +166,7 @@ fn check_upload<'a>(state: &'a AppState, headers: &HeaderMap) -> ApiResult<&'a s
     };
     let token = presented_token(headers)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "an upload token is required"))?;
-    uploaders
-        .check(&token)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid upload token"))
+    uploaders.check(&token).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid upload token"))
 }
 
 async fn healthz() -> &'static str {
@@ -186,20 +174,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 
 async fn cache_info(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
     check_read(&state, &headers)?;
-    Ok((
-        [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
-        state.cache_info.clone(),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], state.cache_info.clone()).into_response())
 }
 
 async fn fallback() -> ApiError {
@@ -209,110 +189,79 @@ async fn fallback() -> ApiError {
 /// What kind of file a top-level name is.
 fn top_key(file: &str) -> Result<(Key, &'static str, &'static str), KeyError> {
     if let Some(hash) = file.strip_suffix(".narinfo") {
-        Ok((
-            Key::narinfo(hash)?,
-            "text/x-nix-narinfo",
-            "public, max-age=300",
-        ))
+        Ok((Key::narinfo(hash)?, "text/x-nix-narinfo", NARINFO_CACHE_CONTROL))
     } else if let Some(hash) = file.strip_suffix(".ls") {
-        Ok((
-            Key::listing(hash)?,
-            "application/json",
-            "public, max-age=300",
-        ))
+        Ok((Key::listing(hash)?, "application/json", "public, max-age=300"))
     } else {
         Err(KeyError(file.to_owned()))
     }
 }
 
+/// Narinfos may gain a signature during a key rotation: let clients and CDNs keep them briefly.
+const NARINFO_CACHE_CONTROL: &str = "public, max-age=300";
+
+/// Objects up to this size are read whole before the response starts.
+const SMALL_OBJECT: u64 = 64 * 1024;
+
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
-async fn get_top(
-    State(s): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
+async fn get_top(State(s): State<Arc<AppState>>, Path(file): Path<String>, h: HeaderMap) -> ApiResult {
     check_read(&s, &h)?;
     let (key, ctype, cache) = top_key(&file)?;
-    serve(&s, &key, ctype, cache, &h, false).await
+    match file.strip_suffix(".narinfo") {
+        Some(hash) => narinfo(&s, hash, &key, false).await,
+        None => serve(&s, &key, ctype, cache, &h, false).await,
+    }
 }
 
-async fn head_top(
-    State(s): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
+async fn head_top(State(s): State<Arc<AppState>>, Path(file): Path<String>, h: HeaderMap) -> ApiResult {
     check_read(&s, &h)?;
     let (key, ctype, cache) = top_key(&file)?;
-    serve(&s, &key, ctype, cache, &h, true).await
+    match file.strip_suffix(".narinfo") {
+        Some(hash) => narinfo(&s, hash, &key, true).await,
+        None => serve(&s, &key, ctype, cache, &h, true).await,
+    }
 }
 
-async fn get_nar(
-    State(s): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
-    serve(
-        &s,
-        &Key::nar(&file)?,
-        "application/x-nix-nar",
-        IMMUTABLE,
-        &h,
-        false,
-    )
-    .await
+/// Serves a narinfo, from memory when it was read or published moments ago.
+async fn narinfo(state: &AppState, hash: &str, key: &Key, head_only: bool) -> ApiResult {
+    let bytes = match state.narinfo_cache.get(hash) {
+        Some(b) => b,
+        None => {
+            let b = crate::storage::get_bytes(state.storage.as_ref(), key).await?.ok_or_else(not_found)?;
+            state.narinfo_cache.insert(hash, b.clone());
+            b
+        }
+    };
+    let builder = Response::builder()
+        .header(header::CONTENT_TYPE, "text/x-nix-narinfo")
+        .header(header::CACHE_CONTROL, NARINFO_CACHE_CONTROL)
+        .header(header::CONTENT_LENGTH, bytes.len());
+    if head_only {
+        return Ok(builder.body(Body::empty()).expect("valid response"));
+    }
+    state.metrics.served(bytes.len() as u64);
+    Ok(builder.body(Body::from(bytes)).expect("valid response"))
 }
 
-async fn head_nar(
-    State(s): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
+async fn get_nar(State(s): State<Arc<AppState>>, Path(file): Path<String>, h: HeaderMap) -> ApiResult {
     check_read(&s, &h)?;
-    serve(
-        &s,
-        &Key::nar(&file)?,
-        "application/x-nix-nar",
-        IMMUTABLE,
-        &h,
-        true,
-    )
-    .await
+    serve(&s, &Key::nar(&file)?, "application/x-nix-nar", IMMUTABLE, &h, false).await
 }
 
-async fn get_log(
-    State(s): State<Arc<AppState>>,
-    Path(drv): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
+async fn head_nar(State(s): State<Arc<AppState>>, Path(file): Path<String>, h: HeaderMap) -> ApiResult {
     check_read(&s, &h)?;
-    serve(
-        &s,
-        &Key::log(&drv)?,
-        "text/plain; charset=utf-8",
-        "public, max-age=300",
-        &h,
-        false,
-    )
-    .await
+    serve(&s, &Key::nar(&file)?, "application/x-nix-nar", IMMUTABLE, &h, true).await
 }
 
-async fn head_log(
-    State(s): State<Arc<AppState>>,
-    Path(drv): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
+async fn get_log(State(s): State<Arc<AppState>>, Path(drv): Path<String>, h: HeaderMap) -> ApiResult {
     check_read(&s, &h)?;
-    serve(
-        &s,
-        &Key::log(&drv)?,
-        "text/plain; charset=utf-8",
-        "public, max-age=300",
-        &h,
-        true,
-    )
-    .await
+    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", &h, false).await
+}
+
+async fn head_log(State(s): State<Arc<AppState>>, Path(drv): Path<String>, h: HeaderMap) -> ApiResult {
+    check_read(&s, &h)?;
+    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", &h, true).await
 }
 
 fn not_found() -> ApiError {
@@ -366,8 +315,7 @@ async fn serve(
         let range = match range_header.map(|v| parse_range(v, size)) {
             Some(Err(())) => {
                 let mut e =
-                    ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable")
-                        .into_response();
+                    ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable").into_response();
                 e.headers_mut().insert(
                     header::CONTENT_RANGE,
                     HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
@@ -384,28 +332,26 @@ async fn serve(
                 .expect("valid response"));
         }
         if let Some(r) = range {
-            let obj = state
-                .storage
-                .get(key, Some(r))
-                .await?
-                .ok_or_else(not_found)?;
+            let obj = state.storage.get(key, Some(r)).await?.ok_or_else(not_found)?;
             builder = builder
                 .status(StatusCode::PARTIAL_CONTENT)
-                .header(
-                    header::CONTENT_RANGE,
-                    format!("bytes {}-{}/{size}", r.start, r.end),
-                )
+                .header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end))
                 .header(header::CONTENT_LENGTH, r.len());
-            return Ok(builder
-                .body(counted(state, obj.body))
-                .expect("valid response"));
+            return Ok(builder.body(counted(state, obj.body)).expect("valid response"));
         }
     }
     let obj = state.storage.get(key, None).await?.ok_or_else(not_found)?;
     builder = builder.header(header::CONTENT_LENGTH, obj.size);
-    Ok(builder
-        .body(counted(state, obj.body))
-        .expect("valid response"))
+    if obj.size <= SMALL_OBJECT {
+        // narinfos and the like: one buffer, so headers and body leave in one write.
+        let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(obj.body)
+            .await
+            .map_err(|e| StorageError::Io { key: key.to_string(), source: e })?;
+        let body = chunks.concat();
+        state.metrics.served(body.len() as u64);
+        return Ok(builder.body(Body::from(body)).expect("valid response"));
+    }
+    Ok(builder.body(counted(state, obj.body)).expect("valid response"))
 }
 
 fn counted(
@@ -437,16 +383,20 @@ async fn put_top(
     let who = check_upload(&s, &h)?.to_owned();
     let (key, _, _) = top_key(&file)?;
     let limit = s.max_narinfo_bytes;
+    // Refuse by the declared length before reading anything, so a client that sent
+    // `Expect: 100-continue` (curl does for large bodies) never sends the body at all.
+    let declared = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes")));
+    }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body over {limit} bytes, or interrupted"),
-        )
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes, or interrupted"))
     })?;
     if let Some(hash) = file.strip_suffix(".narinfo") {
-        ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, hash, &bytes)
+        let text = ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, hash, &bytes)
             .await
             .map_err(|e| count_failure(&s, e))?;
+        s.narinfo_cache.insert(hash, text.into());
         tracing::info!(uploader = %who, %key, "published");
     } else {
         crate::storage::put_bytes(s.storage.as_ref(), &key, bytes).await?;
@@ -462,14 +412,9 @@ async fn put_nar(
 ) -> ApiResult {
     check_upload(&s, &h)?;
     let key = Key::nar(&file)?;
-    ingest::ingest_nar_file(
-        s.storage.as_ref(),
-        &s.metrics,
-        &key,
-        body.into_data_stream(),
-    )
-    .await
-    .map_err(|e| count_failure(&s, e))?;
+    ingest::ingest_nar_file(s.storage.as_ref(), &s.metrics, &key, body.into_data_stream())
+        .await
+        .map_err(|e| count_failure(&s, e))?;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -484,9 +429,8 @@ async fn put_log(
     let mut up = s.storage.begin_put(&key).await?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}"))
-        })?;
+        let chunk =
+            chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))?;
         up.write(chunk).await?;
     }
     up.commit().await?;
@@ -495,14 +439,9 @@ async fn put_log(
 
 async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
     let who = check_upload(&s, &h)?.to_owned();
-    let result = native::upload(
-        s.storage.as_ref(),
-        &s.signing_keys,
-        &s.metrics,
-        body.into_data_stream(),
-    )
-    .await
-    .map_err(|e| count_failure(&s, e))?;
+    let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.metrics, body.into_data_stream())
+        .await
+        .map_err(|e| count_failure(&s, e))?;
     tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
     Ok(json(&result))
 }
@@ -533,10 +472,7 @@ mod tests {
         assert_eq!(r("bytes=90-"), Ok(Some(ByteRange { start: 90, end: 99 })));
         assert_eq!(r("bytes=-10"), Ok(Some(ByteRange { start: 90, end: 99 })));
         assert_eq!(r("bytes=-1000"), Ok(Some(ByteRange { start: 0, end: 99 })));
-        assert_eq!(
-            r("bytes=50-1000"),
-            Ok(Some(ByteRange { start: 50, end: 99 }))
-        );
+        assert_eq!(r("bytes=50-1000"), Ok(Some(ByteRange { start: 50, end: 99 })));
         assert_eq!(r("bytes=0-1,5-6"), Ok(None));
         assert_eq!(r("items=0-1"), Ok(None));
         assert_eq!(r("bytes=100-"), Err(()));

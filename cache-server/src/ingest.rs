@@ -90,12 +90,8 @@ impl IngestError {
     /// A short label for the verification-failure metric.
     pub fn reason(&self) -> &'static str {
         match self {
-            IngestError::NarInfo(_) | IngestError::WrongName { .. } | IngestError::BadUrl(_) => {
-                "bad_narinfo"
-            }
-            IngestError::UnsupportedCompression(_) | IngestError::CompressionMismatch { .. } => {
-                "compression"
-            }
+            IngestError::NarInfo(_) | IngestError::WrongName { .. } | IngestError::BadUrl(_) => "bad_narinfo",
+            IngestError::UnsupportedCompression(_) | IngestError::CompressionMismatch { .. } => "compression",
             IngestError::NarMissing(_) => "nar_missing",
             IngestError::InvalidNar(_) => "invalid_nar",
             IngestError::Mismatch { .. } => "hash_or_size_mismatch",
@@ -137,23 +133,15 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Decompresses and verifies a NAR file read from `reader` (blocking).
-pub fn verify_nar_file(
-    reader: impl Read,
-    compression: Compression,
-) -> Result<NarSummary, IngestError> {
-    let mut file = HashingReader {
-        inner: reader,
-        hasher: sha2::Sha256::new(),
-        size: 0,
-    };
+pub fn verify_nar_file(reader: impl Read, compression: Compression) -> Result<NarSummary, IngestError> {
+    let mut file = HashingReader { inner: reader, hasher: sha2::Sha256::new(), size: 0 };
     let mut verifier = NarVerifier::new();
     {
         let mut decoder: Box<dyn Read + '_> = match compression {
             Compression::None => Box::new(&mut file),
-            Compression::Zstd => Box::new(
-                zstd::Decoder::new(&mut file)
-                    .map_err(|e| IngestError::InvalidNar(e.to_string()))?,
-            ),
+            Compression::Zstd => {
+                Box::new(zstd::Decoder::new(&mut file).map_err(|e| IngestError::InvalidNar(e.to_string()))?)
+            }
             Compression::Xz => Box::new(xz2::read::XzDecoder::new(&mut file)),
             other => return Err(IngestError::UnsupportedCompression(other.name().to_owned())),
         };
@@ -165,16 +153,12 @@ pub fn verify_nar_file(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
             };
-            verifier
-                .update(&buf[..n])
-                .map_err(|e: NarError| IngestError::InvalidNar(e.to_string()))?;
+            verifier.update(&buf[..n]).map_err(|e: NarError| IngestError::InvalidNar(e.to_string()))?;
         }
     }
     // Anything after the compressed stream ends is not part of the NAR: count it in the file.
     io::copy(&mut file, &mut io::sink()).map_err(|e| IngestError::Body(e.to_string()))?;
-    let (nar_hash, nar_size) = verifier
-        .finish()
-        .map_err(|e| IngestError::InvalidNar(e.to_string()))?;
+    let (nar_hash, nar_size) = verifier.finish().map_err(|e| IngestError::InvalidNar(e.to_string()))?;
     Ok(NarSummary {
         nar_hash,
         nar_size,
@@ -189,10 +173,7 @@ async fn verify_stored_nar(
     key: &Key,
     compression: Compression,
 ) -> Result<NarSummary, IngestError> {
-    let obj = storage
-        .get(key, None)
-        .await?
-        .ok_or_else(|| IngestError::NarMissing(key.to_string()))?;
+    let obj = storage.get(key, None).await?.ok_or_else(|| IngestError::NarMissing(key.to_string()))?;
     let reader = SyncIoBridge::new(StreamReader::new(obj.body));
     tokio::task::spawn_blocking(move || verify_nar_file(reader, compression))
         .await
@@ -200,11 +181,7 @@ async fn verify_stored_nar(
 }
 
 fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) -> IngestError {
-    IngestError::Mismatch {
-        field,
-        claimed: claimed.to_string(),
-        actual: actual.to_string(),
-    }
+    IngestError::Mismatch { field, claimed: claimed.to_string(), actual: actual.to_string() }
 }
 
 /// Verifies, signs and publishes a narinfo PUT as `<hash_part>.narinfo`. Returns the signed text.
@@ -222,9 +199,9 @@ pub async fn ingest_narinfo(
         });
     }
     let nar_key = Key::nar_url(&info.url)?;
-    let compression = info.compression().ok_or_else(|| {
-        IngestError::UnsupportedCompression(info.compression.clone().unwrap_or_default())
-    })?;
+    let compression = info
+        .compression()
+        .ok_or_else(|| IngestError::UnsupportedCompression(info.compression.clone().unwrap_or_default()))?;
     if Compression::from_file_name(&info.url) != Some(compression) {
         return Err(IngestError::CompressionMismatch {
             compression: compression.name().to_owned(),
@@ -258,20 +235,13 @@ pub(crate) async fn publish(
     keys: &[SecretKey],
     mut info: NarInfo,
 ) -> Result<String, IngestError> {
-    let checks = info
-        .references
-        .iter()
-        .filter(|r| **r != info.store_path)
-        .map(|r| async move {
-            let key = Key::narinfo(r.hash_part()).expect("a store path's hash part is a valid key");
-            storage.head(&key).await.map(|found| (r, found.is_some()))
-        });
+    let checks = info.references.iter().filter(|r| **r != info.store_path).map(|r| async move {
+        let key = Key::narinfo(r.hash_part()).expect("a store path's hash part is a valid key");
+        storage.head(&key).await.map(|found| (r, found.is_some()))
+    });
     let results = futures_util::future::try_join_all(checks).await?;
-    let missing: Vec<String> = results
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(r, _)| r.to_string())
-        .collect();
+    let missing: Vec<String> =
+        results.into_iter().filter(|(_, ok)| !ok).map(|(r, _)| r.to_string()).collect();
     if !missing.is_empty() {
         return Err(IngestError::MissingReferences(missing));
     }
@@ -279,12 +249,7 @@ pub(crate) async fn publish(
         info.sign(key);
     }
     let text = info.to_string();
-    put_bytes(
-        storage,
-        &Key::narinfo(info.store_path.hash_part())?,
-        Bytes::from(text.clone()),
-    )
-    .await?;
+    put_bytes(storage, &Key::narinfo(info.store_path.hash_part())?, Bytes::from(text.clone())).await?;
     Ok(text)
 }
 

@@ -9,12 +9,14 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod narinfo_cache;
 pub mod native;
 pub mod storage;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix_formats::{CacheInfo, SecretKey};
 use thiserror::Error;
@@ -23,6 +25,7 @@ use crate::auth::{TokenFileError, Tokens};
 use crate::config::{Config, ConfigError, StoreUrl};
 use crate::http::AppState;
 use crate::metrics::{Metrics, TimedStorage};
+use crate::narinfo_cache::NarinfoCache;
 use crate::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
 
 /// Why the server could not be set up from its configuration.
@@ -56,44 +59,27 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         .signing_key_files
         .iter()
         .map(|path| {
-            let err = |message: String| SetupError::SigningKey {
-                path: path.clone(),
-                message,
-            };
+            let err = |message: String| SetupError::SigningKey { path: path.clone(), message };
             let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
             SecretKey::parse(&text).map_err(|e| err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let upload_tokens = config
-        .upload_tokens_file
-        .as_deref()
-        .map(Tokens::load)
-        .transpose()?;
-    let read_tokens = config
-        .read_tokens_file
-        .as_deref()
-        .map(Tokens::load)
-        .transpose()?;
+    let upload_tokens = config.upload_tokens_file.as_deref().map(Tokens::load).transpose()?;
+    let read_tokens = config.read_tokens_file.as_deref().map(Tokens::load).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let backend: Box<dyn Storage> = match StoreUrl::parse(&config.store)? {
         StoreUrl::File(dir) => Box::new(LocalStorage::open(&dir).await?),
-        StoreUrl::S3 {
-            bucket,
-            endpoint,
-            region,
-            checksums_when_required,
-        } => Box::new(S3Storage::new(&S3Options {
-            bucket,
-            endpoint,
-            region,
-            credentials: None,
-            checksums_when_required,
-        })?),
+        StoreUrl::S3 { bucket, endpoint, region, checksums_when_required } => {
+            Box::new(S3Storage::new(&S3Options {
+                bucket,
+                endpoint,
+                region,
+                credentials: None,
+                checksums_when_required,
+            })?)
+        }
     };
-    let cache_info = CacheInfo {
-        priority: Some(config.priority),
-        ..CacheInfo::fleetcache_default()
-    };
+    let cache_info = CacheInfo { priority: Some(config.priority), ..CacheInfo::fleetcache_default() };
     Ok(AppState {
         storage: Arc::new(TimedStorage::new(backend, metrics.clone())),
         signing_keys,
@@ -101,6 +87,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         read_tokens,
         cache_info: cache_info.to_string(),
         max_narinfo_bytes: config.max_narinfo_bytes,
+        narinfo_cache: NarinfoCache::new(Duration::from_secs(config.narinfo_cache_seconds), 100_000),
         metrics,
     })
 }
@@ -111,8 +98,14 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
     let state = Arc::new(state);
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Headers and a small body go out in separate writes; without TCP_NODELAY, Nagle's
+    // algorithm and the client's delayed ACK hold the second one back for ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown).await
 }

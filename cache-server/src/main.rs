@@ -91,12 +91,8 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     if state.writable() {
         // The bucket or directory alone must be a valid cache: make sure it says what it is.
-        if let Err(e) = put_bytes(
-            state.storage.as_ref(),
-            &Key::cache_info(),
-            state.cache_info.clone().into(),
-        )
-        .await
+        if let Err(e) =
+            put_bytes(state.storage.as_ref(), &Key::cache_info(), state.cache_info.clone().into()).await
         {
             tracing::warn!(error = %e, "could not write nix-cache-info to the store");
         }

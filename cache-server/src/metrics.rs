@@ -19,12 +19,7 @@ pub struct Metrics {
 impl Metrics {
     /// Counts a finished request.
     pub fn request(&self, route: &'static str, method: &'static str, status: u16) {
-        *self
-            .requests
-            .lock()
-            .expect("metrics lock")
-            .entry((route, method, status))
-            .or_default() += 1;
+        *self.requests.lock().expect("metrics lock").entry((route, method, status)).or_default() += 1;
     }
 
     /// Counts response body bytes.
@@ -39,12 +34,7 @@ impl Metrics {
 
     /// Counts an upload rejected by verification, by reason.
     pub fn verification_failure(&self, reason: &'static str) {
-        *self
-            .verification_failures
-            .lock()
-            .expect("metrics lock")
-            .entry(reason)
-            .or_default() += 1;
+        *self.verification_failures.lock().expect("metrics lock").entry(reason).or_default() += 1;
     }
 
     /// Records how long a storage operation took.
@@ -58,9 +48,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        s.push_str(
-            "# HELP fleetcache_http_requests_total HTTP requests by route, method and status.\n",
-        );
+        s.push_str("# HELP fleetcache_http_requests_total HTTP requests by route, method and status.\n");
         s.push_str("# TYPE fleetcache_http_requests_total counter\n");
         for ((route, method, status), n) in self.requests.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -70,46 +58,21 @@ impl Metrics {
         }
         s.push_str("# HELP fleetcache_bytes_served_total Response body bytes sent.\n");
         s.push_str("# TYPE fleetcache_bytes_served_total counter\n");
-        let _ = writeln!(
-            s,
-            "fleetcache_bytes_served_total {}",
-            self.bytes_served.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(s, "fleetcache_bytes_served_total {}", self.bytes_served.load(Ordering::Relaxed));
         s.push_str("# HELP fleetcache_bytes_ingested_total Upload bytes accepted into storage.\n");
         s.push_str("# TYPE fleetcache_bytes_ingested_total counter\n");
-        let _ = writeln!(
-            s,
-            "fleetcache_bytes_ingested_total {}",
-            self.bytes_ingested.load(Ordering::Relaxed)
-        );
-        s.push_str(
-            "# HELP fleetcache_upload_verification_failures_total Uploads rejected, by reason.\n",
-        );
+        let _ =
+            writeln!(s, "fleetcache_bytes_ingested_total {}", self.bytes_ingested.load(Ordering::Relaxed));
+        s.push_str("# HELP fleetcache_upload_verification_failures_total Uploads rejected, by reason.\n");
         s.push_str("# TYPE fleetcache_upload_verification_failures_total counter\n");
-        for (reason, n) in self
-            .verification_failures
-            .lock()
-            .expect("metrics lock")
-            .iter()
-        {
-            let _ = writeln!(
-                s,
-                "fleetcache_upload_verification_failures_total{{reason=\"{reason}\"}} {n}"
-            );
+        for (reason, n) in self.verification_failures.lock().expect("metrics lock").iter() {
+            let _ = writeln!(s, "fleetcache_upload_verification_failures_total{{reason=\"{reason}\"}} {n}");
         }
-        s.push_str(
-            "# HELP fleetcache_storage_operation_seconds Time spent in storage operations.\n",
-        );
+        s.push_str("# HELP fleetcache_storage_operation_seconds Time spent in storage operations.\n");
         s.push_str("# TYPE fleetcache_storage_operation_seconds summary\n");
         for (op, (count, sum)) in self.storage.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                s,
-                "fleetcache_storage_operation_seconds_count{{op=\"{op}\"}} {count}"
-            );
-            let _ = writeln!(
-                s,
-                "fleetcache_storage_operation_seconds_sum{{op=\"{op}\"}} {sum:.6}"
-            );
+            let _ = writeln!(s, "fleetcache_storage_operation_seconds_count{{op=\"{op}\"}} {count}");
+            let _ = writeln!(s, "fleetcache_storage_operation_seconds_sum{{op=\"{op}\"}} {sum:.6}");
         }
         s
     }
@@ -132,11 +95,7 @@ use crate::storage::{ByteRange, Key, Object, Storage, StorageError, Upload};
 
 #[async_trait::async_trait]
 impl Storage for TimedStorage {
-    async fn get(
-        &self,
-        key: &Key,
-        range: Option<ByteRange>,
-    ) -> Result<Option<Object>, StorageError> {
+    async fn get(&self, key: &Key, range: Option<ByteRange>) -> Result<Option<Object>, StorageError> {
         let t = std::time::Instant::now();
         let r = self.inner.get(key, range).await;
         self.metrics.storage_op("get", t.elapsed());

@@ -75,10 +75,7 @@ fn bad(field: &str, e: impl std::fmt::Display) -> IngestError {
 }
 
 /// Answers a batch "which are missing?" with bounded concurrency against storage.
-pub async fn missing(
-    storage: &dyn Storage,
-    req: MissingRequest,
-) -> Result<MissingResponse, IngestError> {
+pub async fn missing(storage: &dyn Storage, req: MissingRequest) -> Result<MissingResponse, IngestError> {
     let parsed = req
         .paths
         .iter()
@@ -99,13 +96,7 @@ pub async fn missing(
     for (i, ok) in found {
         present[i] = ok;
     }
-    let missing = req
-        .paths
-        .into_iter()
-        .zip(present)
-        .filter(|(_, ok)| !ok)
-        .map(|(p, _)| p)
-        .collect();
+    let missing = req.paths.into_iter().zip(present).filter(|(_, ok)| !ok).map(|(p, _)| p).collect();
     Ok(MissingResponse { missing })
 }
 
@@ -131,8 +122,7 @@ impl Read for ChannelReader {
 }
 
 fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError> {
-    let mut decoder =
-        zstd::Decoder::new(reader).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
+    let mut decoder = zstd::Decoder::new(reader).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
     let mut verifier = NarVerifier::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -142,13 +132,9 @@ fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError>
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
         };
-        verifier
-            .update(&buf[..n])
-            .map_err(|e| IngestError::InvalidNar(e.to_string()))?;
+        verifier.update(&buf[..n]).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
     }
-    verifier
-        .finish()
-        .map_err(|e| IngestError::InvalidNar(e.to_string()))
+    verifier.finish().map_err(|e| IngestError::InvalidNar(e.to_string()))
 }
 
 /// Handles `POST /api/v1/upload`.
@@ -176,29 +162,21 @@ where
             Some(Ok(chunk)) => head.extend_from_slice(&chunk),
             Some(Err(e)) => return Err(IngestError::Body(e.to_string())),
             None => {
-                return Err(bad(
-                    "line",
-                    "missing (the body must start with a JSON line)",
-                ));
+                return Err(bad("line", "missing (the body must start with a JSON line)"));
             }
         }
     };
     let meta: UploadMeta = serde_json::from_slice(&head[..newline]).map_err(|e| bad("JSON", e))?;
     let rest = head.split_off(newline + 1).freeze();
 
-    let store_path =
-        StorePath::from_absolute(&meta.store_path).map_err(|e| bad("store_path", e))?;
+    let store_path = StorePath::from_absolute(&meta.store_path).map_err(|e| bad("store_path", e))?;
     let references = meta
         .references
         .iter()
         .map(|r| StorePath::from_absolute(r).map_err(|e| bad("references", e)))
         .collect::<Result<Vec<_>, _>>()?;
-    let deriver = meta
-        .deriver
-        .as_deref()
-        .map(StorePath::from_absolute)
-        .transpose()
-        .map_err(|e| bad("deriver", e))?;
+    let deriver =
+        meta.deriver.as_deref().map(StorePath::from_absolute).transpose().map_err(|e| bad("deriver", e))?;
     let nar_hash = Hash::parse_sha256(&meta.nar_hash).map_err(|e| bad("nar_hash", e))?;
     if meta.nar_size == 0 {
         return Err(bad("nar_size", "must not be 0"));
@@ -209,18 +187,10 @@ where
     let key = Key::nar(&file_name).expect("a nix32 sha256 is a valid NAR file name");
     let mut upload = storage.begin_put(&key).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    let verifier = tokio::task::spawn_blocking(move || {
-        verify_zstd_stream(ChannelReader {
-            rx,
-            current: Bytes::new(),
-        })
-    });
+    let verifier =
+        tokio::task::spawn_blocking(move || verify_zstd_stream(ChannelReader { rx, current: Bytes::new() }));
     let mut file = HashingWriter::new(io::sink());
-    let mut next = if rest.is_empty() {
-        None
-    } else {
-        Some(Ok(rest))
-    };
+    let mut next = if rest.is_empty() { None } else { Some(Ok(rest)) };
     let streamed: Result<(), IngestError> = async {
         loop {
             let chunk = match next.take() {
@@ -240,9 +210,7 @@ where
     }
     .await;
     drop(tx);
-    let verified = verifier
-        .await
-        .map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
+    let verified = verifier.await.map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
     let (found_hash, found_size) = match (streamed, verified) {
         (Err(e), _) | (Ok(()), Err(e)) => {
             let _ = upload.abort().await;
@@ -259,11 +227,7 @@ where
     };
     if let Some((field, claimed, actual)) = mismatch {
         let _ = upload.abort().await;
-        return Err(IngestError::Mismatch {
-            field,
-            claimed,
-            actual,
-        });
+        return Err(IngestError::Mismatch { field, claimed, actual });
     }
     let file_size = upload.commit().await?;
     metrics.ingested(file_size);

@@ -13,10 +13,7 @@ use nix_formats::hash::HashingWriter;
 use nix_formats::nar::dump_path;
 
 fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Fills `buf` with bytes that compress about as well as binaries do (half random, half text).
@@ -25,11 +22,7 @@ fn fill(buf: &mut [u8], seed: &mut u64) {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
-        let v = if i % 2 == 0 {
-            seed.to_le_bytes()
-        } else {
-            *b"llama.cp"
-        };
+        let v = if i % 2 == 0 { seed.to_le_bytes() } else { *b"llama.cp" };
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }
@@ -86,17 +79,8 @@ fn nix(root: &Path) -> String {
         .arg(root)
         .output()
         .expect("run nix-store (is nix installed? scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "nix-store --dump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    assert!(out.status.success(), "nix-store --dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
 /// `nix-store --dump` alone, output discarded: how much of the baseline is Nix, not sha256sum.
@@ -122,11 +106,7 @@ fn main() {
 
     // Warm the page cache and check both agree before timing anything.
     let (our_hash, nar_size) = ours(&root);
-    assert_eq!(
-        our_hash,
-        nix(&root),
-        "our NAR hash differs from nix-store --dump's"
-    );
+    assert_eq!(our_hash, nix(&root), "our NAR hash differs from nix-store --dump's");
 
     let mut t_ours = Vec::new();
     let mut t_nix = Vec::new();
@@ -145,23 +125,8 @@ fn main() {
     let (m_ours, m_nix, m_dump) = (median(t_ours), median(t_nix), median(t_dump));
     let mbps = |d: Duration| nar_size as f64 / 1e6 / d.as_secs_f64();
     println!("NAR of a {mib} MiB tree ({nar_size} bytes), median of {runs} runs, page cache warm:");
-    println!(
-        "  nix-formats dump_path + sha256      {:>8.1} MB/s  ({:?})",
-        mbps(m_ours),
-        m_ours
-    );
-    println!(
-        "  nix-store --dump | sha256sum        {:>8.1} MB/s  ({:?})",
-        mbps(m_nix),
-        m_nix
-    );
-    println!(
-        "  nix-store --dump > /dev/null (no hash) {:>8.1} MB/s  ({:?})",
-        mbps(m_dump),
-        m_dump
-    );
-    println!(
-        "  ratio (ours / nix)                  {:>8.2}x",
-        m_nix.as_secs_f64() / m_ours.as_secs_f64()
-    );
+    println!("  nix-formats dump_path + sha256      {:>8.1} MB/s  ({:?})", mbps(m_ours), m_ours);
+    println!("  nix-store --dump | sha256sum        {:>8.1} MB/s  ({:?})", mbps(m_nix), m_nix);
+    println!("  nix-store --dump > /dev/null (no hash) {:>8.1} MB/s  ({:?})", mbps(m_dump), m_dump);
+    println!("  ratio (ours / nix)                  {:>8.2}x", m_nix.as_secs_f64() / m_ours.as_secs_f64());
 }

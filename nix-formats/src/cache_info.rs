@@ -37,11 +37,7 @@ impl CacheInfo {
     /// What fleetcache serves: `/nix/store`, mass queries welcome, priority 30 (before
     /// cache.nixos.org, so the fleet's own builds win).
     pub fn fleetcache_default() -> Self {
-        CacheInfo {
-            store_dir: STORE_DIR.to_owned(),
-            want_mass_query: true,
-            priority: Some(30),
-        }
+        CacheInfo { store_dir: STORE_DIR.to_owned(), want_mass_query: true, priority: Some(30) }
     }
 
     /// Parses the file; unknown keys are ignored, as Nix does.
@@ -53,18 +49,13 @@ impl CacheInfo {
             if line.trim().is_empty() {
                 continue;
             }
-            let err = |message| CacheInfoError::Line {
-                line: i + 1,
-                message,
-            };
+            let err = |message| CacheInfoError::Line { line: i + 1, message };
             let (k, v) = line.split_once(':').ok_or(err("expected \"Key: value\""))?;
             let v = v.trim();
             match k {
                 "StoreDir" => store_dir = Some(v.to_owned()),
                 "WantMassQuery" => want_mass_query = v == "1",
-                "Priority" => {
-                    priority = Some(v.parse().map_err(|_| err("Priority is not a number"))?)
-                }
+                "Priority" => priority = Some(v.parse().map_err(|_| err("Priority is not a number"))?),
                 _ => {}
             }
         }
@@ -96,36 +87,20 @@ mod tests {
     #[test]
     fn round_trip_and_nix_written_file() {
         let d = CacheInfo::fleetcache_default();
-        assert_eq!(
-            d.to_string(),
-            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
-        );
+        assert_eq!(d.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
         assert_eq!(CacheInfo::parse(&d.to_string()).unwrap(), d);
         // `nix copy --to file://` writes only the store dir (parsed here without its newline too).
         let nix = CacheInfo::parse("StoreDir: /nix/store\n").unwrap();
-        assert_eq!(
-            nix,
-            CacheInfo {
-                store_dir: "/nix/store".into(),
-                want_mass_query: false,
-                priority: None
-            }
-        );
+        assert_eq!(nix, CacheInfo { store_dir: "/nix/store".into(), want_mass_query: false, priority: None });
     }
 
     #[test]
     fn errors() {
-        assert_eq!(
-            CacheInfo::parse("WantMassQuery: 1\n").unwrap_err(),
-            CacheInfoError::MissingStoreDir
-        );
+        assert_eq!(CacheInfo::parse("WantMassQuery: 1\n").unwrap_err(), CacheInfoError::MissingStoreDir);
         assert!(matches!(
             CacheInfo::parse("StoreDir: /nix/store\nPriority: high\n"),
             Err(CacheInfoError::Line { line: 2, .. })
         ));
-        assert!(matches!(
-            CacheInfo::parse("nonsense\n"),
-            Err(CacheInfoError::Line { line: 1, .. })
-        ));
+        assert!(matches!(CacheInfo::parse("nonsense\n"), Err(CacheInfoError::Line { line: 1, .. })));
     }
 }

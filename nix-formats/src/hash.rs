@@ -94,12 +94,7 @@ pub struct Hash {
 impl Hash {
     /// Wraps a digest; panics if `digest` does not have the algorithm's length.
     pub fn new(algo: HashAlgo, digest: &[u8]) -> Self {
-        assert_eq!(
-            digest.len(),
-            algo.digest_len(),
-            "digest length does not match {}",
-            algo.name()
-        );
+        assert_eq!(digest.len(), algo.digest_len(), "digest length does not match {}", algo.name());
         let mut bytes = [0u8; 64];
         bytes[..digest.len()].copy_from_slice(digest);
         Hash { algo, bytes }
@@ -134,12 +129,9 @@ impl Hash {
         } else {
             return Err(HashError::MissingAlgo(s.to_owned()));
         };
-        let algo = HashAlgo::from_name(algo_name)
-            .ok_or_else(|| HashError::UnknownAlgo(algo_name.to_owned()))?;
-        let bad = || HashError::BadDigest {
-            algo: algo.name(),
-            digest: digest.to_owned(),
-        };
+        let algo =
+            HashAlgo::from_name(algo_name).ok_or_else(|| HashError::UnknownAlgo(algo_name.to_owned()))?;
+        let bad = || HashError::BadDigest { algo: algo.name(), digest: digest.to_owned() };
         let len = algo.digest_len();
         let bytes = if sri {
             BASE64.decode(digest).map_err(|_| bad())?
@@ -160,10 +152,7 @@ impl Hash {
     pub fn parse_sha256(s: &str) -> Result<Self, HashError> {
         let h = Hash::parse(s)?;
         if h.algo != HashAlgo::Sha256 {
-            return Err(HashError::WrongAlgo {
-                expected: "sha256",
-                found: h.algo.name(),
-            });
+            return Err(HashError::WrongAlgo { expected: "sha256", found: h.algo.name() });
         }
         Ok(h)
     }
@@ -192,9 +181,7 @@ impl Hash {
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
     let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    s.chunks(2)
-        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
-        .collect()
+    s.chunks(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
 }
 
 impl fmt::Display for Hash {
@@ -227,11 +214,7 @@ pub struct HashingWriter<W> {
 impl<W: io::Write> HashingWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: sha2::Sha256::new(),
-            written: 0,
-        }
+        HashingWriter { inner, hasher: sha2::Sha256::new(), written: 0 }
     }
 
     /// Bytes written so far.
@@ -241,11 +224,7 @@ impl<W: io::Write> HashingWriter<W> {
 
     /// Returns the hash and size of what was written, and the inner writer.
     pub fn finish(self) -> (Hash, u64, W) {
-        (
-            Hash::sha256(self.hasher.finalize().into()),
-            self.written,
-            self.inner,
-        )
+        (Hash::sha256(self.hasher.finalize().into()), self.written, self.inner)
     }
 }
 
@@ -284,18 +263,9 @@ mod tests {
 
     #[test]
     fn errors_say_what_is_wrong() {
-        assert!(matches!(
-            Hash::parse("0mdqa9"),
-            Err(HashError::MissingAlgo(_))
-        ));
-        assert!(matches!(
-            Hash::parse("sha3:00"),
-            Err(HashError::UnknownAlgo(_))
-        ));
-        assert!(matches!(
-            Hash::parse("sha256:zz"),
-            Err(HashError::BadDigest { .. })
-        ));
+        assert!(matches!(Hash::parse("0mdqa9"), Err(HashError::MissingAlgo(_))));
+        assert!(matches!(Hash::parse("sha3:00"), Err(HashError::UnknownAlgo(_))));
+        assert!(matches!(Hash::parse("sha256:zz"), Err(HashError::BadDigest { .. })));
         assert!(matches!(
             Hash::parse_sha256("sha1:0000000000000000000000000000000000000000"),
             Err(HashError::WrongAlgo { .. })

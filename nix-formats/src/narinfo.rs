@@ -70,15 +70,9 @@ impl Compression {
     /// The compression a NAR file name says, from its extension (`x.nar.zst` is zstd).
     pub fn from_file_name(name: &str) -> Option<Self> {
         let ext = &name[name.find(".nar")? + 4..];
-        [
-            Compression::None,
-            Compression::Xz,
-            Compression::Zstd,
-            Compression::Bzip2,
-            Compression::Brotli,
-        ]
-        .into_iter()
-        .find(|c| c.extension() == ext)
+        [Compression::None, Compression::Xz, Compression::Zstd, Compression::Bzip2, Compression::Brotli]
+            .into_iter()
+            .find(|c| c.extension() == ext)
     }
 }
 
@@ -183,11 +177,7 @@ fn number(v: &str) -> Result<u64, LineError> {
 }
 
 fn non_empty(v: &str) -> Result<String, LineError> {
-    if v.is_empty() {
-        Err(LineError::Empty)
-    } else {
-        Ok(v.to_owned())
-    }
+    if v.is_empty() { Err(LineError::Empty) } else { Ok(v.to_owned()) }
 }
 
 #[derive(Default)]
@@ -218,18 +208,11 @@ impl Fields {
             "NarHash" => set_once(&mut self.nar_hash, key, Hash::parse_sha256(v)?),
             "NarSize" => set_once(&mut self.nar_size, key, number(v)?),
             "References" => {
-                let refs = v
-                    .split_whitespace()
-                    .map(StorePath::from_base_name)
-                    .collect::<Result<_, _>>()?;
+                let refs = v.split_whitespace().map(StorePath::from_base_name).collect::<Result<_, _>>()?;
                 set_once(&mut self.references, key, refs)
             }
             "Deriver" => {
-                let d = if v == "unknown-deriver" {
-                    None
-                } else {
-                    Some(StorePath::from_base_name(v)?)
-                };
+                let d = if v == "unknown-deriver" { None } else { Some(StorePath::from_base_name(v)?) };
                 set_once(&mut self.deriver, key, d)
             }
             "System" => set_once(&mut self.system, key, non_empty(v)?),
@@ -259,11 +242,7 @@ impl NarInfo {
             if line.is_empty() {
                 continue;
             }
-            let bad = |error| NarInfoError::Line {
-                line: i + 1,
-                text: shorten(line),
-                error,
-            };
+            let bad = |error| NarInfoError::Line { line: i + 1, text: shorten(line), error };
             let (key, value) = match line.split_once(": ") {
                 Some(kv) => kv,
                 // `References:` with nothing after it, as some writers trim the space.
@@ -301,12 +280,7 @@ impl NarInfo {
     /// The string signatures cover:
     /// `1;<store path>;<NarHash as sha256:nix32>;<NarSize>;<sorted, comma-joined full references>`.
     pub fn fingerprint(&self) -> String {
-        fingerprint(
-            &self.store_path,
-            &self.nar_hash,
-            self.nar_size,
-            &self.references,
-        )
+        fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
     }
 
     /// Adds a signature by `key`, replacing an earlier one by a key of the same name.
@@ -319,9 +293,7 @@ impl NarInfo {
     /// True if some signature verifies with one of `keys`.
     pub fn is_signed_by_any(&self, keys: &[PublicKey]) -> bool {
         let fp = self.fingerprint();
-        self.signatures
-            .iter()
-            .any(|s| keys.iter().any(|k| k.verify(fp.as_bytes(), s)))
+        self.signatures.iter().any(|s| keys.iter().any(|k| k.verify(fp.as_bytes(), s)))
     }
 
     /// The compression named, with Nix's default (bzip2) when the field is missing; `None` for a
@@ -337,19 +309,10 @@ impl NarInfo {
 }
 
 /// The fingerprint of a store path's metadata (see [`NarInfo::fingerprint`]).
-pub fn fingerprint(
-    path: &StorePath,
-    nar_hash: &Hash,
-    nar_size: u64,
-    references: &[StorePath],
-) -> String {
+pub fn fingerprint(path: &StorePath, nar_hash: &Hash, nar_size: u64, references: &[StorePath]) -> String {
     let mut refs: Vec<String> = references.iter().map(StorePath::to_absolute).collect();
     refs.sort();
-    format!(
-        "1;{path};{};{nar_size};{}",
-        nar_hash.to_nix32_prefixed(),
-        refs.join(",")
-    )
+    format!("1;{path};{};{nar_size};{}", nar_hash.to_nix32_prefixed(), refs.join(","))
 }
 
 impl fmt::Display for NarInfo {
@@ -413,10 +376,7 @@ mod tests {
         assert_eq!(n.compression.as_deref(), Some("xz"));
         assert!(!n.references.is_empty());
         assert!(n.deriver.as_ref().unwrap().is_derivation());
-        assert!(
-            n.fingerprint()
-                .starts_with(&format!("1;{};sha256:", n.store_path))
-        );
+        assert!(n.fingerprint().starts_with(&format!("1;{};sha256:", n.store_path)));
     }
 
     #[test]
@@ -424,14 +384,8 @@ mod tests {
         let n = NarInfo::parse(FROM_NIX).unwrap();
         assert_eq!(n.compression(), Some(Compression::Xz));
         assert_eq!(Compression::from_file_name(&n.url), Some(Compression::Xz));
-        assert_eq!(
-            Compression::from_file_name("nar/abc.nar"),
-            Some(Compression::None)
-        );
-        assert_eq!(
-            Compression::from_file_name("nar/abc.nar.zst"),
-            Some(Compression::Zstd)
-        );
+        assert_eq!(Compression::from_file_name("nar/abc.nar"), Some(Compression::None));
+        assert_eq!(Compression::from_file_name("nar/abc.nar.zst"), Some(Compression::Zstd));
         assert_eq!(Compression::from_file_name("nar/abc.nar.gz"), None);
         assert_eq!(Compression::from_file_name("nar/abc"), None);
         let mut missing = n.clone();
@@ -443,70 +397,34 @@ mod tests {
     fn malformed_lines_name_the_line() {
         let text = FROM_NIX.replacen("NarSize: ", "NarSize: x", 1);
         let err = NarInfo::parse(&text).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                NarInfoError::Line {
-                    line: 7,
-                    error: LineError::BadNumber(_),
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, NarInfoError::Line { line: 7, error: LineError::BadNumber(_), .. }), "{err}");
         let text = format!("{FROM_NIX}garbage\n");
         assert!(matches!(
             NarInfo::parse(&text).unwrap_err(),
-            NarInfoError::Line {
-                error: LineError::NotKeyValue,
-                ..
-            }
+            NarInfoError::Line { error: LineError::NotKeyValue, .. }
         ));
-        let text = format!(
-            "{FROM_NIX}StorePath: {}\n",
-            NarInfo::parse(FROM_NIX).unwrap().store_path
-        );
+        let text = format!("{FROM_NIX}StorePath: {}\n", NarInfo::parse(FROM_NIX).unwrap().store_path);
         assert!(matches!(
             NarInfo::parse(&text).unwrap_err(),
-            NarInfoError::Line {
-                error: LineError::Duplicate(_),
-                ..
-            }
+            NarInfoError::Line { error: LineError::Duplicate(_), .. }
         ));
         let text = FROM_NIX.replacen("References: ", "References: ../../etc/passwd ", 1);
         assert!(matches!(
             NarInfo::parse(&text).unwrap_err(),
-            NarInfoError::Line {
-                error: LineError::StorePath(_),
-                ..
-            }
+            NarInfoError::Line { error: LineError::StorePath(_), .. }
         ));
-        let text: String = FROM_NIX
-            .lines()
-            .filter(|l| !l.starts_with("NarHash"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        assert_eq!(
-            NarInfo::parse(&text).unwrap_err(),
-            NarInfoError::Missing("NarHash")
-        );
-        assert_eq!(
-            NarInfo::parse_bytes(b"\xff").unwrap_err(),
-            NarInfoError::NotUtf8
-        );
+        let text: String =
+            FROM_NIX.lines().filter(|l| !l.starts_with("NarHash")).map(|l| format!("{l}\n")).collect();
+        assert_eq!(NarInfo::parse(&text).unwrap_err(), NarInfoError::Missing("NarHash"));
+        assert_eq!(NarInfo::parse_bytes(b"\xff").unwrap_err(), NarInfoError::NotUtf8);
     }
 
     #[test]
     fn named_quirks_are_accepted() {
         let n = NarInfo::parse(FROM_NIX).unwrap();
         let d = n.deriver.as_ref().unwrap().base_name();
-        let text =
-            FROM_NIX
-                .replacen(&d, "unknown-deriver", 1)
-                .replacen("References: ", "References:", 1);
-        let text =
-            text.replacen("References:", "References: ", 1)
-                .replacen("Compression: xz\n", "", 1);
+        let text = FROM_NIX.replacen(&d, "unknown-deriver", 1).replacen("References: ", "References:", 1);
+        let text = text.replacen("References:", "References: ", 1).replacen("Compression: xz\n", "", 1);
         let q = NarInfo::parse(&format!("{text}\nX-Custom: kept\n")).unwrap();
         assert_eq!(q.deriver, None);
         assert_eq!(q.compression, None);

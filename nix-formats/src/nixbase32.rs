@@ -78,10 +78,7 @@ pub fn decode(input: &str) -> Result<Vec<u8>, DecodeError> {
 fn decode_into(input: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     let expected = encoded_len(out.len());
     if input.len() != expected {
-        return Err(DecodeError::WrongLength {
-            expected,
-            found: input.len(),
-        });
+        return Err(DecodeError::WrongLength { expected, found: input.len() });
     }
     for (n, &c) in input.iter().rev().enumerate() {
         let d = digit(c).ok_or(DecodeError::InvalidChar(c as char))?;
@@ -113,9 +110,8 @@ mod tests {
     fn known_values_from_nix() {
         // `nix hash to-base32 sha256:e3b0c442...` (sha256 of the empty string).
         let empty_sha256 = [
-            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f,
-            0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b,
-            0x78, 0x52, 0xb8, 0x55,
+            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
+            0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
         ];
         let s = "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73";
         assert_eq!(encode(&empty_sha256), s);
@@ -132,26 +128,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert_eq!(
-            decode_exact::<20>("e").unwrap_err(),
-            DecodeError::WrongLength {
-                expected: 32,
-                found: 1
-            }
-        );
+        assert_eq!(decode_exact::<20>("e").unwrap_err(), DecodeError::WrongLength { expected: 32, found: 1 });
         let mut s = "0".repeat(32);
         s.replace_range(3..4, "e");
-        assert_eq!(
-            decode_exact::<20>(&s).unwrap_err(),
-            DecodeError::InvalidChar('e')
-        );
+        assert_eq!(decode_exact::<20>(&s).unwrap_err(), DecodeError::InvalidChar('e'));
         // 52 chars hold 260 bits for 256: the top digit may only use its lowest bit.
         let mut s = "0".repeat(52);
         s.replace_range(0..1, "z");
-        assert_eq!(
-            decode_exact::<32>(&s).unwrap_err(),
-            DecodeError::NonZeroPadding
-        );
+        assert_eq!(decode_exact::<32>(&s).unwrap_err(), DecodeError::NonZeroPadding);
     }
 
     proptest! {

@@ -51,19 +51,13 @@ pub enum KeyError {
     Random(String),
 }
 
-fn split<'a, const N: usize>(
-    what: &'static str,
-    s: &'a str,
-) -> Result<(&'a str, [u8; N]), KeyError> {
+fn split<'a, const N: usize>(what: &'static str, s: &'a str) -> Result<(&'a str, [u8; N]), KeyError> {
     let s = s.trim();
     let (name, b64) = s.split_once(':').ok_or(KeyError::MissingName { what })?;
     if name.is_empty() {
         return Err(KeyError::MissingName { what });
     }
-    let bytes = BASE64.decode(b64).map_err(|_| KeyError::BadBase64 {
-        what,
-        name: name.to_owned(),
-    })?;
+    let bytes = BASE64.decode(b64).map_err(|_| KeyError::BadBase64 { what, name: name.to_owned() })?;
     let found = bytes.len();
     let arr = bytes.try_into().map_err(|_| KeyError::WrongLength {
         what,
@@ -91,10 +85,7 @@ impl SecretKey {
         if key.verifying_key().as_bytes()[..] != bytes[32..] {
             return Err(KeyError::Inconsistent(name.to_owned()));
         }
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key,
-        })
+        Ok(SecretKey { name: name.to_owned(), key })
     }
 
     /// Generates a new key named `name` from the system's random number generator.
@@ -104,10 +95,7 @@ impl SecretKey {
         }
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key: SigningKey::from_bytes(&seed),
-        })
+        Ok(SecretKey { name: name.to_owned(), key: SigningKey::from_bytes(&seed) })
     }
 
     /// The key's name.
@@ -117,18 +105,12 @@ impl SecretKey {
 
     /// The matching public key.
     pub fn public_key(&self) -> PublicKey {
-        PublicKey {
-            name: self.name.clone(),
-            key: self.key.verifying_key(),
-        }
+        PublicKey { name: self.name.clone(), key: self.key.verifying_key() }
     }
 
     /// Signs `message` (for narinfos, the fingerprint).
     pub fn sign(&self, message: &[u8]) -> Signature {
-        Signature {
-            key_name: self.name.clone(),
-            bytes: self.key.sign(message).to_bytes(),
-        }
+        Signature { key_name: self.name.clone(), bytes: self.key.sign(message).to_bytes() }
     }
 
     /// The key in Nix's text format, with no trailing newline (as Nix writes it).
@@ -158,12 +140,8 @@ impl PublicKey {
     /// Parses `name:base64(32 bytes)`.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (name, bytes) = split::<32>("public key", s)?;
-        let key = VerifyingKey::from_bytes(&bytes)
-            .map_err(|_| KeyError::InvalidPoint(name.to_owned()))?;
-        Ok(PublicKey {
-            name: name.to_owned(),
-            key,
-        })
+        let key = VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::InvalidPoint(name.to_owned()))?;
+        Ok(PublicKey { name: name.to_owned(), key })
     }
 
     /// The key's name.
@@ -174,10 +152,7 @@ impl PublicKey {
     /// True if `sig` is by this key (same name) and valid for `message`.
     pub fn verify(&self, message: &[u8], sig: &Signature) -> bool {
         sig.key_name == self.name
-            && self
-                .key
-                .verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig.bytes))
-                .is_ok()
+            && self.key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig.bytes)).is_ok()
     }
 }
 
@@ -205,10 +180,7 @@ impl Signature {
     /// Parses `name:base64(64 bytes)`, the value of a narinfo `Sig:` line.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (name, bytes) = split::<64>("signature", s)?;
-        Ok(Signature {
-            key_name: name.to_owned(),
-            bytes,
-        })
+        Ok(Signature { key_name: name.to_owned(), bytes })
     }
 
     /// The name of the key that made it.
@@ -258,42 +230,25 @@ mod tests {
         assert!(!other.verify(b"1;/nix/store/x;sha256:0;1;", &sig));
         let parsed = Signature::parse(&sig.to_string()).unwrap();
         assert_eq!(parsed, sig);
-        assert_eq!(
-            SecretKey::parse(&sk.to_nix_string()).unwrap().public_key(),
-            pk
-        );
+        assert_eq!(SecretKey::parse(&sk.to_nix_string()).unwrap().public_key(), pk);
     }
 
     #[test]
     fn a_key_of_another_name_never_verifies() {
         let sk = SecretKey::generate("a").unwrap();
         let sig = sk.sign(b"m");
-        let renamed =
-            PublicKey::parse(&sk.public_key().to_string().replacen("a:", "b:", 1)).unwrap();
+        let renamed = PublicKey::parse(&sk.public_key().to_string().replacen("a:", "b:", 1)).unwrap();
         assert!(!renamed.verify(b"m", &sig));
     }
 
     #[test]
     fn malformed_keys_are_clear_errors() {
-        assert_eq!(
-            PublicKey::parse("nocolon").unwrap_err(),
-            KeyError::MissingName { what: "public key" }
-        );
-        assert_eq!(
-            PublicKey::parse(":AAAA").unwrap_err(),
-            KeyError::MissingName { what: "public key" }
-        );
-        assert!(matches!(
-            PublicKey::parse("k:!!!").unwrap_err(),
-            KeyError::BadBase64 { .. }
-        ));
+        assert_eq!(PublicKey::parse("nocolon").unwrap_err(), KeyError::MissingName { what: "public key" });
+        assert_eq!(PublicKey::parse(":AAAA").unwrap_err(), KeyError::MissingName { what: "public key" });
+        assert!(matches!(PublicKey::parse("k:!!!").unwrap_err(), KeyError::BadBase64 { .. }));
         assert!(matches!(
             PublicKey::parse("k:AAAA").unwrap_err(),
-            KeyError::WrongLength {
-                found: 3,
-                expected: 32,
-                ..
-            }
+            KeyError::WrongLength { found: 3, expected: 32, .. }
         ));
         // A secret key whose public half was swapped for another key's.
         let a = SecretKey::generate("k").unwrap().to_nix_string();
@@ -301,14 +256,7 @@ mod tests {
         let mut bytes = BASE64.decode(&a[2..]).unwrap();
         bytes[32..].copy_from_slice(&BASE64.decode(&b[2..]).unwrap()[32..]);
         let forged = format!("k:{}", BASE64.encode(bytes));
-        assert_eq!(
-            SecretKey::parse(&forged).unwrap_err(),
-            KeyError::Inconsistent("k".into())
-        );
-        assert!(
-            format!("{:?}", SecretKey::parse(&a).unwrap())
-                .find(&a[2..])
-                .is_none()
-        );
+        assert_eq!(SecretKey::parse(&forged).unwrap_err(), KeyError::Inconsistent("k".into()));
+        assert!(format!("{:?}", SecretKey::parse(&a).unwrap()).find(&a[2..]).is_none());
     }
 }

@@ -73,30 +73,18 @@ impl StorePath {
         }
         // Check the bytes before splitting: the split point must not fall inside a UTF-8
         // character (found by the narinfo fuzz target).
-        if !base.as_bytes()[..HASH_LEN]
-            .iter()
-            .all(|&c| nixbase32::ALPHABET.contains(&c))
-        {
+        if !base.as_bytes()[..HASH_LEN].iter().all(|&c| nixbase32::ALPHABET.contains(&c)) {
             return Err(StorePathError::BadHash(base.to_owned()));
         }
         let (hash, rest) = base.split_at(HASH_LEN);
-        let name = rest
-            .strip_prefix('-')
-            .ok_or_else(|| StorePathError::NoDash(base.to_owned()))?;
+        let name = rest.strip_prefix('-').ok_or_else(|| StorePathError::NoDash(base.to_owned()))?;
         validate_name(name)?;
-        Ok(StorePath {
-            hash: hash.as_bytes().try_into().expect("split at HASH_LEN"),
-            name: name.to_owned(),
-        })
+        Ok(StorePath { hash: hash.as_bytes().try_into().expect("split at HASH_LEN"), name: name.to_owned() })
     }
 
     /// Parses either a full path or a base name.
     pub fn parse(s: &str) -> Result<Self, StorePathError> {
-        if s.starts_with('/') {
-            Self::from_absolute(s)
-        } else {
-            Self::from_base_name(s)
-        }
+        if s.starts_with('/') { Self::from_absolute(s) } else { Self::from_base_name(s) }
     }
 
     /// The 32-character nix32 hash part, which names the `.narinfo` file.
@@ -136,14 +124,8 @@ pub fn validate_name(name: &str) -> Result<(), StorePathError> {
     if name.starts_with('.') {
         return Err(StorePathError::LeadingDot(name.to_owned()));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|&c| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c)))
-    {
-        return Err(StorePathError::BadNameChar {
-            name: name.to_owned(),
-            bad,
-        });
+    if let Some(bad) = name.chars().find(|&c| !(c.is_ascii_alphanumeric() || "+-._?=".contains(c))) {
+        return Err(StorePathError::BadNameChar { name: name.to_owned(), bad });
     }
     Ok(())
 }
@@ -199,31 +181,13 @@ mod tests {
             StorePathError::NotInStore(_)
         ));
         assert!(matches!(err(&format!("{h}-")), StorePathError::TooShort(_)));
-        assert!(matches!(
-            err("en8dpmm67grflgfcrf021vfc6gln5s1h-t1"),
-            StorePathError::BadHash(_)
-        ));
+        assert!(matches!(err("en8dpmm67grflgfcrf021vfc6gln5s1h-t1"), StorePathError::BadHash(_)));
         assert!(matches!(err(&format!("{h}_t1")), StorePathError::NoDash(_)));
-        assert!(matches!(
-            err(&format!("{h}-.hidden")),
-            StorePathError::LeadingDot(_)
-        ));
-        assert!(matches!(
-            err(&format!("{h}-a/b")),
-            StorePathError::BadNameChar { bad: '/', .. }
-        ));
-        assert!(matches!(
-            err(&format!("{h}-a b")),
-            StorePathError::BadNameChar { bad: ' ', .. }
-        ));
-        assert!(matches!(
-            err(&format!("{h}-é")),
-            StorePathError::BadNameChar { bad: 'é', .. }
-        ));
-        assert!(matches!(
-            err(&format!("{h}-{}", "a".repeat(212))),
-            StorePathError::NameTooLong(212)
-        ));
+        assert!(matches!(err(&format!("{h}-.hidden")), StorePathError::LeadingDot(_)));
+        assert!(matches!(err(&format!("{h}-a/b")), StorePathError::BadNameChar { bad: '/', .. }));
+        assert!(matches!(err(&format!("{h}-a b")), StorePathError::BadNameChar { bad: ' ', .. }));
+        assert!(matches!(err(&format!("{h}-é")), StorePathError::BadNameChar { bad: 'é', .. }));
+        assert!(matches!(err(&format!("{h}-{}", "a".repeat(212))), StorePathError::NameTooLong(212)));
         assert!(StorePath::parse(&format!("{h}-{}", "a".repeat(211))).is_ok());
         assert!(StorePath::parse(&format!("{h}-a+b-c.d_e?f=g")).is_ok());
     }

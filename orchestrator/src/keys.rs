@@ -55,24 +55,11 @@ pub fn write_key_pair(
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeygenError> {
-    let io_err = |source| KeygenError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io_err(io::Error::other("not a file path")))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let io_err = |source| KeygenError::Io { path: path.to_owned(), source };
+    let file_name = path.file_name().ok_or_else(|| io_err(io::Error::other("not a file path")))?;
+    let tmp = path.with_file_name(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -95,37 +82,17 @@ mod tests {
         let public = write_key_pair("cache-1", &sk, &pk, false).unwrap();
         let secret_text = fs::read_to_string(&sk).unwrap();
         assert_eq!(SecretKey::parse(&secret_text).unwrap().public_key(), public);
-        assert_eq!(
-            PublicKey::parse(&fs::read_to_string(&pk).unwrap()).unwrap(),
-            public
-        );
-        assert_eq!(
-            fs::metadata(&sk).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(PublicKey::parse(&fs::read_to_string(&pk).unwrap()).unwrap(), public);
+        assert_eq!(fs::metadata(&sk).unwrap().permissions().mode() & 0o777, 0o600);
 
         let err = write_key_pair("cache-1", &sk, &dir.path().join("pk2"), false).unwrap_err();
         assert!(matches!(err, KeygenError::Exists(p) if p == sk));
-        assert_eq!(
-            fs::read_to_string(&sk).unwrap(),
-            secret_text,
-            "the old key is untouched"
-        );
-        assert!(
-            !dir.path().join("pk2").exists(),
-            "nothing written when refusing"
-        );
+        assert_eq!(fs::read_to_string(&sk).unwrap(), secret_text, "the old key is untouched");
+        assert!(!dir.path().join("pk2").exists(), "nothing written when refusing");
 
         let new = write_key_pair("cache-1", &sk, &pk, true).unwrap();
         assert_ne!(new, public);
-        assert_eq!(
-            fs::metadata(&sk).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            2,
-            "no temporary files left"
-        );
+        assert_eq!(fs::metadata(&sk).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary files left");
     }
 }

@@ -39,20 +39,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Keygen {
-            name,
-            secret_key_file,
-            public_key_file,
-            force,
-        } => orchestrator::keys::write_key_pair(&name, &secret_key_file, &public_key_file, force)
-            .map(|pk| {
+        Command::Keygen { name, secret_key_file, public_key_file, force } => {
+            orchestrator::keys::write_key_pair(&name, &secret_key_file, &public_key_file, force).map(|pk| {
                 println!("{pk}");
                 eprintln!(
                     "wrote secret key {} and public key {}",
                     secret_key_file.display(),
                     public_key_file.display()
                 );
-            }),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

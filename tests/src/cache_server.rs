@@ -41,31 +41,20 @@ impl CacheServer {
 
     /// Starts a server with options.
     pub fn start_with(store: &str, opts: Options) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("fleetcache-cache-server-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("fleetcache-cache-server-").tempdir().expect("tempdir");
         let key = SecretKey::generate("fleetcache-test-1").expect("key");
         let token = format!("tok-{}", std::process::id());
         std::fs::write(dir.path().join("signing.key"), key.to_nix_string()).expect("write key");
-        std::fs::write(
-            dir.path().join("upload-tokens"),
-            format!("tester:{token}\n"),
-        )
-        .expect("write tokens");
+        std::fs::write(dir.path().join("upload-tokens"), format!("tester:{token}\n")).expect("write tokens");
         let mut cmd = Command::new(bin("cache-server"));
         cmd.args(["--listen", "127.0.0.1:0", "--store", store]);
         if !opts.read_only {
-            cmd.arg("--signing-key-file")
-                .arg(dir.path().join("signing.key"));
-            cmd.arg("--upload-tokens-file")
-                .arg(dir.path().join("upload-tokens"));
+            cmd.arg("--signing-key-file").arg(dir.path().join("signing.key"));
+            cmd.arg("--upload-tokens-file").arg(dir.path().join("upload-tokens"));
         }
         if let Some(t) = &opts.read_token {
-            std::fs::write(dir.path().join("read-tokens"), format!("reader:{t}\n"))
-                .expect("write tokens");
-            cmd.arg("--read-tokens-file")
-                .arg(dir.path().join("read-tokens"));
+            std::fs::write(dir.path().join("read-tokens"), format!("reader:{t}\n")).expect("write tokens");
+            cmd.arg("--read-tokens-file").arg(dir.path().join("read-tokens"));
         }
         let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
         cmd.envs(opts.env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -76,37 +65,22 @@ impl CacheServer {
         let mut child = ChildGuard::spawn("cache-server", &mut cmd);
         let stdout = child.take_stdout();
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read cache-server stdout");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .map(str::to_owned)
-            .unwrap_or_else(|| {
-                child.assert_alive();
-                panic!(
-                    "cache-server did not print its address; log:\n{}",
-                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
-                )
-            });
-        CacheServer {
-            child,
-            dir,
-            url,
-            public_key: key.public_key().to_string(),
-            token,
-        }
+        BufReader::new(stdout).read_line(&mut line).expect("read cache-server stdout");
+        let url = line.trim().strip_prefix("listening on ").map(str::to_owned).unwrap_or_else(|| {
+            child.assert_alive();
+            panic!(
+                "cache-server did not print its address; log:\n{}",
+                std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
+            )
+        });
+        CacheServer { child, dir, url, public_key: key.public_key().to_string(), token }
     }
 
     /// A netrc file with the upload token, for `nix copy --netrc-file`.
     pub fn netrc(&self) -> PathBuf {
         let p = self.dir.path().join("netrc");
-        std::fs::write(
-            &p,
-            format!("machine 127.0.0.1 login tester password {}\n", self.token),
-        )
-        .expect("netrc");
+        std::fs::write(&p, format!("machine 127.0.0.1 login tester password {}\n", self.token))
+            .expect("netrc");
         p
     }
 
@@ -118,6 +92,11 @@ impl CacheServer {
     /// Stops it with SIGTERM; returns whether it exited successfully.
     pub fn stop(&mut self) -> bool {
         self.child.stop().is_some_and(|s| s.success())
+    }
+
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn terminate(&self) {
+        self.child.terminate();
     }
 
     /// The directory holding its key and token files.

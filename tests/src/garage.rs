@@ -39,17 +39,12 @@ pub fn garage_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("FLEETCACHE_GARAGE") {
         return PathBuf::from(p);
     }
-    let cached = PathBuf::from(format!(
-        "/var/cache/fleetcache-test/garage-{GARAGE_VERSION}/bin/garage"
-    ));
+    let cached = PathBuf::from(format!("/var/cache/fleetcache-test/garage-{GARAGE_VERSION}/bin/garage"));
     if cached.is_file() {
         return cached;
     }
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("garage"))
-            .find(|p| p.is_file())
-    });
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join("garage")).find(|p| p.is_file()));
     on_path.unwrap_or_else(|| {
         panic!("no garage binary: run scripts/test (it installs Garage {GARAGE_VERSION}) or set FLEETCACHE_GARAGE")
     })
@@ -64,10 +59,7 @@ fn random_hex(bytes: usize) -> String {
 impl Garage {
     /// Starts a fresh Garage and waits until its S3 API answers.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("fleetcache-garage-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("fleetcache-garage-").tempdir().expect("tempdir");
         let s3_port = free_port();
         let rpc_port = free_port();
         let config = format!(
@@ -108,11 +100,7 @@ root_domain = ".s3.garage.localhost"
 
     /// The store URL cache-server takes for this bucket.
     pub fn store_url(&self) -> String {
-        format!(
-            "s3://{}?endpoint={}&region={REGION}",
-            self.bucket,
-            self.endpoint()
-        )
+        format!("s3://{}?endpoint={}&region={REGION}", self.bucket, self.endpoint())
     }
 
     /// Environment variables that give an AWS SDK client this server's credentials.
@@ -128,8 +116,7 @@ root_domain = ".s3.garage.localhost"
     /// required (Garage refuses aws-chunked bodies with checksum trailers).
     pub fn client(&self) -> aws_sdk_s3::Client {
         use aws_sdk_s3::config::{
-            BehaviorVersion, Credentials, Region, RequestChecksumCalculation,
-            ResponseChecksumValidation,
+            BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
         };
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())

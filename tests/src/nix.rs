@@ -28,9 +28,9 @@ pub fn command(program: &str) -> Command {
 
 /// Runs `cmd`, panics with its stderr if it fails, returns its stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?} (is nix installed? scripts/test installs it): {e}")
-    });
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is nix installed? scripts/test installs it): {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}:\n{}",
@@ -42,13 +42,8 @@ pub fn run(cmd: &mut Command) -> String {
 
 /// Runs `cmd`, panics if it *succeeds*, returns its stderr.
 pub fn run_expecting_failure(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        !out.status.success(),
-        "{cmd:?} succeeded but should have failed"
-    );
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(!out.status.success(), "{cmd:?} succeeded but should have failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -65,14 +60,7 @@ pub fn build_closure(nonce: &str, count: u32, big_mib: u32) -> StorePath {
     let out = run(command("nix-build")
         .arg(fixtures_dir().join("closure.nix"))
         .args(["--no-out-link", "--argstr", "nonce", nonce])
-        .args([
-            "--arg",
-            "count",
-            &count.to_string(),
-            "--arg",
-            "bigMiB",
-            &big_mib.to_string(),
-        ]));
+        .args(["--arg", "count", &count.to_string(), "--arg", "bigMiB", &big_mib.to_string()]));
     StorePath::from_absolute(out.trim()).expect("nix-build prints a store path")
 }
 
@@ -92,9 +80,7 @@ pub fn path_info(paths: &[&StorePath], recursive: bool) -> Vec<Value> {
 pub fn closure(path: &StorePath) -> Vec<StorePath> {
     path_info(&[path], true)
         .iter()
-        .map(|i| {
-            StorePath::from_absolute(i["path"].as_str().expect("path field")).expect("valid path")
-        })
+        .map(|i| StorePath::from_absolute(i["path"].as_str().expect("path field")).expect("valid path"))
         .collect()
 }
 
@@ -112,12 +98,7 @@ impl Default for TempStore {
 impl TempStore {
     /// An empty store.
     pub fn new() -> Self {
-        TempStore {
-            dir: tempfile::Builder::new()
-                .prefix("fleetcache-store-")
-                .tempdir()
-                .expect("tempdir"),
-        }
+        TempStore { dir: tempfile::Builder::new().prefix("fleetcache-store-").tempdir().expect("tempdir") }
     }
 
     /// The store URL to pass to `--store` or `nix copy --to` (a local chroot store).
@@ -130,14 +111,7 @@ impl TempStore {
     pub fn copy_from(&self, from: &str, trusted_key: &str, paths: &[&StorePath]) -> Command {
         let mut c = command("nix");
         c.args(["copy", "--from", from, "--to", &self.url()])
-            .args([
-                "--option",
-                "trusted-public-keys",
-                trusted_key,
-                "--option",
-                "require-sigs",
-                "true",
-            ])
+            .args(["--option", "trusted-public-keys", trusted_key, "--option", "require-sigs", "true"])
             .args(paths.iter().map(|p| p.to_absolute()));
         c
     }
@@ -153,8 +127,6 @@ impl TempStore {
 
     /// Where `path`'s files are on disk.
     pub fn real_path(&self, path: &StorePath) -> PathBuf {
-        self.dir
-            .path()
-            .join(path.to_absolute().trim_start_matches('/'))
+        self.dir.path().join(path.to_absolute().trim_start_matches('/'))
     }
 }

@@ -15,23 +15,13 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd`; `name` is used in messages.
     pub fn spawn(name: &str, cmd: &mut Command) -> Self {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        ChildGuard {
-            name: name.to_owned(),
-            child: Some(child),
-        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        ChildGuard { name: name.to_owned(), child: Some(child) }
     }
 
     /// Takes the child's piped stdout.
     pub fn take_stdout(&mut self) -> std::process::ChildStdout {
-        self.child
-            .as_mut()
-            .expect("running")
-            .stdout
-            .take()
-            .expect("stdout was piped")
+        self.child.as_mut().expect("running").stdout.take().expect("stdout was piped")
     }
 
     /// The process id.
@@ -41,14 +31,15 @@ impl ChildGuard {
 
     /// Panics if the child has exited, with its status.
     pub fn assert_alive(&mut self) {
-        if let Some(status) = self
-            .child
-            .as_mut()
-            .expect("running")
-            .try_wait()
-            .expect("try_wait")
-        {
+        if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {
             panic!("{} exited early with {status}", self.name);
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| Pid::from_raw(c.id() as i32)) {
+            let _ = kill_process(pid, Signal::TERM);
         }
     }
 
@@ -62,9 +53,7 @@ impl ChildGuard {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 _ => {
                     let _ = child.kill();
                     return child.wait().ok();
@@ -91,11 +80,7 @@ impl Drop for ChildGuard {
 /// A loopback TCP port that was free a moment ago, for servers that cannot take a bound
 /// socket (Garage). Our own servers take a listener bound to port 0 instead.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local_addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local_addr").port()
 }
 
 /// Polls until `addr` accepts TCP connections, checking that `child` is still alive between
@@ -107,11 +92,7 @@ pub fn wait_for_port(child: &mut ChildGuard, addr: SocketAddr, timeout: Duration
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not open {addr} within {timeout:?}",
-            child.name
-        );
+        assert!(Instant::now() < deadline, "{} did not open {addr} within {timeout:?}", child.name);
         std::thread::sleep(Duration::from_millis(25));
     }
 }

@@ -79,10 +79,7 @@ async fn missing(server: &CacheServer, paths: &[&str]) -> Vec<String> {
 }
 
 async fn status_of(server: &CacheServer, path: &str) -> StatusCode {
-    reqwest::get(format!("{}/{path}", server.url))
-        .await
-        .unwrap()
-        .status()
+    reqwest::get(format!("{}/{path}", server.url)).await.unwrap().status()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -121,24 +118,14 @@ async fn lies_and_broken_streams_publish_nothing() {
     let wrong = Hash::sha256_of(b"another nar");
     lie["narHash"] = Value::String(wrong.to_sri());
     let (s, body) = upload(&server, body_for(&lie)).await;
-    assert_eq!(
-        (s, body.contains("NarHash")),
-        (StatusCode::BAD_REQUEST, true),
-        "{body}"
-    );
+    assert_eq!((s, body.contains("NarHash")), (StatusCode::BAD_REQUEST, true), "{body}");
     assert_eq!(status_of(&server, &narinfo).await, StatusCode::NOT_FOUND);
-    assert_eq!(
-        status_of(&server, &format!("nar/{}.nar.zst", wrong.to_nix32())).await,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(status_of(&server, &format!("nar/{}.nar.zst", wrong.to_nix32())).await, StatusCode::NOT_FOUND);
 
     // A NarSize that lies.
     let mut lie = leaf.clone();
     lie["narSize"] = Value::from(leaf["narSize"].as_u64().unwrap() + 8);
-    assert_eq!(
-        upload(&server, body_for(&lie)).await.0,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(upload(&server, body_for(&lie)).await.0, StatusCode::BAD_REQUEST);
 
     // A stream cut short: the compressed NAR ends early.
     let mut short = body_for(leaf);
@@ -157,35 +144,18 @@ async fn lies_and_broken_streams_publish_nothing() {
     assert!(!s.is_success());
 
     // Not JSON, and a reference that is not in the cache.
-    assert_eq!(
-        upload(&server, b"garbage\n".to_vec()).await.0,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(upload(&server, b"garbage\n".to_vec()).await.0, StatusCode::BAD_REQUEST);
     let top_info = infos.last().unwrap();
     let (s, body) = upload(&server, body_for(top_info)).await;
-    assert_eq!(
-        (s, body.contains("references not in this cache")),
-        (StatusCode::BAD_REQUEST, true),
-        "{body}"
-    );
+    assert_eq!((s, body.contains("references not in this cache")), (StatusCode::BAD_REQUEST, true), "{body}");
 
     // Nothing was published, and no partial file is left in the store directory.
     assert_eq!(status_of(&server, &narinfo).await, StatusCode::NOT_FOUND);
     let nar_files: Vec<_> = std::fs::read_dir(dir.path().join("nar")).unwrap().collect();
-    assert!(
-        nar_files.len() <= 1,
-        "only the verified NAR of the unpublished top may remain: {nar_files:?}"
-    );
+    assert!(nar_files.len() <= 1, "only the verified NAR of the unpublished top may remain: {nar_files:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_dir(dir.path().join(".fleetcache-tmp"))
-        .unwrap()
-        .count()
-        > 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "temporary upload files left behind"
-        );
+    while std::fs::read_dir(dir.path().join(".fleetcache-tmp")).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "temporary upload files left behind");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
@@ -199,10 +169,7 @@ async fn s3_down_mid_upload_gives_5xx_and_no_narinfo_then_recovers() {
     let mut g = Garage::start();
     let server = CacheServer::start_with(
         &g.store_url(),
-        Options {
-            env: g.credential_env().to_vec(),
-            ..Default::default()
-        },
+        Options { env: g.credential_env().to_vec(), ..Default::default() },
     );
     let top = nix::build_closure("native-s3-down", 2, 0);
     let infos = closure_in_upload_order(&top);
@@ -216,10 +183,7 @@ async fn s3_down_mid_upload_gives_5xx_and_no_narinfo_then_recovers() {
 
     g.restart();
     let next: StorePath = rest[0]["path"].as_str().unwrap().parse().unwrap();
-    assert_eq!(
-        status_of(&server, &format!("{}.narinfo", next.hash_part())).await,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(status_of(&server, &format!("{}.narinfo", next.hash_part())).await, StatusCode::NOT_FOUND);
     for info in rest {
         let (s, body) = upload(&server, body_for(info)).await;
         assert_eq!(s, StatusCode::OK, "{body}");
@@ -228,12 +192,6 @@ async fn s3_down_mid_upload_gives_5xx_and_no_narinfo_then_recovers() {
     nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&top]));
     assert!(store.has(&top));
     // The stopped upload left no multipart upload open.
-    let open = g
-        .client()
-        .list_multipart_uploads()
-        .bucket(&g.bucket)
-        .send()
-        .await
-        .unwrap();
+    let open = g.client().list_multipart_uploads().bucket(&g.bucket).send().await.unwrap();
     assert!(open.uploads().is_empty());
 }

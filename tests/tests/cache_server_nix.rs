@@ -26,9 +26,7 @@ fn upload(server: &CacheServer, top: &StorePath, compression: Option<&str>) {
 }
 
 async fn narinfo_over_http(server: &CacheServer, path: &StorePath) -> NarInfo {
-    let resp = reqwest::get(format!("{}/{}.narinfo", server.url, path.hash_part()))
-        .await
-        .unwrap();
+    let resp = reqwest::get(format!("{}/{}.narinfo", server.url, path.hash_part())).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/x-nix-narinfo");
     NarInfo::parse(&resp.text().await.unwrap()).unwrap()
@@ -43,10 +41,7 @@ async fn round_trip(server: &CacheServer, nonce: &str, compression: Option<&str>
     let pk = PublicKey::parse(&server.public_key).unwrap();
     for p in &closure {
         let info = narinfo_over_http(server, p).await;
-        assert!(
-            info.is_signed_by_any(std::slice::from_ref(&pk)),
-            "{p} is not signed by the server"
-        );
+        assert!(info.is_signed_by_any(std::slice::from_ref(&pk)), "{p} is not signed by the server");
     }
 
     let store = TempStore::new();
@@ -55,10 +50,7 @@ async fn round_trip(server: &CacheServer, nonce: &str, compression: Option<&str>
     let exe = store.real_path(&closure[0]);
     assert!(exe.exists());
 
-    let stranger = nix_formats::SecretKey::generate("fleetcache-test-1")
-        .unwrap()
-        .public_key()
-        .to_string();
+    let stranger = nix_formats::SecretKey::generate("fleetcache-test-1").unwrap().public_key().to_string();
     let refused = TempStore::new();
     let err = nix::run_expecting_failure(&mut refused.copy_from(&server.url, &stranger, &[&top]));
     assert!(err.contains("lacks a valid signature"), "{err}");
@@ -74,11 +66,7 @@ async fn nix_uploads_and_substitutes_on_a_local_directory() {
     // The directory is a valid cache on its own: Nix reads it with file:// directly.
     let top = nix::build_closure("cache-server-local-zstd", 3, 0);
     let store = TempStore::new();
-    nix::run(&mut store.copy_from(
-        &format!("file://{}", dir.path().display()),
-        &server.public_key,
-        &[&top],
-    ));
+    nix::run(&mut store.copy_from(&format!("file://{}", dir.path().display()), &server.public_key, &[&top]));
     assert!(store.has(&top));
 }
 
@@ -87,32 +75,15 @@ async fn nix_uploads_and_substitutes_on_garage() {
     let g = Garage::start();
     let server = CacheServer::start_with(
         &g.store_url(),
-        Options {
-            env: g.credential_env().to_vec(),
-            ..Default::default()
-        },
+        Options { env: g.credential_env().to_vec(), ..Default::default() },
     );
     round_trip(&server, "cache-server-garage", Some("zstd")).await;
     // Objects are in the bucket in Nix's layout.
-    let objects = g
-        .client()
-        .list_objects_v2()
-        .bucket(&g.bucket)
-        .send()
-        .await
-        .unwrap();
+    let objects = g.client().list_objects_v2().bucket(&g.bucket).send().await.unwrap();
     let keys: Vec<&str> = objects.contents().iter().filter_map(|o| o.key()).collect();
     assert!(keys.contains(&"nix-cache-info"), "{keys:?}");
-    assert!(
-        keys.iter()
-            .any(|k| k.starts_with("nar/") && k.ends_with(".nar.zst")),
-        "{keys:?}"
-    );
-    assert_eq!(
-        keys.iter().filter(|k| k.ends_with(".narinfo")).count(),
-        4,
-        "{keys:?}"
-    );
+    assert!(keys.iter().any(|k| k.starts_with("nar/") && k.ends_with(".nar.zst")), "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.ends_with(".narinfo")).count(), 4, "{keys:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -122,28 +93,16 @@ async fn an_existing_nix_cache_is_served_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
     let (sk, pk) = (keys.path().join("sk"), keys.path().join("pk"));
-    nix::run(
-        nix::command("nix-store")
-            .args(["--generate-binary-cache-key", "upstream-1"])
-            .arg(&sk)
-            .arg(&pk),
-    );
+    nix::run(nix::command("nix-store").args(["--generate-binary-cache-key", "upstream-1"]).arg(&sk).arg(&pk));
     nix::run(
         nix::command("nix")
             .args(["copy", "--to"])
-            .arg(format!(
-                "file://{}?secret-key={}",
-                dir.path().display(),
-                sk.display()
-            ))
+            .arg(format!("file://{}?secret-key={}", dir.path().display(), sk.display()))
             .arg(top.to_absolute()),
     );
     let mut server = CacheServer::start_with(
         &format!("file://{}", dir.path().display()),
-        Options {
-            read_only: true,
-            ..Default::default()
-        },
+        Options { read_only: true, ..Default::default() },
     );
     let store = TempStore::new();
     nix::run(&mut store.copy_from(&server.url, &std::fs::read_to_string(&pk).unwrap(), &[&top]));

@@ -12,13 +12,7 @@ async fn a_fresh_bucket_stores_streams_and_survives_a_restart() {
     // Empty at first, and a missing key is NotFound, not an error of another kind.
     let list = s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
     assert_eq!(list.key_count(), Some(0));
-    let missing = s3
-        .head_object()
-        .bucket(&bucket)
-        .key("nope.narinfo")
-        .send()
-        .await
-        .unwrap_err();
+    let missing = s3.head_object().bucket(&bucket).key("nope.narinfo").send().await.unwrap_err();
     assert!(missing.into_service_error().is_not_found());
 
     // A streamed body from a file (what large NAR uploads do) is accepted.
@@ -27,44 +21,16 @@ async fn a_fresh_bucket_stores_streams_and_survives_a_restart() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&file, &data).unwrap();
     let body = ByteStream::from_path(&file).await.unwrap();
-    s3.put_object()
-        .bucket(&bucket)
-        .key("nar/x.nar.zst")
-        .body(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| {
-            panic!("streamed PUT refused: {e:?}\n{}", g.log());
-        });
-    let got = s3
-        .get_object()
-        .bucket(&bucket)
-        .key("nar/x.nar.zst")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
-        &data[..]
-    );
+    s3.put_object().bucket(&bucket).key("nar/x.nar.zst").body(body).send().await.unwrap_or_else(|e| {
+        panic!("streamed PUT refused: {e:?}\n{}", g.log());
+    });
+    let got = s3.get_object().bucket(&bucket).key("nar/x.nar.zst").send().await.unwrap();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), &data[..]);
 
     // Down, then back with the same data.
     g.stop();
-    assert!(
-        s3.head_object()
-            .bucket(&bucket)
-            .key("nar/x.nar.zst")
-            .send()
-            .await
-            .is_err()
-    );
+    assert!(s3.head_object().bucket(&bucket).key("nar/x.nar.zst").send().await.is_err());
     g.restart();
-    let head = s3
-        .head_object()
-        .bucket(&bucket)
-        .key("nar/x.nar.zst")
-        .send()
-        .await
-        .unwrap();
+    let head = s3.head_object().bucket(&bucket).key("nar/x.nar.zst").send().await.unwrap();
     assert_eq!(head.content_length(), Some(data.len() as i64));
 }

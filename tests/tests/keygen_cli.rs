@@ -25,25 +25,10 @@ fn keygen(dir: &std::path::Path, name: &str, force: bool) -> std::process::Outpu
 fn keygen_writes_a_pair_that_nix_signs_and_verifies_with() {
     let dir = tempfile::tempdir().unwrap();
     let out = keygen(dir.path(), "cache.test-1", false);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pk_text = fs::read_to_string(dir.path().join("pk")).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        pk_text,
-        "prints the public key"
-    );
-    assert_eq!(
-        fs::metadata(dir.path().join("sk"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pk_text, "prints the public key");
+    assert_eq!(fs::metadata(dir.path().join("sk")).unwrap().permissions().mode() & 0o777, 0o600);
     let pk = PublicKey::parse(&pk_text).unwrap();
 
     // Real nix signs a real path with our secret key file...
@@ -64,32 +49,27 @@ fn keygen_writes_a_pair_that_nix_signs_and_verifies_with() {
         .expect("nix added a signature by our key");
 
     // ...we verify it over the fingerprint we compute...
-    let refs: Vec<StorePath> = info["references"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().parse().unwrap())
-        .collect();
+    let refs: Vec<StorePath> =
+        info["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().parse().unwrap()).collect();
     let nar_hash = Hash::parse(info["narHash"].as_str().unwrap()).unwrap();
     let fp = fingerprint(&top, &nar_hash, info["narSize"].as_u64().unwrap(), &refs);
     assert!(pk.verify(fp.as_bytes(), &sig));
 
     // ...and real nix verifies it with our public key, and not without it.
-    nix::run(
-        nix::command("nix")
-            .args(["store", "verify", "--no-contents", "--sigs-needed", "1"])
-            .args([
-                "--option",
-                "trusted-public-keys",
-                &pk_text,
-                &top.to_absolute(),
-            ]),
-    );
+    nix::run(nix::command("nix").args(["store", "verify", "--no-contents", "--sigs-needed", "1"]).args([
+        "--option",
+        "trusted-public-keys",
+        &pk_text,
+        &top.to_absolute(),
+    ]));
     let other = "other-1:3dZGpITQEAvITs/GM3rf9mIy/RBif4t3Tpo9+FyHDzY=";
     nix::run_expecting_failure(
-        nix::command("nix")
-            .args(["store", "verify", "--no-contents", "--sigs-needed", "1"])
-            .args(["--option", "trusted-public-keys", other, &top.to_absolute()]),
+        nix::command("nix").args(["store", "verify", "--no-contents", "--sigs-needed", "1"]).args([
+            "--option",
+            "trusted-public-keys",
+            other,
+            &top.to_absolute(),
+        ]),
     );
 }
 

@@ -12,16 +12,8 @@ use nix_formats::nar::{self, NarParser, dump_path, unpack};
 use proptest::prelude::*;
 
 fn nix_dump(path: &Path) -> Vec<u8> {
-    let out = nix::command("nix-store")
-        .arg("--dump")
-        .arg(path)
-        .output()
-        .expect("run nix-store");
-    assert!(
-        out.status.success(),
-        "nix-store --dump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = nix::command("nix-store").arg("--dump").arg(path).output().expect("run nix-store");
+    assert!(out.status.success(), "nix-store --dump failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -34,10 +26,7 @@ fn nix_restore(nar: &[u8], dest: &Path) {
         .spawn()
         .expect("run nix-store --restore");
     child.stdin.take().unwrap().write_all(nar).unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "nix-store --restore failed"
-    );
+    assert!(child.wait().unwrap().success(), "nix-store --restore failed");
 }
 
 fn write(path: &Path, data: &[u8], mode: u32) {
@@ -71,14 +60,8 @@ fn every_kind_of_entry_matches_nix_byte_for_byte() {
     let ours = dump_path(&root, Vec::new()).unwrap();
     assert_eq!(ours, nix_dump(&root));
     // A single file and a single symlink as the root node, too.
-    assert_eq!(
-        dump_path(&root.join("run.sh"), Vec::new()).unwrap(),
-        nix_dump(&root.join("run.sh"))
-    );
-    assert_eq!(
-        dump_path(&root.join("dangling"), Vec::new()).unwrap(),
-        nix_dump(&root.join("dangling"))
-    );
+    assert_eq!(dump_path(&root.join("run.sh"), Vec::new()).unwrap(), nix_dump(&root.join("run.sh")));
+    assert_eq!(dump_path(&root.join("dangling"), Vec::new()).unwrap(), nix_dump(&root.join("dangling")));
 }
 
 #[test]
@@ -94,21 +77,12 @@ fn nix_and_we_unpack_each_others_archives_identically() {
 
     let theirs = dir.path().join("theirs");
     nix_restore(&dump_path(&root, Vec::new()).unwrap(), &theirs);
-    assert_eq!(
-        dump_path(&theirs, Vec::new()).unwrap(),
-        nar,
-        "tree restored by nix, dumped by us"
-    );
+    assert_eq!(dump_path(&theirs, Vec::new()).unwrap(), nar, "tree restored by nix, dumped by us");
 }
 
 /// Streams `nix-store --dump` into a hasher and our parser, without holding it in memory.
 fn nix_dump_hash_and_validate(path: &Path) -> (String, u64) {
-    let mut child = nix::command("nix-store")
-        .arg("--dump")
-        .arg(path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = nix::command("nix-store").arg("--dump").arg(path).stdout(Stdio::piped()).spawn().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut parser = NarParser::new();
     let mut hasher = HashingWriter::new(io::sink());
@@ -142,14 +116,9 @@ fn a_file_over_64_mib_matches_nix() {
     }
     io::Write::write_all(&mut f, b"odd tail").unwrap();
     drop(f);
-    let (hash, size, _) = dump_path(&root, HashingWriter::new(io::sink()))
-        .unwrap()
-        .finish();
+    let (hash, size, _) = dump_path(&root, HashingWriter::new(io::sink())).unwrap().finish();
     assert!(size > 65 << 20);
-    assert_eq!(
-        (hash.to_nix32_prefixed(), size),
-        nix_dump_hash_and_validate(&root)
-    );
+    assert_eq!((hash.to_nix32_prefixed(), size), nix_dump_hash_and_validate(&root));
 }
 
 #[derive(Debug, Clone)]
@@ -161,21 +130,13 @@ enum Node {
 
 fn arb_node() -> impl Strategy<Value = Node> {
     let leaf = prop_oneof![
-        (
-            any::<bool>(),
-            proptest::collection::vec(any::<u8>(), 0..200)
-        )
+        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..200))
             .prop_map(|(exec, data)| Node::File { exec, data }),
         "[a-zA-Z0-9/._ -]{1,30}".prop_map(Node::Link),
     ];
     leaf.prop_recursive(5, 60, 8, |inner| {
-        proptest::collection::btree_map("[a-zA-Z0-9 ._+=é名-]{1,16}", inner, 0..8).prop_map(|m| {
-            Node::Dir(
-                m.into_iter()
-                    .filter(|(k, _)| k != "." && k != "..")
-                    .collect(),
-            )
-        })
+        proptest::collection::btree_map("[a-zA-Z0-9 ._+=é名-]{1,16}", inner, 0..8)
+            .prop_map(|m| Node::Dir(m.into_iter().filter(|(k, _)| k != "." && k != "..").collect()))
     })
 }
 
@@ -231,28 +192,16 @@ fn try_nix_restore(nar: &[u8], dir: &Path) -> Result<std::path::PathBuf, String>
         .unwrap();
     child.stdin.take().unwrap().write_all(nar).unwrap();
     let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(dest)
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    if out.status.success() { Ok(dest) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
 }
 
 #[test]
 fn what_nix_rejects_we_reject() {
     let cases: [(&str, Vec<u8>, &str); 4] = [
-        (
-            "duplicate",
-            dir_nar(&[(b"a", b"x"), (b"a", b"y")]),
-            "File exists",
-        ),
+        ("duplicate", dir_nar(&[(b"a", b"x"), (b"a", b"y")]), "File exists"),
         ("dot-dot", dir_nar(&[(b"..", b"x")]), "invalid file name"),
         ("slash", dir_nar(&[(b"a/b", b"x")]), "invalid file name"),
-        (
-            "not a NAR",
-            b"garbage that is not a NAR at all".to_vec(),
-            "doesn't look like a Nix archive",
-        ),
+        ("not a NAR", b"garbage that is not a NAR at all".to_vec(), "doesn't look like a Nix archive"),
     ];
     for (what, bad, nix_says) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -272,13 +221,9 @@ fn what_nix_2_8_lets_through_but_is_not_canonical_we_reject() {
     trailing.extend_from_slice(&[0; 8]);
     for (what, bad) in [("unsorted", unsorted), ("trailing bytes", trailing)] {
         let dir = tempfile::tempdir().unwrap();
-        let restored = try_nix_restore(&bad, dir.path())
-            .unwrap_or_else(|e| panic!("{what}: nix refused: {e}"));
-        assert_ne!(
-            nix_dump(&restored),
-            bad,
-            "{what}: the NAR is not the canonical one for its tree"
-        );
+        let restored =
+            try_nix_restore(&bad, dir.path()).unwrap_or_else(|e| panic!("{what}: nix refused: {e}"));
+        assert_ne!(nix_dump(&restored), bad, "{what}: the NAR is not the canonical one for its tree");
         assert!(nar::validate(&bad[..]).is_err(), "{what}: we accepted it");
     }
 }

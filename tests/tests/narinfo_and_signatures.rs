@@ -49,37 +49,23 @@ fn narinfos_written_by_nix_round_trip_and_describe_the_nar_we_compute() {
         assert_eq!(files.len(), closure.len());
         for (file, text) in files {
             let n = NarInfo::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            assert_eq!(
-                n.to_string(),
-                text,
-                "{} re-serialised differently",
-                file.display()
-            );
+            assert_eq!(n.to_string(), text, "{} re-serialised differently", file.display());
             assert_eq!(n.file_name(), file.file_name().unwrap().to_str().unwrap());
             assert_eq!(n.compression.as_deref(), Some(compression));
             // The NAR hash and size Nix recorded are what our writer produces from the store.
-            let (hash, size, _) = dump_path(
-                Path::new(&n.store_path.to_absolute()),
-                HashingWriter::new(io::sink()),
-            )
-            .unwrap()
-            .finish();
+            let (hash, size, _) =
+                dump_path(Path::new(&n.store_path.to_absolute()), HashingWriter::new(io::sink()))
+                    .unwrap()
+                    .finish();
             assert_eq!((&hash, size), (&n.nar_hash, n.nar_size), "{}", n.store_path);
             // The file it points at has the stated hash and size.
             let nar_file = fs::read(dir.path().join(&n.url)).unwrap();
             assert_eq!(Some(Hash::sha256_of(&nar_file)), n.file_hash);
             assert_eq!(Some(nar_file.len() as u64), n.file_size);
             // References agree with `nix path-info`.
-            let pi = info
-                .iter()
-                .find(|i| i["path"] == n.store_path.to_absolute())
-                .unwrap();
-            let mut refs: Vec<String> = pi["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_owned())
-                .collect();
+            let pi = info.iter().find(|i| i["path"] == n.store_path.to_absolute()).unwrap();
+            let mut refs: Vec<String> =
+                pi["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
             refs.sort();
             let ours: Vec<String> = n.references.iter().map(|r| r.to_absolute()).collect();
             assert_eq!(ours, refs);
@@ -99,13 +85,7 @@ fn resign(dir: &Path, key: &SecretKey) {
 
 fn nix_generated_key(dir: &Path, name: &str) -> (SecretKey, PublicKey) {
     let (sk, pk) = (dir.join("nix.sk"), dir.join("nix.pk"));
-    nix::run(
-        nix::command("nix-store")
-            .arg("--generate-binary-cache-key")
-            .arg(name)
-            .arg(&sk)
-            .arg(&pk),
-    );
+    nix::run(nix::command("nix-store").arg("--generate-binary-cache-key").arg(name).arg(&sk).arg(&pk));
     (
         SecretKey::parse(&fs::read_to_string(sk).unwrap()).unwrap(),
         PublicKey::parse(&fs::read_to_string(pk).unwrap()).unwrap(),
@@ -118,15 +98,9 @@ fn nix_accepts_our_signatures_only_with_our_key_trusted() {
     let closure = nix::closure(&top);
     let keys = tempfile::tempdir().unwrap();
     let (nix_sk, nix_pk) = nix_generated_key(keys.path(), "made-by-nix-1");
-    assert_eq!(
-        nix_sk.public_key(),
-        nix_pk,
-        "a key made by nix loads and its halves match"
-    );
+    assert_eq!(nix_sk.public_key(), nix_pk, "a key made by nix loads and its halves match");
     let ours = SecretKey::generate("made-by-fleetcache-1").unwrap();
-    let stranger = SecretKey::generate("made-by-fleetcache-1")
-        .unwrap()
-        .public_key();
+    let stranger = SecretKey::generate("made-by-fleetcache-1").unwrap().public_key();
 
     for key in [&ours, &nix_sk] {
         let cache = tempfile::tempdir().unwrap();
@@ -135,22 +109,14 @@ fn nix_accepts_our_signatures_only_with_our_key_trusted() {
 
         // A stranger's key of the same name: every path lacks a valid signature.
         let refused = TempStore::new();
-        let err = nix::run_expecting_failure(&mut refused.copy_from(
-            &url,
-            &stranger.to_string(),
-            &[&top],
-        ));
+        let err = nix::run_expecting_failure(&mut refused.copy_from(&url, &stranger.to_string(), &[&top]));
         assert!(err.contains("lacks a valid signature"), "{err}");
         assert!(closure.iter().all(|p| !refused.has(p)));
 
         // The right key: the whole closure arrives.
         let store = TempStore::new();
         nix::run(&mut store.copy_from(&url, &key.public_key().to_string(), &[&top]));
-        assert!(
-            closure.iter().all(|p| store.has(p)),
-            "closure substituted with {}",
-            key.name()
-        );
+        assert!(closure.iter().all(|p| store.has(p)), "closure substituted with {}", key.name());
         let run = store.real_path(&top).join("bin/run");
         assert!(fs::symlink_metadata(run).unwrap().file_type().is_symlink());
     }
@@ -169,10 +135,6 @@ fn a_tampered_narinfo_is_refused_by_nix() {
     n.references.pop();
     fs::write(&file, n.to_string()).unwrap();
     let store = TempStore::new();
-    let err = nix::run_expecting_failure(&mut store.copy_from(
-        &url,
-        &key.public_key().to_string(),
-        &[&top],
-    ));
+    let err = nix::run_expecting_failure(&mut store.copy_from(&url, &key.public_key().to_string(), &[&top]));
     assert!(err.contains("lacks a valid signature"), "{err}");
 }

@@ -19,41 +19,22 @@ async fn contract(s: &dyn Storage) {
     s.delete(&narinfo).await.unwrap();
 
     // Put, head, get, range.
-    put_bytes(s, &narinfo, Bytes::from_static(b"StorePath: x\n"))
-        .await
-        .unwrap();
+    put_bytes(s, &narinfo, Bytes::from_static(b"StorePath: x\n")).await.unwrap();
     assert_eq!(s.head(&narinfo).await.unwrap(), Some(13));
-    assert_eq!(
-        get_bytes(s, &narinfo).await.unwrap().unwrap(),
-        &b"StorePath: x\n"[..]
-    );
-    let obj = s
-        .get(&narinfo, Some(ByteRange { start: 5, end: 8 }))
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(get_bytes(s, &narinfo).await.unwrap().unwrap(), &b"StorePath: x\n"[..]);
+    let obj = s.get(&narinfo, Some(ByteRange { start: 5, end: 8 })).await.unwrap().unwrap();
     assert_eq!(obj.size, 13, "size is the whole object's");
-    let part: Vec<Bytes> = futures_util::TryStreamExt::try_collect(obj.body)
-        .await
-        .unwrap();
+    let part: Vec<Bytes> = futures_util::TryStreamExt::try_collect(obj.body).await.unwrap();
     assert_eq!(part.concat(), b"Path");
 
     // Overwrite replaces.
-    put_bytes(s, &narinfo, Bytes::from_static(b"second"))
-        .await
-        .unwrap();
-    assert_eq!(
-        get_bytes(s, &narinfo).await.unwrap().unwrap(),
-        &b"second"[..]
-    );
+    put_bytes(s, &narinfo, Bytes::from_static(b"second")).await.unwrap();
+    assert_eq!(get_bytes(s, &narinfo).await.unwrap().unwrap(), &b"second"[..]);
 
     // Nothing is visible before commit; abort and drop leave nothing.
     let mut up = s.begin_put(&nar).await.unwrap();
     up.write(Bytes::from(vec![1u8; 1000])).await.unwrap();
-    assert!(
-        s.head(&nar).await.unwrap().is_none(),
-        "visible before commit"
-    );
+    assert!(s.head(&nar).await.unwrap().is_none(), "visible before commit");
     up.abort().await.unwrap();
     assert!(s.head(&nar).await.unwrap().is_none(), "visible after abort");
     let mut up = s.begin_put(&nar).await.unwrap();
@@ -62,38 +43,22 @@ async fn contract(s: &dyn Storage) {
     assert!(s.head(&nar).await.unwrap().is_none(), "visible after drop");
 
     // A large object in many chunks (multipart on S3) arrives whole.
-    let data: Vec<u8> = (0..(21u32 << 20))
-        .map(|i| (i * 7 + i / 1000) as u8)
-        .collect();
+    let data: Vec<u8> = (0..(21u32 << 20)).map(|i| (i * 7 + i / 1000) as u8).collect();
     let mut up = s.begin_put(&nar).await.unwrap();
     for chunk in data.chunks(1 << 20) {
         up.write(Bytes::copy_from_slice(chunk)).await.unwrap();
     }
     assert_eq!(up.commit().await.unwrap(), data.len() as u64);
     assert_eq!(s.head(&nar).await.unwrap(), Some(data.len() as u64));
-    assert!(
-        get_bytes(s, &nar).await.unwrap().unwrap() == data[..],
-        "large object differs"
-    );
-    let tail = s
-        .get(
-            &nar,
-            Some(ByteRange {
-                start: data.len() as u64 - 5,
-                end: data.len() as u64 - 1,
-            }),
-        )
-        .await;
-    let tail: Vec<Bytes> = futures_util::TryStreamExt::try_collect(tail.unwrap().unwrap().body)
-        .await
-        .unwrap();
+    assert!(get_bytes(s, &nar).await.unwrap().unwrap() == data[..], "large object differs");
+    let tail =
+        s.get(&nar, Some(ByteRange { start: data.len() as u64 - 5, end: data.len() as u64 - 1 })).await;
+    let tail: Vec<Bytes> =
+        futures_util::TryStreamExt::try_collect(tail.unwrap().unwrap().body).await.unwrap();
     assert_eq!(tail.concat(), &data[data.len() - 5..]);
 
     // Two writers of one key at once: both succeed, and the result is one of them, whole.
-    let (a, b) = (
-        Bytes::from(vec![b'a'; 100_000]),
-        Bytes::from(vec![b'b'; 100_000]),
-    );
+    let (a, b) = (Bytes::from(vec![b'a'; 100_000]), Bytes::from(vec![b'b'; 100_000]));
     let mut ua = s.begin_put(&narinfo).await.unwrap();
     let mut ub = s.begin_put(&narinfo).await.unwrap();
     ua.write(a.clone()).await.unwrap();
@@ -114,13 +79,9 @@ async fn local_directory_backend() {
     let s = LocalStorage::open(dir.path()).await.unwrap();
     contract(&s).await;
     // Layout is Nix's: the key is the relative path.
-    put_bytes(&s, &Key::narinfo(H).unwrap(), Bytes::from_static(b"x"))
-        .await
-        .unwrap();
+    put_bytes(&s, &Key::narinfo(H).unwrap(), Bytes::from_static(b"x")).await.unwrap();
     assert!(dir.path().join(format!("{H}.narinfo")).is_file());
-    let leftovers = std::fs::read_dir(dir.path().join(".fleetcache-tmp"))
-        .unwrap()
-        .count();
+    let leftovers = std::fs::read_dir(dir.path().join(".fleetcache-tmp")).unwrap().count();
     assert_eq!(leftovers, 0, "no temporary files left behind");
 }
 
@@ -140,21 +101,11 @@ async fn s3_backend_on_garage() {
     // aborted in the background: poll for it).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let open = g
-            .client()
-            .list_multipart_uploads()
-            .bucket(&g.bucket)
-            .send()
-            .await
-            .unwrap();
+        let open = g.client().list_multipart_uploads().bucket(&g.bucket).send().await.unwrap();
         if open.uploads().is_empty() {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "open multipart uploads: {:?}",
-            open.uploads()
-        );
+        assert!(std::time::Instant::now() < deadline, "open multipart uploads: {:?}", open.uploads());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

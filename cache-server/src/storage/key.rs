@@ -57,10 +57,7 @@ impl Key {
 
     /// `nar/…` from a narinfo's `URL:` field.
     pub fn nar_url(url: &str) -> Result<Key, KeyError> {
-        Key::nar(
-            url.strip_prefix("nar/")
-                .ok_or_else(|| KeyError(url.to_owned()))?,
-        )
+        Key::nar(url.strip_prefix("nar/").ok_or_else(|| KeyError(url.to_owned()))?)
     }
 
     /// `log/<drv base name>`, a build log.
@@ -78,10 +75,7 @@ impl Key {
 
     /// The nix32 file hash a `nar/` key is named after.
     pub fn nar_file_hash(&self) -> Option<&str> {
-        self.0
-            .strip_prefix("nar/")
-            .and_then(|n| n.split_once(".nar"))
-            .map(|(h, _)| h)
+        self.0.strip_prefix("nar/").and_then(|n| n.split_once(".nar")).map(|(h, _)| h)
     }
 }
 
@@ -112,15 +106,7 @@ mod tests {
 
     #[test]
     fn everything_else_is_refused() {
-        for bad in [
-            "",
-            "..",
-            "../etc/passwd",
-            "/etc/passwd",
-            "ABC",
-            &format!("{H}x"),
-            &format!("{H}/.."),
-        ] {
+        for bad in ["", "..", "../etc/passwd", "/etc/passwd", "ABC", &format!("{H}x"), &format!("{H}/..")] {
             assert!(Key::narinfo(bad).is_err(), "{bad}");
         }
         for bad in [

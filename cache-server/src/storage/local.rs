@@ -16,6 +16,9 @@ use super::{ByteRange, Key, Object, Storage, StorageError, Upload};
 /// Nix never asks for names starting with a dot, and [`Key`] cannot name them.
 const TMP_DIR: &str = ".fleetcache-tmp";
 
+/// Objects up to this size are read in one go (narinfos, listings, `nix-cache-info`).
+const SMALL_OBJECT: u64 = 64 * 1024;
+
 /// A cache in a local directory.
 pub struct LocalStorage {
     root: PathBuf,
@@ -24,17 +27,10 @@ pub struct LocalStorage {
 impl LocalStorage {
     /// Opens (creating if needed) a cache directory.
     pub async fn open(root: &Path) -> Result<Self, StorageError> {
-        let io_err = |source| StorageError::Io {
-            key: root.display().to_string(),
-            source,
-        };
-        fs::create_dir_all(root.join(TMP_DIR))
-            .await
-            .map_err(io_err)?;
+        let io_err = |source| StorageError::Io { key: root.display().to_string(), source };
+        fs::create_dir_all(root.join(TMP_DIR)).await.map_err(io_err)?;
         fs::create_dir_all(root.join("nar")).await.map_err(io_err)?;
-        Ok(LocalStorage {
-            root: root.to_owned(),
-        })
+        Ok(LocalStorage { root: root.to_owned() })
     }
 
     fn path(&self, key: &Key) -> PathBuf {
@@ -43,31 +39,46 @@ impl LocalStorage {
 }
 
 fn io_err(key: &Key) -> impl Fn(io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
-        key: key.to_string(),
-        source,
-    }
+    move |source| StorageError::Io { key: key.to_string(), source }
 }
 
 #[async_trait]
 impl Storage for LocalStorage {
-    async fn get(
-        &self,
-        key: &Key,
-        range: Option<ByteRange>,
-    ) -> Result<Option<Object>, StorageError> {
-        let mut file = match fs::File::open(self.path(key)).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(key)(e)),
-        };
-        let size = file.metadata().await.map_err(io_err(key))?.len();
+    async fn get(&self, key: &Key, range: Option<ByteRange>) -> Result<Option<Object>, StorageError> {
+        // Open, stat and (for small objects) read in one trip to the blocking pool: narinfo
+        // requests are the hot path, and each trip costs more than the syscalls themselves.
+        let path = self.path(key);
+        let opened = tokio::task::spawn_blocking(
+            move || -> io::Result<Option<(std::fs::File, u64, Option<Bytes>)>> {
+                let mut file = match std::fs::File::open(path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let size = file.metadata()?.len();
+                if range.is_none() && size <= SMALL_OBJECT {
+                    let mut buf = Vec::with_capacity(size as usize);
+                    std::io::Read::read_to_end(&mut file, &mut buf)?;
+                    return Ok(Some((file, size, Some(buf.into()))));
+                }
+                Ok(Some((file, size, None)))
+            },
+        )
+        .await
+        .map_err(|e| io_err(key)(io::Error::other(e)))?
+        .map_err(io_err(key))?;
+        let Some((file, size, whole)) = opened else { return Ok(None) };
+        if let Some(bytes) = whole {
+            return Ok(Some(Object {
+                size: bytes.len() as u64,
+                body: futures_util::stream::once(async { Ok(bytes) }).boxed(),
+            }));
+        }
+        let mut file = fs::File::from_std(file);
         let body = match range {
             None => ReaderStream::with_capacity(file, 256 * 1024).boxed(),
             Some(r) => {
-                file.seek(SeekFrom::Start(r.start))
-                    .await
-                    .map_err(io_err(key))?;
+                file.seek(SeekFrom::Start(r.start)).await.map_err(io_err(key))?;
                 ReaderStream::with_capacity(file.take(r.len()), 256 * 1024).boxed()
             }
         };
@@ -86,10 +97,7 @@ impl Storage for LocalStorage {
     async fn begin_put(&self, key: &Key) -> Result<Box<dyn Upload>, StorageError> {
         let mut rand = [0u8; 8];
         getrandom::fill(&mut rand).map_err(|e| io_err(key)(io::Error::other(e.to_string())))?;
-        let tmp = self
-            .root
-            .join(TMP_DIR)
-            .join(format!("{:016x}", u64::from_le_bytes(rand)));
+        let tmp = self.root.join(TMP_DIR).join(format!("{:016x}", u64::from_le_bytes(rand)));
         let file = fs::File::create_new(&tmp).await.map_err(io_err(key))?;
         Ok(Box::new(LocalUpload {
             key: key.clone(),
@@ -142,9 +150,7 @@ impl Upload for LocalUpload {
         if let Some(parent) = self.dest.parent() {
             fs::create_dir_all(parent).await.map_err(io_err(&key))?;
         }
-        fs::rename(&self.tmp, &self.dest)
-            .await
-            .map_err(io_err(&key))?;
+        fs::rename(&self.tmp, &self.dest).await.map_err(io_err(&key))?;
         self.finished = true;
         Ok(self.size)
     }

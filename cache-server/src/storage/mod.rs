@@ -76,9 +76,7 @@ pub struct Object {
 
 impl fmt::Debug for Object {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Object")
-            .field("size", &self.size)
-            .finish_non_exhaustive()
+        f.debug_struct("Object").field("size", &self.size).finish_non_exhaustive()
     }
 }
 
@@ -86,11 +84,7 @@ impl fmt::Debug for Object {
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// Reads an object, or the given range of it; `None` if it does not exist.
-    async fn get(
-        &self,
-        key: &Key,
-        range: Option<ByteRange>,
-    ) -> Result<Option<Object>, StorageError>;
+    async fn get(&self, key: &Key, range: Option<ByteRange>) -> Result<Option<Object>, StorageError>;
 
     /// The size of an object; `None` if it does not exist.
     async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError>;
@@ -132,13 +126,7 @@ pub async fn get_bytes(storage: &dyn Storage, key: &Key) -> Result<Option<Bytes>
     let Some(obj) = storage.get(key, None).await? else {
         return Ok(None);
     };
-    let chunks: Vec<Bytes> = obj
-        .body
-        .try_collect()
-        .await
-        .map_err(|source| StorageError::Io {
-            key: key.to_string(),
-            source,
-        })?;
+    let chunks: Vec<Bytes> =
+        obj.body.try_collect().await.map_err(|source| StorageError::Io { key: key.to_string(), source })?;
     Ok(Some(chunks.concat().into()))
 }

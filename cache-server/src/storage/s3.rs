@@ -59,10 +59,7 @@ impl S3Storage {
     pub fn new(opts: &S3Options) -> Result<Self, MissingCredentials> {
         let (id, secret) = match &opts.credentials {
             Some(c) => c.clone(),
-            None => match (
-                std::env::var("AWS_ACCESS_KEY_ID"),
-                std::env::var("AWS_SECRET_ACCESS_KEY"),
-            ) {
+            None => match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
                 (Ok(id), Ok(secret)) if !id.is_empty() && !secret.is_empty() => (id, secret),
                 _ => return Err(MissingCredentials),
             },
@@ -80,10 +77,7 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
-        Ok(S3Storage {
-            client: Client::from_conf(conf.build()),
-            bucket: opts.bucket.clone(),
-        })
+        Ok(S3Storage { client: Client::from_conf(conf.build()), bucket: opts.bucket.clone() })
     }
 }
 
@@ -91,25 +85,13 @@ fn s3_err<'a, E: std::error::Error + 'static>(
     op: &'static str,
     key: &'a Key,
 ) -> impl Fn(SdkError<E>) -> StorageError + 'a {
-    move |e| StorageError::S3 {
-        op,
-        key: key.to_string(),
-        message: DisplayErrorContext(&e).to_string(),
-    }
+    move |e| StorageError::S3 { op, key: key.to_string(), message: DisplayErrorContext(&e).to_string() }
 }
 
 #[async_trait]
 impl Storage for S3Storage {
-    async fn get(
-        &self,
-        key: &Key,
-        range: Option<ByteRange>,
-    ) -> Result<Option<Object>, StorageError> {
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key.as_str());
+    async fn get(&self, key: &Key, range: Option<ByteRange>) -> Result<Option<Object>, StorageError> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key.as_str());
         if let Some(r) = range {
             req = req.range(format!("bytes={}-{}", r.start, r.end));
         }
@@ -120,11 +102,7 @@ impl Storage for S3Storage {
         };
         let size = match (range, out.content_range()) {
             // `bytes 0-99/1234`: the total is after the slash.
-            (Some(_), Some(cr)) => cr
-                .rsplit('/')
-                .next()
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(0),
+            (Some(_), Some(cr)) => cr.rsplit('/').next().and_then(|t| t.parse().ok()).unwrap_or(0),
             _ => out.content_length().unwrap_or(0).max(0) as u64,
         };
         let body = ReaderStream::with_capacity(out.body.into_async_read(), 256 * 1024)
@@ -134,14 +112,7 @@ impl Storage for S3Storage {
     }
 
     async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key.as_str())
-            .send()
-            .await
-        {
+        match self.client.head_object().bucket(&self.bucket).key(key.as_str()).send().await {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(s3_err("HeadObject", key)(e)),
@@ -202,10 +173,7 @@ impl S3Upload {
                 .await
                 .map_err(s3_err("CreateMultipartUpload", &key))?;
             let upload_id = out.upload_id().unwrap_or_default().to_owned();
-            self.multipart = Some(Multipart {
-                upload_id,
-                parts: Vec::new(),
-            });
+            self.multipart = Some(Multipart { upload_id, parts: Vec::new() });
         }
         let mp = self.multipart.as_mut().expect("just created");
         let part_number = mp.parts.len() as i32 + 1;
@@ -221,12 +189,7 @@ impl S3Upload {
             .send()
             .await
             .map_err(s3_err("UploadPart", &key))?;
-        mp.parts.push(
-            CompletedPart::builder()
-                .part_number(part_number)
-                .set_e_tag(out.e_tag)
-                .build(),
-        );
+        mp.parts.push(CompletedPart::builder().part_number(part_number).set_e_tag(out.e_tag).build());
         Ok(())
     }
 }
@@ -262,9 +225,7 @@ impl Upload for S3Upload {
             self.flush_part().await?;
         }
         let mp = self.multipart.take().expect("multipart");
-        let done = CompletedMultipartUpload::builder()
-            .set_parts(Some(mp.parts))
-            .build();
+        let done = CompletedMultipartUpload::builder().set_parts(Some(mp.parts)).build();
         let result = self
             .client
             .complete_multipart_upload()
@@ -276,10 +237,7 @@ impl Upload for S3Upload {
             .await
             .map_err(s3_err("CompleteMultipartUpload", &key));
         if result.is_err() {
-            self.multipart = Some(Multipart {
-                upload_id: mp.upload_id,
-                parts: Vec::new(),
-            });
+            self.multipart = Some(Multipart { upload_id: mp.upload_id, parts: Vec::new() });
         }
         result?;
         Ok(self.size)

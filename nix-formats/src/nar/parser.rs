@@ -29,9 +29,7 @@ pub enum NarError {
         found: String,
     },
     /// A name, keyword or symlink target longer than [`MAX_TOKEN_LEN`].
-    #[error(
-        "invalid NAR at byte {offset}: a {len}-byte token where at most {MAX_TOKEN_LEN} are allowed"
-    )]
+    #[error("invalid NAR at byte {offset}: a {len}-byte token where at most {MAX_TOKEN_LEN} are allowed")]
     TokenTooLong {
         /// Where the token starts.
         offset: u64,
@@ -191,11 +189,7 @@ enum Tok {
     /// Collecting the 8-byte length of the next token.
     Len { buf: [u8; 8], have: usize },
     /// Collecting a small token's bytes and padding.
-    Str {
-        buf: Vec<u8>,
-        len: usize,
-        total: usize,
-    },
+    Str { buf: Vec<u8>, len: usize, total: usize },
     /// Streaming file contents.
     Contents { remaining: u64, size: u64 },
     /// Checking the padding after file contents.
@@ -227,10 +221,7 @@ impl NarParser {
         NarParser {
             offset: 0,
             token_start: 0,
-            tok: Tok::Len {
-                buf: [0; 8],
-                have: 0,
-            },
+            tok: Tok::Len { buf: [0; 8], have: 0 },
             expect: Expect::Magic,
             dirs: Vec::new(),
             path: Vec::new(),
@@ -250,16 +241,10 @@ impl NarParser {
     }
 
     /// Parses the next chunk of the NAR.
-    pub fn feed(
-        &mut self,
-        mut input: &[u8],
-        visitor: &mut impl NarVisitor,
-    ) -> Result<(), NarError> {
+    pub fn feed(&mut self, mut input: &[u8], visitor: &mut impl NarVisitor) -> Result<(), NarError> {
         while !input.is_empty() {
             if self.expect == Expect::End {
-                return Err(NarError::TrailingData {
-                    offset: self.offset,
-                });
+                return Err(NarError::TrailingData { offset: self.offset });
             }
             let used = self.step(input, visitor)?;
             input = &input[used..];
@@ -269,13 +254,7 @@ impl NarParser {
 
     /// Checks that the NAR is complete; call after the last [`NarParser::feed`].
     pub fn finish(&self) -> Result<(), NarError> {
-        if self.is_complete() {
-            Ok(())
-        } else {
-            Err(NarError::Truncated {
-                offset: self.offset,
-            })
-        }
+        if self.is_complete() { Ok(()) } else { Err(NarError::Truncated { offset: self.offset }) }
     }
 
     /// Consumes some bytes of `input` (at least one) and returns how many.
@@ -303,15 +282,10 @@ impl NarParser {
                     let len = *len;
                     let mut token = std::mem::take(buf);
                     if token[len..].iter().any(|&b| b != 0) {
-                        return Err(NarError::NonZeroPadding {
-                            offset: self.token_start + 8 + len as u64,
-                        });
+                        return Err(NarError::NonZeroPadding { offset: self.token_start + 8 + len as u64 });
                     }
                     token.truncate(len);
-                    self.tok = Tok::Len {
-                        buf: [0; 8],
-                        have: 0,
-                    };
+                    self.tok = Tok::Len { buf: [0; 8], have: 0 };
                     self.token(&token, visitor)?;
                 }
                 Ok(n)
@@ -322,14 +296,10 @@ impl NarParser {
                 let (remaining, size) = (*remaining, *size);
                 self.offset += n as u64;
                 if n > 0 {
-                    visitor
-                        .event(NarEvent::FileData(&input[..n]))
-                        .map_err(NarError::Visitor)?;
+                    visitor.event(NarEvent::FileData(&input[..n])).map_err(NarError::Visitor)?;
                 }
                 if remaining == 0 {
-                    self.tok = Tok::ContentsPad {
-                        remaining: padding(size) as usize,
-                    };
+                    self.tok = Tok::ContentsPad { remaining: padding(size) as usize };
                     self.end_contents_if_padded(visitor)?;
                 }
                 Ok(n)
@@ -337,9 +307,7 @@ impl NarParser {
             Tok::ContentsPad { remaining } => {
                 let n = (*remaining).min(input.len());
                 if input[..n].iter().any(|&b| b != 0) {
-                    return Err(NarError::NonZeroPadding {
-                        offset: self.offset,
-                    });
+                    return Err(NarError::NonZeroPadding { offset: self.offset });
                 }
                 *remaining -= n;
                 self.offset += n as u64;
@@ -359,10 +327,7 @@ impl NarParser {
                     offset: self.offset,
                 })
                 .map_err(NarError::Visitor)?;
-            self.tok = Tok::Contents {
-                remaining: len,
-                size: len,
-            };
+            self.tok = Tok::Contents { remaining: len, size: len };
             if len == 0 {
                 self.tok = Tok::ContentsPad { remaining: 0 };
                 self.end_contents_if_padded(visitor)?;
@@ -373,22 +338,12 @@ impl NarParser {
             if self.expect == Expect::Magic {
                 return Err(NarError::BadMagic);
             }
-            return Err(NarError::TokenTooLong {
-                offset: self.token_start,
-                len,
-            });
+            return Err(NarError::TokenTooLong { offset: self.token_start, len });
         }
         let total = (len + padding(len)) as usize;
-        self.tok = Tok::Str {
-            buf: Vec::with_capacity(total),
-            len: len as usize,
-            total,
-        };
+        self.tok = Tok::Str { buf: Vec::with_capacity(total), len: len as usize, total };
         if total == 0 {
-            self.tok = Tok::Len {
-                buf: [0; 8],
-                have: 0,
-            };
+            self.tok = Tok::Len { buf: [0; 8], have: 0 };
             self.token(&[], visitor)?;
         }
         Ok(())
@@ -396,13 +351,8 @@ impl NarParser {
 
     fn end_contents_if_padded(&mut self, visitor: &mut impl NarVisitor) -> Result<(), NarError> {
         if let Tok::ContentsPad { remaining: 0 } = self.tok {
-            visitor
-                .event(NarEvent::FileEnd)
-                .map_err(NarError::Visitor)?;
-            self.tok = Tok::Len {
-                buf: [0; 8],
-                have: 0,
-            };
+            visitor.event(NarEvent::FileEnd).map_err(NarError::Visitor)?;
+            self.tok = Tok::Len { buf: [0; 8], have: 0 };
             self.expect = Expect::NodeClose;
         }
         Ok(())
@@ -416,11 +366,7 @@ impl NarParser {
         if token.len() > 64 {
             found.push('…');
         }
-        NarError::Unexpected {
-            offset: self.token_start,
-            expected: self.expect.describe(),
-            found,
-        }
+        NarError::Unexpected { offset: self.token_start, expected: self.expect.describe(), found }
     }
 
     fn token(&mut self, t: &[u8], visitor: &mut impl NarVisitor) -> Result<(), NarError> {
@@ -436,9 +382,7 @@ impl NarParser {
             }
             (Expect::TypeVal, b"symlink") => Expect::TargetKw,
             (Expect::TypeVal, b"directory") => {
-                visitor
-                    .event(NarEvent::DirectoryStart { path: &self.path })
-                    .map_err(NarError::Visitor)?;
+                visitor.event(NarEvent::DirectoryStart { path: &self.path }).map_err(NarError::Visitor)?;
                 self.dirs.push(None);
                 Expect::DirNext
             }
@@ -452,25 +396,15 @@ impl NarParser {
             (Expect::TargetKw, b"target") => Expect::TargetVal,
             (Expect::TargetVal, target) => {
                 if target.is_empty() || target.contains(&0) {
-                    return Err(NarError::InvalidSymlinkTarget {
-                        offset,
-                        target: lossy(target),
-                    });
+                    return Err(NarError::InvalidSymlinkTarget { offset, target: lossy(target) });
                 }
-                visitor
-                    .event(NarEvent::Symlink {
-                        path: &self.path,
-                        target,
-                    })
-                    .map_err(NarError::Visitor)?;
+                visitor.event(NarEvent::Symlink { path: &self.path, target }).map_err(NarError::Visitor)?;
                 Expect::NodeClose
             }
             (Expect::DirNext, b"entry") => Expect::EntryOpen,
             (Expect::DirNext, b")") => {
                 self.dirs.pop();
-                visitor
-                    .event(NarEvent::DirectoryEnd)
-                    .map_err(NarError::Visitor)?;
+                visitor.event(NarEvent::DirectoryEnd).map_err(NarError::Visitor)?;
                 self.node_closed()
             }
             (Expect::EntryOpen, b"(") => Expect::NameKw,
@@ -482,28 +416,15 @@ impl NarParser {
                     || name.contains(&b'/')
                     || name.contains(&0)
                 {
-                    return Err(NarError::InvalidName {
-                        offset,
-                        name: lossy(name),
-                    });
+                    return Err(NarError::InvalidName { offset, name: lossy(name) });
                 }
-                let prev = self
-                    .dirs
-                    .last_mut()
-                    .expect("an entry is always inside a directory");
+                let prev = self.dirs.last_mut().expect("an entry is always inside a directory");
                 match prev.as_deref() {
                     Some(p) if p == name => {
-                        return Err(NarError::DuplicateEntry {
-                            offset,
-                            name: lossy(name),
-                        });
+                        return Err(NarError::DuplicateEntry { offset, name: lossy(name) });
                     }
                     Some(p) if p > name => {
-                        return Err(NarError::NotSorted {
-                            offset,
-                            prev: lossy(p),
-                            name: lossy(name),
-                        });
+                        return Err(NarError::NotSorted { offset, prev: lossy(p), name: lossy(name) });
                     }
                     _ => {}
                 }
@@ -527,11 +448,7 @@ impl NarParser {
     }
 
     fn node_closed(&self) -> Expect {
-        if self.dirs.is_empty() {
-            Expect::End
-        } else {
-            Expect::EntryClose
-        }
+        if self.dirs.is_empty() { Expect::End } else { Expect::EntryClose }
     }
 }
 
@@ -541,10 +458,7 @@ pub fn validate(reader: impl Read) -> Result<u64, NarError> {
 }
 
 /// Reads a whole NAR from `reader`, reporting it to `visitor`; returns its size in bytes.
-pub(crate) fn parse_from(
-    mut reader: impl Read,
-    visitor: &mut impl NarVisitor,
-) -> Result<u64, NarError> {
+pub(crate) fn parse_from(mut reader: impl Read, visitor: &mut impl NarVisitor) -> Result<u64, NarError> {
     let mut parser = NarParser::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {

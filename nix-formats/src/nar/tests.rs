@@ -19,32 +19,19 @@ impl NarVisitor for Events {
         let s = match e {
             NarEvent::DirectoryStart { path } => format!("dir {}", String::from_utf8_lossy(path)),
             NarEvent::DirectoryEnd => "end".into(),
-            NarEvent::FileStart {
-                path,
-                executable,
-                size,
-                offset,
-            } => {
-                format!(
-                    "file {} x={executable} {size}@{offset}",
-                    String::from_utf8_lossy(path)
-                )
+            NarEvent::FileStart { path, executable, size, offset } => {
+                format!("file {} x={executable} {size}@{offset}", String::from_utf8_lossy(path))
             }
             NarEvent::FileData(d) => format!("data {}", d.len()),
             NarEvent::FileEnd => "fend".into(),
             NarEvent::Symlink { path, target } => {
-                format!(
-                    "link {} -> {}",
-                    String::from_utf8_lossy(path),
-                    String::from_utf8_lossy(target)
-                )
+                format!("link {} -> {}", String::from_utf8_lossy(path), String::from_utf8_lossy(target))
             }
         };
         // Data chunking depends on how the input was split; merge adjacent data events.
         match (self.0.last_mut(), s.strip_prefix("data ")) {
             (Some(last), Some(n)) if last.starts_with("data ") => {
-                let total: usize =
-                    last[5..].parse::<usize>().unwrap() + n.parse::<usize>().unwrap();
+                let total: usize = last[5..].parse::<usize>().unwrap() + n.parse::<usize>().unwrap();
                 *last = format!("data {total}");
             }
             _ => self.0.push(s),
@@ -136,9 +123,7 @@ fn trailing_data_is_rejected() {
     let mut nar = sample();
     let end = nar.len() as u64;
     nar.extend_from_slice(&[0; 8]);
-    assert!(
-        matches!(parse_all(&nar).unwrap_err(), NarError::TrailingData { offset } if offset == end)
-    );
+    assert!(matches!(parse_all(&nar).unwrap_err(), NarError::TrailingData { offset } if offset == end));
 }
 
 fn dir_with(names: &[&[u8]]) -> Vec<u8> {
@@ -156,22 +141,13 @@ fn dir_with(names: &[&[u8]]) -> Vec<u8> {
 #[test]
 fn unsorted_duplicate_and_invalid_names_are_rejected() {
     assert!(parse_all(&dir_with(&[b"a", b"b", b"c"])).is_ok());
-    assert!(matches!(
-        parse_all(&dir_with(&[b"b", b"a"])).unwrap_err(),
-        NarError::NotSorted { .. }
-    ));
-    assert!(matches!(
-        parse_all(&dir_with(&[b"a", b"a"])).unwrap_err(),
-        NarError::DuplicateEntry { .. }
-    ));
+    assert!(matches!(parse_all(&dir_with(&[b"b", b"a"])).unwrap_err(), NarError::NotSorted { .. }));
+    assert!(matches!(parse_all(&dir_with(&[b"a", b"a"])).unwrap_err(), NarError::DuplicateEntry { .. }));
     // Byte order, not locale order: "B" (0x42) sorts before "a" (0x61).
     assert!(parse_all(&dir_with(&[b"B", b"a"])).is_ok());
     for bad in [&b""[..], b".", b"..", b"a/b", b"../etc", b"a\0b"] {
         let err = parse_all(&dir_with(&[bad])).unwrap_err();
-        assert!(
-            matches!(err, NarError::InvalidName { .. }),
-            "{bad:?}: {err}"
-        );
+        assert!(matches!(err, NarError::InvalidName { .. }), "{bad:?}: {err}");
     }
 }
 
@@ -179,31 +155,19 @@ fn unsorted_duplicate_and_invalid_names_are_rejected() {
 fn structural_errors_are_rejected() {
     let mut bad_magic = sample();
     bad_magic[8] = b'N';
-    assert!(matches!(
-        parse_all(&bad_magic).unwrap_err(),
-        NarError::BadMagic
-    ));
-    assert!(matches!(
-        parse_all(&[0xff; 64]).unwrap_err(),
-        NarError::BadMagic
-    ));
+    assert!(matches!(parse_all(&bad_magic).unwrap_err(), NarError::BadMagic));
+    assert!(matches!(parse_all(&[0xff; 64]).unwrap_err(), NarError::BadMagic));
 
     let mut padding = sample();
     // The magic is 13 bytes: bytes 21..24 are its padding.
     padding[22] = 1;
-    assert!(matches!(
-        parse_all(&padding).unwrap_err(),
-        NarError::NonZeroPadding { offset: 21 }
-    ));
+    assert!(matches!(parse_all(&padding).unwrap_err(), NarError::NonZeroPadding { offset: 21 }));
 
     let mut e = NarEncoder::new(Vec::new()).unwrap();
     for t in ["(", "type", "regular", "executable", "yes"] {
         e.str(t.as_bytes()).unwrap();
     }
-    assert!(matches!(
-        parse_all(&e.finish().unwrap()).unwrap_err(),
-        NarError::Unexpected { .. }
-    ));
+    assert!(matches!(parse_all(&e.finish().unwrap()).unwrap_err(), NarError::Unexpected { .. }));
 
     let mut e = NarEncoder::new(Vec::new()).unwrap();
     for t in ["(", "type", "fifo"] {
@@ -214,17 +178,11 @@ fn structural_errors_are_rejected() {
 
     let mut e = NarEncoder::new(Vec::new()).unwrap();
     e.symlink(b"").unwrap();
-    assert!(matches!(
-        parse_all(&e.finish().unwrap()).unwrap_err(),
-        NarError::InvalidSymlinkTarget { .. }
-    ));
+    assert!(matches!(parse_all(&e.finish().unwrap()).unwrap_err(), NarError::InvalidSymlinkTarget { .. }));
 
     let mut huge = NarEncoder::new(Vec::new()).unwrap().finish().unwrap();
     huge.extend_from_slice(&(MAX_TOKEN_LEN + 1).to_le_bytes());
-    assert!(matches!(
-        parse_all(&huge).unwrap_err(),
-        NarError::TokenTooLong { .. }
-    ));
+    assert!(matches!(parse_all(&huge).unwrap_err(), NarError::TokenTooLong { .. }));
 }
 
 #[test]
@@ -234,10 +192,7 @@ fn a_file_padding_must_be_zero() {
     let mut nar = e.finish().unwrap();
     let contents_at = nar.windows(3).position(|w| w == b"abc").unwrap();
     nar[contents_at + 4] = 7;
-    assert!(matches!(
-        parse_all(&nar).unwrap_err(),
-        NarError::NonZeroPadding { .. }
-    ));
+    assert!(matches!(parse_all(&nar).unwrap_err(), NarError::NonZeroPadding { .. }));
 }
 
 /// A random tree: directories, regular and executable files, symlinks.
@@ -250,21 +205,12 @@ enum Node {
 
 fn arb_node() -> impl Strategy<Value = Node> {
     let leaf = prop_oneof![
-        (
-            any::<bool>(),
-            proptest::collection::vec(any::<u8>(), 0..300)
-        )
-            .prop_map(|(x, d)| Node::File(x, d)),
+        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(x, d)| Node::File(x, d)),
         "[a-z./ ]{1,20}".prop_map(Node::Link),
     ];
     leaf.prop_recursive(4, 40, 6, |inner| {
-        proptest::collection::btree_map("[a-zA-Z0-9 ._é-]{1,12}", inner, 0..6).prop_map(|m| {
-            Node::Dir(
-                m.into_iter()
-                    .filter(|(k, _)| k != "." && k != "..")
-                    .collect(),
-            )
-        })
+        proptest::collection::btree_map("[a-zA-Z0-9 ._é-]{1,12}", inner, 0..6)
+            .prop_map(|m| Node::Dir(m.into_iter().filter(|(k, _)| k != "." && k != "..").collect()))
     })
 }
 
@@ -272,11 +218,7 @@ fn create(path: &Path, node: &Node) {
     match node {
         Node::File(x, data) => {
             fs::write(path, data).unwrap();
-            fs::set_permissions(
-                path,
-                fs::Permissions::from_mode(if *x { 0o755 } else { 0o644 }),
-            )
-            .unwrap();
+            fs::set_permissions(path, fs::Permissions::from_mode(if *x { 0o755 } else { 0o644 })).unwrap();
         }
         Node::Link(t) => symlink(t, path).unwrap(),
         Node::Dir(entries) => {
@@ -316,14 +258,8 @@ fn dump_rejects_special_files() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    assert!(matches!(
-        dump_path(&sock, Vec::new()).unwrap_err(),
-        DumpError::UnsupportedType(_)
-    ));
-    assert!(matches!(
-        dump_path(&dir.path().join("missing"), Vec::new()).unwrap_err(),
-        DumpError::Io { .. }
-    ));
+    assert!(matches!(dump_path(&sock, Vec::new()).unwrap_err(), DumpError::UnsupportedType(_)));
+    assert!(matches!(dump_path(&dir.path().join("missing"), Vec::new()).unwrap_err(), DumpError::Io { .. }));
 }
 
 /// `nix-store --dump` (Nix 2.8) of a tree with a subdirectory, an executable, a symlink and a
@@ -333,22 +269,11 @@ const SAMPLE_FROM_NIX: &[u8] = include_bytes!("../../tests/fixtures/sample.nar")
 #[test]
 fn a_nar_written_by_nix_unpacks_and_dumps_back_identically() {
     let events = parse_all(SAMPLE_FROM_NIX).unwrap();
-    assert!(
-        events.iter().any(|e| e.starts_with("file run x=true 10@")),
-        "{events:?}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("file sub/a x=false 3@")),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|e| e.starts_with("file run x=true 10@")), "{events:?}");
+    assert!(events.iter().any(|e| e.starts_with("file sub/a x=false 3@")), "{events:?}");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t");
-    assert_eq!(
-        unpack(SAMPLE_FROM_NIX, &out).unwrap(),
-        SAMPLE_FROM_NIX.len() as u64
-    );
+    assert_eq!(unpack(SAMPLE_FROM_NIX, &out).unwrap(), SAMPLE_FROM_NIX.len() as u64);
     assert_eq!(fs::read_link(out.join("link")).unwrap(), Path::new("sub/a"));
     assert_eq!(fs::read(out.join("sub/a")).unwrap(), b"hi\n");
     assert!(fs::metadata(out.join("with space/é")).unwrap().len() == 0);

@@ -28,11 +28,7 @@ struct Unpacker<'a> {
 
 impl Unpacker<'_> {
     fn target(&self, rel: &[u8]) -> PathBuf {
-        if rel.is_empty() {
-            self.root.to_owned()
-        } else {
-            self.root.join(std::ffi::OsStr::from_bytes(rel))
-        }
+        if rel.is_empty() { self.root.to_owned() } else { self.root.join(std::ffi::OsStr::from_bytes(rel)) }
     }
 }
 
@@ -48,24 +44,15 @@ impl NarVisitor for Unpacker<'_> {
                 fs::create_dir(&p).map_err(|e| named(&p, e))
             }
             NarEvent::DirectoryEnd => Ok(()),
-            NarEvent::FileStart {
-                path, executable, ..
-            } => {
+            NarEvent::FileStart { path, executable, .. } => {
                 let p = self.target(path);
                 let mode = if executable { 0o755 } else { 0o644 };
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode)
-                    .open(&p);
+                let f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&p);
                 self.file = Some((f.map_err(|e| named(&p, e))?, p));
                 Ok(())
             }
             NarEvent::FileData(data) => {
-                let (f, p) = self
-                    .file
-                    .as_mut()
-                    .expect("FileData comes between FileStart and FileEnd");
+                let (f, p) = self.file.as_mut().expect("FileData comes between FileStart and FileEnd");
                 f.write_all(data).map_err(|e| named(p, e))
             }
             NarEvent::FileEnd => {
@@ -89,9 +76,6 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<u64, UnpackError> {
     if fs::symlink_metadata(dest).is_ok() {
         return Err(UnpackError::Exists(dest.to_owned()));
     }
-    let mut unpacker = Unpacker {
-        root: dest,
-        file: None,
-    };
+    let mut unpacker = Unpacker { root: dest, file: None };
     Ok(parse_from(reader, &mut unpacker)?)
 }

@@ -21,10 +21,7 @@ impl Default for NarVerifier {
 impl NarVerifier {
     /// A verifier at the start of a NAR.
     pub fn new() -> Self {
-        NarVerifier {
-            parser: NarParser::new(),
-            hasher: sha2::Sha256::new(),
-        }
+        NarVerifier { parser: NarParser::new(), hasher: sha2::Sha256::new() }
     }
 
     /// Checks and hashes the next chunk.
@@ -42,9 +39,6 @@ impl NarVerifier {
     /// Checks that the NAR is complete and returns its NarHash and NarSize.
     pub fn finish(self) -> Result<(Hash, u64), NarError> {
         self.parser.finish()?;
-        Ok((
-            Hash::sha256(self.hasher.finalize().into()),
-            self.parser.offset(),
-        ))
+        Ok((Hash::sha256(self.hasher.finalize().into()), self.parser.offset()))
     }
 }

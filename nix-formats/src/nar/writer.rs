@@ -57,8 +57,7 @@ impl<W: Write> NarEncoder<W> {
     pub fn str(&mut self, s: &[u8]) -> io::Result<()> {
         self.out.write_all(&(s.len() as u64).to_le_bytes())?;
         self.out.write_all(s)?;
-        self.out
-            .write_all(&ZEROS[..padding(s.len() as u64) as usize])
+        self.out.write_all(&ZEROS[..padding(s.len() as u64) as usize])
     }
 
     fn strs(&mut self, tokens: &[&str]) -> io::Result<()> {
@@ -136,10 +135,7 @@ impl<W: Write> NarEncoder<W> {
 /// Memory stays bounded by one read buffer plus one directory listing per level of depth,
 /// whatever the size of the files. Returns `out`.
 pub fn dump_path<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
-    let io_err = |source| DumpError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io_err = |source| DumpError::Io { path: path.to_owned(), source };
     let mut enc = NarEncoder::new(BufWriter::with_capacity(64 * 1024, out)).map_err(io_err)?;
     let mut buf = vec![0u8; 256 * 1024];
     dump_node(&mut enc, path, &mut buf)?;
@@ -147,15 +143,8 @@ pub fn dump_path<W: Write>(path: &Path, out: W) -> Result<W, DumpError> {
     buffered.into_inner().map_err(|e| io_err(e.into_error()))
 }
 
-fn dump_node<W: Write>(
-    enc: &mut NarEncoder<W>,
-    path: &Path,
-    buf: &mut [u8],
-) -> Result<(), DumpError> {
-    let io_err = |source| DumpError::Io {
-        path: path.to_owned(),
-        source,
-    };
+fn dump_node<W: Write>(enc: &mut NarEncoder<W>, path: &Path, buf: &mut [u8]) -> Result<(), DumpError> {
+    let io_err = |source| DumpError::Io { path: path.to_owned(), source };
     let meta = fs::symlink_metadata(path).map_err(io_err)?;
     let ft = meta.file_type();
     if ft.is_file() {
@@ -178,11 +167,7 @@ fn dump_node<W: Write>(
             enc.contents(&buf[..n]).map_err(io_err)?;
         }
         if done != size {
-            return Err(DumpError::FileChanged {
-                path: path.to_owned(),
-                expected: size,
-                actual: done,
-            });
+            return Err(DumpError::FileChanged { path: path.to_owned(), expected: size, actual: done });
         }
         enc.regular_end(size).map_err(io_err)
     } else if ft.is_symlink() {
