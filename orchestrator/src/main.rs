@@ -34,25 +34,128 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Push the closures of store paths (or of the outputs of .drv files) to a cache-server.
+    ///
+    /// Asks the cache once which paths it lacks and uploads only those, each verified and
+    /// signed by the server. Interrupted pushes resume where they stopped when run again.
+    Push {
+        /// The cache-server, e.g. `http://cache.example.org:8080`.
+        #[arg(long)]
+        cache: String,
+        /// File holding an upload token (the cache-server's upload-tokens-file has it).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Paths uploaded at once (default: the number of cores, at least 2).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// zstd level (default 1, with long-distance matching).
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+        /// Print a JSON summary on stdout: {"uploaded", "already_present", "bytes", "seconds", …}.
+        #[arg(long)]
+        json: bool,
+        /// Store paths or .drv files.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+}
+
+/// A command's failure: already reported, or an error to print.
+enum CliError {
+    /// The command printed its own report (e.g. which paths failed).
+    Failed,
+    /// An error to print.
+    Error(String),
+}
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError::Error(e.to_string())
+    }
+}
+
+fn push(
+    cache: &str,
+    token_file: &std::path::Path,
+    jobs: Option<usize>,
+    zstd_level: i32,
+    json: bool,
+    paths: &[String],
+) -> Result<(), CliError> {
+    use builder::push::{PushOptions, push};
+    use nix_formats::StorePath;
+    use std::io::IsTerminal as _;
+    use std::sync::Arc;
+
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| CliError::Error(format!("reading token file {}: {e}", token_file.display())))?;
+    let mut roots = Vec::new();
+    for p in paths {
+        let resolved =
+            std::fs::canonicalize(p).map(|r| r.display().to_string()).unwrap_or_else(|_| p.clone());
+        let path = StorePath::from_absolute(&resolved).map_err(|e| CliError::Error(format!("{p}: {e}")))?;
+        if path.is_derivation() {
+            roots.extend(builder::nix::derivation_outputs(&path)?);
+        } else {
+            roots.push(path);
+        }
+    }
+    let mut opts = PushOptions { zstd_level, ..PushOptions::default() };
+    if let Some(j) = jobs {
+        opts.jobs = j;
+    }
+    let client = builder::client::CacheClient::new(cache, token.trim());
+    let progress: Arc<dyn builder::push::Progress> = if std::io::stderr().is_terminal() {
+        Arc::new(builder::progress::Bars::new())
+    } else {
+        Arc::new(builder::progress::Lines::default())
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let summary = rt.block_on(push(&client, &roots, &opts, progress))?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "uploaded {} paths ({:.1} MiB compressed from {:.1} MiB), {} already cached, in {:.1}s",
+            summary.uploaded,
+            summary.bytes as f64 / 1048576.0,
+            summary.nar_bytes as f64 / 1048576.0,
+            summary.already_present,
+            summary.seconds
+        );
+    }
+    if summary.failed.is_empty() {
+        return Ok(());
+    }
+    for f in &summary.failed {
+        eprintln!("error: {}: {}", f.path, f.reason);
+    }
+    Err(CliError::Failed)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result: Result<(), CliError> = match cli.command {
         Command::Keygen { name, secret_key_file, public_key_file, force } => {
-            orchestrator::keys::write_key_pair(&name, &secret_key_file, &public_key_file, force).map(|pk| {
-                println!("{pk}");
-                eprintln!(
-                    "wrote secret key {} and public key {}",
-                    secret_key_file.display(),
-                    public_key_file.display()
-                );
-            })
+            orchestrator::keys::write_key_pair(&name, &secret_key_file, &public_key_file, force)
+                .map(|pk| {
+                    println!("{pk}");
+                    eprintln!(
+                        "wrote secret key {} and public key {}",
+                        secret_key_file.display(),
+                        public_key_file.display()
+                    );
+                })
+                .map_err(CliError::from)
+        }
+        Command::Push { cache, token_file, jobs, zstd_level, json, paths } => {
+            push(&cache, &token_file, jobs, zstd_level, json, &paths)
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(CliError::Failed) => ExitCode::FAILURE,
+        Err(CliError::Error(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

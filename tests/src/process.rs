@@ -24,6 +24,16 @@ impl ChildGuard {
         self.child.as_mut().expect("running").stdout.take().expect("stdout was piped")
     }
 
+    /// Waits for the child to exit by itself and collects what is left of its piped output.
+    pub fn wait_with_output(&mut self) -> std::process::Output {
+        self.child.take().expect("running").wait_with_output().expect("wait")
+    }
+
+    /// Takes the child's piped stderr.
+    pub fn take_stderr(&mut self) -> std::process::ChildStderr {
+        self.child.as_mut().expect("running").stderr.take().expect("stderr was piped")
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -1,0 +1,139 @@
+//! The cache-server's native API, as seen from a builder: "which paths are missing?" and one
+//! streamed upload per path. The wire format is defined by the cache-server
+//! (`cache_server::native`); this side only speaks it over HTTP, and the end-to-end tests hold
+//! the two together.
+
+use bytes::Bytes;
+use nix_formats::StorePath;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why a request to the cache failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The connection failed or was cut.
+    #[error("cannot reach the cache: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The server refused the request; its reason is in `message`.
+    #[error("the cache answered {status}: {message}")]
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server answered something this client does not understand.
+    #[error("unexpected answer from the cache: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// Worth retrying: connection trouble, 5xx, 408, 429.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport(_) => true,
+            ClientError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+            }
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+/// The metadata line of an upload.
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadMeta {
+    /// Full store path.
+    pub store_path: String,
+    /// Full store paths it refers to.
+    pub references: Vec<String>,
+    /// Full path of its derivation.
+    pub deriver: Option<String>,
+    /// Content address.
+    pub ca: Option<String>,
+    /// NarHash as Nix records it.
+    pub nar_hash: String,
+    /// NarSize as Nix records it.
+    pub nar_size: u64,
+}
+
+#[derive(Deserialize)]
+struct MissingResponse {
+    missing: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct UploadResult {
+    file_size: u64,
+}
+
+/// A client for one cache-server.
+#[derive(Clone)]
+pub struct CacheClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl CacheClient {
+    /// A client for the cache at `base` (`http://host:port`), uploading with `token`.
+    pub fn new(base: &str, token: &str) -> Self {
+        CacheClient {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    async fn check(
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = resp.map_err(ClientError::Transport)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let message = resp.text().await.unwrap_or_default().trim().to_owned();
+        Err(ClientError::Status { status, message })
+    }
+
+    /// The subset of `paths` that the cache does not have, in one round trip.
+    pub async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, ClientError> {
+        let body =
+            serde_json::json!({ "paths": paths.iter().map(StorePath::to_absolute).collect::<Vec<_>>() });
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/missing", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await;
+        let resp: MissingResponse =
+            Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        resp.missing
+            .iter()
+            .map(|p| StorePath::from_absolute(p).map_err(|e| ClientError::Protocol(e.to_string())))
+            .collect()
+    }
+
+    /// Uploads one path: `body` yields the metadata line, then the zstd-compressed NAR.
+    /// Returns the compressed size the server stored.
+    pub async fn upload(
+        &self,
+        body: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    ) -> Result<u64, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/upload", self.base))
+            .bearer_auth(&self.token)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await;
+        let result: UploadResult =
+            Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(result.file_size)
+    }
+}

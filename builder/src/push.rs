@@ -1,0 +1,356 @@
+//! Pushing closures into the cache, fast and exactly once.
+//!
+//! One batch query finds what the cache lacks; nothing else is read or sent. Each missing path
+//! is serialised from the store by our NAR writer, hashed, compressed with zstd (level 1 with
+//! long-distance matching, multi-threaded for large NARs) and streamed to the cache-server in
+//! one request, all stages overlapped with bounded memory. Paths start once every reference
+//! they have is in the cache (the server publishes nothing whose references it lacks), largest
+//! first, several at a time. Transient failures are retried with backoff; a refusal stops that
+//! path, and the paths that need it, with the server's reason.
+
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use nix_formats::hash::HashingWriter;
+use nix_formats::nar::{DumpError, dump_path};
+use nix_formats::{Hash, StorePath};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::client::{CacheClient, ClientError, UploadMeta};
+use crate::nix::{self, NixError, PathInfo};
+
+/// NARs larger than this are compressed with several threads.
+const MULTITHREAD_ABOVE: u64 = 32 * 1024 * 1024;
+
+/// Compressed bytes are handed to the HTTP body in chunks of this size.
+const CHUNK: usize = 1024 * 1024;
+
+/// How a push runs.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Paths uploaded at once.
+    pub jobs: usize,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Attempts per path for transient failures.
+    pub attempts: u32,
+    /// Delay before the first retry; doubles each time, up to 30 s.
+    pub backoff: Duration,
+}
+
+impl Default for PushOptions {
+    /// `jobs` from the core count (at least 2), zstd level 1, 5 attempts from 0.5 s.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        PushOptions { jobs: cores.max(2), zstd_level: 1, attempts: 5, backoff: Duration::from_millis(500) }
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PushSummary {
+    /// Paths uploaded now.
+    pub uploaded: usize,
+    /// Paths the cache had already.
+    pub already_present: usize,
+    /// Compressed bytes sent.
+    pub bytes: u64,
+    /// Uncompressed NAR bytes of the uploaded paths.
+    pub nar_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Paths not uploaded, with why.
+    pub failed: Vec<FailedPath>,
+}
+
+/// A path that could not be pushed.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedPath {
+    /// The store path.
+    pub path: String,
+    /// The server's reason, or the dependency that failed.
+    pub reason: String,
+}
+
+/// Why a push could not start.
+#[derive(Debug, Error)]
+pub enum PushError {
+    /// Nix could not describe the closure.
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    /// The cache could not be asked what it is missing.
+    #[error(transparent)]
+    Cache(#[from] ClientError),
+}
+
+/// Reports progress; called from several threads.
+pub trait Progress: Send + Sync {
+    /// The plan: closure size, paths to upload and their total NAR bytes.
+    fn planned(&self, closure: usize, to_upload: usize, nar_bytes: u64);
+    /// An upload attempt starts.
+    fn started(&self, path: &StorePath, nar_size: u64);
+    /// `n` more NAR bytes of `path` were read and compressed.
+    fn advanced(&self, path: &StorePath, n: u64);
+    /// A path ended: uploaded (`Ok(compressed bytes)`), or failed, or will be retried.
+    fn finished(&self, path: &StorePath, outcome: &Result<u64, String>, will_retry: bool);
+    /// Something else worth telling (the cache is unreachable and the query is retried).
+    fn note(&self, message: &str);
+}
+
+/// A [`Progress`] that reports nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn planned(&self, _: usize, _: usize, _: u64) {}
+    fn started(&self, _: &StorePath, _: u64) {}
+    fn advanced(&self, _: &StorePath, _: u64) {}
+    fn finished(&self, _: &StorePath, _: &Result<u64, String>, _: bool) {}
+    fn note(&self, _: &str) {}
+}
+
+/// Sends what is written to the HTTP body, [`CHUNK`] bytes at a time.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        // The receiver is gone when the request failed; stop producing.
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload ended"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Reports NAR bytes to the progress as they pass.
+struct Counting<W> {
+    inner: W,
+    progress: Arc<dyn Progress>,
+    path: StorePath,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.progress.advanced(&self.path, n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Serialises, hashes and compresses one path into `tx` (blocking). Returns the NAR's hash.
+fn produce(
+    info: &PathInfo,
+    level: i32,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+    progress: Arc<dyn Progress>,
+) -> io::Result<(Hash, u64)> {
+    let sink = ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) };
+    let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
+    enc.long_distance_matching(true)?;
+    if info.nar_size > MULTITHREAD_ABOVE {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        enc.multithread(cores as u32)?;
+    }
+    let counting = Counting { inner: enc, progress, path: info.path.clone() };
+    let hashing = dump_path(Path::new(&info.path.to_absolute()), HashingWriter::new(counting)).map_err(
+        |e| match e {
+            // The request ended (the server answered early): keep the kind, its answer says why.
+            DumpError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => source,
+            e => io::Error::other(e.to_string()),
+        },
+    )?;
+    let (hash, size, counting) = hashing.finish();
+    let mut sink = counting.inner.finish()?;
+    sink.flush()?;
+    Ok((hash, size))
+}
+
+/// Why one attempt at one path failed.
+#[derive(Debug)]
+struct AttemptError {
+    message: String,
+    transient: bool,
+}
+
+async fn upload_one(
+    client: &CacheClient,
+    info: &PathInfo,
+    level: i32,
+    progress: Arc<dyn Progress>,
+) -> Result<u64, AttemptError> {
+    let meta = UploadMeta {
+        store_path: info.path.to_absolute(),
+        references: info.references.iter().map(StorePath::to_absolute).collect(),
+        deriver: info.deriver.as_ref().map(StorePath::to_absolute),
+        ca: info.ca.clone(),
+        nar_hash: info.nar_hash.to_string(),
+        nar_size: info.nar_size,
+    };
+    let mut line = serde_json::to_vec(&meta).expect("serialisable");
+    line.push(b'\n');
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Ok(Bytes::from(line))).await.expect("receiver alive");
+    let owned = info.clone();
+    let producer = tokio::task::spawn_blocking(move || produce(&owned, level, tx, progress));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let sent = client.upload(body).await;
+    let produced = producer.await.map_err(|e| AttemptError { message: e.to_string(), transient: false })?;
+    match (sent, produced) {
+        (Ok(size), Ok((hash, nar_size))) => {
+            // The server checked the NAR against Nix's NarHash; this only explains a mismatch.
+            debug_assert_eq!((hash, nar_size), (info.nar_hash.clone(), info.nar_size));
+            Ok(size)
+        }
+        (_, Err(e)) if e.kind() != io::ErrorKind::BrokenPipe => Err(AttemptError {
+            message: format!("reading {} from the store: {e}", info.path),
+            transient: false,
+        }),
+        (Err(e), _) => Err(AttemptError { transient: e.is_transient(), message: e.to_string() }),
+        (Ok(_), Err(e)) => Err(AttemptError { message: e.to_string(), transient: true }),
+    }
+}
+
+/// The delay before retry number `tries` (from 1): doubling from `opts.backoff`, at most 30 s.
+fn backoff(opts: &PushOptions, tries: u32) -> Duration {
+    opts.backoff.saturating_mul(1 << (tries - 1).min(6)).min(Duration::from_secs(30))
+}
+
+/// Pushes the closures of `roots` to the cache.
+pub async fn push(
+    client: &CacheClient,
+    roots: &[StorePath],
+    opts: &PushOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<PushSummary, PushError> {
+    let start = Instant::now();
+    let roots_owned = roots.to_vec();
+    let infos = tokio::task::spawn_blocking(move || nix::closure_info(&roots_owned))
+        .await
+        .expect("path-info task")?;
+    let all: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+    let mut tries = 0;
+    let missing: HashSet<StorePath> = loop {
+        tries += 1;
+        match client.missing(&all).await {
+            Ok(m) => break m.into_iter().collect(),
+            Err(e) if e.is_transient() && tries < opts.attempts => {
+                let delay = backoff(opts, tries);
+                progress.note(&format!("asking the cache what it lacks failed ({e}); retrying in {delay:?}"));
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let infos: HashMap<StorePath, PathInfo> =
+        infos.into_iter().filter(|i| missing.contains(&i.path)).map(|i| (i.path.clone(), i)).collect();
+
+    let mut summary = PushSummary { already_present: all.len() - infos.len(), ..Default::default() };
+    progress.planned(all.len(), infos.len(), infos.values().map(|i| i.nar_size).sum());
+
+    // A path waits for its references that are not in the cache yet.
+    let mut waiting: HashMap<&StorePath, usize> = HashMap::new();
+    let mut dependents: HashMap<&StorePath, Vec<&StorePath>> = HashMap::new();
+    let mut ready = BinaryHeap::new();
+    for info in infos.values() {
+        let pending: Vec<&StorePath> =
+            info.references.iter().filter(|r| **r != info.path && infos.contains_key(*r)).collect();
+        for r in &pending {
+            dependents.entry(*r).or_default().push(&info.path);
+        }
+        if pending.is_empty() {
+            ready.push((info.nar_size, &info.path));
+        } else {
+            waiting.insert(&info.path, pending.len());
+        }
+    }
+
+    let mut running = FuturesUnordered::new();
+    let mut attempts: HashMap<&StorePath, u32> = HashMap::new();
+    let attempt = |path: &'_ StorePath, delay: Duration| {
+        let info = &infos[path];
+        let progress = progress.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            progress.started(&info.path, info.nar_size);
+            (&info.path, upload_one(client, info, opts.zstd_level, progress).await)
+        }
+    };
+    loop {
+        while running.len() < opts.jobs.max(1) {
+            let Some((_, path)) = ready.pop() else { break };
+            running.push(attempt(path, Duration::ZERO));
+        }
+        let Some((path, result)) = running.next().await else { break };
+        let tries = attempts.entry(path).or_insert(0);
+        *tries += 1;
+        match result {
+            Ok(size) => {
+                progress.finished(path, &Ok(size), false);
+                summary.uploaded += 1;
+                summary.bytes += size;
+                summary.nar_bytes += infos[path].nar_size;
+                for d in dependents.get(path).into_iter().flatten() {
+                    let left = waiting.get_mut(d).expect("a dependent waits");
+                    *left -= 1;
+                    if *left == 0 {
+                        waiting.remove(d);
+                        ready.push((infos[*d].nar_size, *d));
+                    }
+                }
+            }
+            Err(e) if e.transient && *tries < opts.attempts => {
+                progress.finished(path, &Err(e.message), true);
+                running.push(attempt(path, backoff(opts, *tries)));
+            }
+            Err(e) => {
+                progress.finished(path, &Err(e.message.clone()), false);
+                summary.failed.push(FailedPath { path: path.to_string(), reason: e.message });
+                // Everything that needs this path can never be published: say so.
+                let mut stack = vec![path];
+                while let Some(p) = stack.pop() {
+                    for d in dependents.get(p).into_iter().flatten() {
+                        if waiting.remove(d).is_some() {
+                            summary.failed.push(FailedPath {
+                                path: d.to_string(),
+                                reason: format!("not uploaded: it needs {path}, which failed"),
+                            });
+                            stack.push(d);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -1,0 +1,181 @@
+//! `orchestrator push` against the real cache-server and the real Nix.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+
+use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::garage::Garage;
+use fleetcache_tests::nix::{self, TempStore};
+use fleetcache_tests::{bin, process::ChildGuard};
+use nix_formats::{NarInfo, StorePath};
+use serde_json::Value;
+
+fn push_cmd(server: &CacheServer, token: &str, args: &[&str], paths: &[&StorePath]) -> Command {
+    let token_file = server.dir().join(format!("push-token-{}", token.len()));
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut c = Command::new(bin("orchestrator"));
+    c.env("NIX_CONFIG", nix::NIX_CONFIG)
+        .args(["push", "--cache", &server.url, "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .args(paths.iter().map(|p| p.to_absolute()));
+    c
+}
+
+fn push_json(server: &CacheServer, paths: &[&StorePath]) -> Value {
+    let out = push_cmd(server, &server.token, &["--json"], paths).output().unwrap();
+    assert!(
+        out.status.success(),
+        "push failed:\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON document")
+}
+
+fn metric(server: &CacheServer, name: &str) -> u64 {
+    let text = reqwest::blocking_get(&format!("{}/metrics", server.url));
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
+}
+
+mod reqwest {
+    /// A tiny blocking GET for tests that are not async.
+    pub fn blocking_get(url: &str) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { ::reqwest::get(url).await.unwrap().text().await.unwrap() })
+    }
+}
+
+/// Pushes a closure of many paths and one NAR over 256 MiB, substitutes all of it into a fresh
+/// store, then pushes again and sends nothing.
+fn push_substitute_and_repush(server: &CacheServer) {
+    let top = nix::build_closure("push-big", 30, 257);
+    let closure = nix::closure(&top);
+    assert!(closure.len() >= 32);
+
+    let first = push_json(server, &[&top]);
+    assert_eq!(first["uploaded"], closure.len(), "{first}");
+    assert_eq!(first["already_present"], 0, "{first}");
+    assert!(first["bytes"].as_u64().unwrap() > 256 << 20, "{first}");
+    assert!(first["seconds"].as_f64().is_some());
+
+    let store = TempStore::new();
+    nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&top]));
+    assert!(closure.iter().all(|p| store.has(p)));
+
+    let ingested = metric(server, "fleetcache_bytes_ingested_total");
+    let second = push_json(server, &[&top]);
+    assert_eq!(
+        (second["uploaded"].as_u64(), second["already_present"].as_u64()),
+        (Some(0), Some(closure.len() as u64))
+    );
+    assert_eq!(second["bytes"], 0);
+    assert_eq!(metric(server, "fleetcache_bytes_ingested_total"), ingested, "the second push wrote nothing");
+}
+
+#[test]
+fn push_to_a_local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    push_substitute_and_repush(&server);
+}
+
+#[test]
+fn push_to_garage() {
+    let g = Garage::start();
+    let server = CacheServer::start_with(
+        &g.store_url(),
+        Options { env: g.credential_env().to_vec(), ..Default::default() },
+    );
+    push_substitute_and_repush(&server);
+}
+
+#[test]
+fn a_killed_push_leaves_only_complete_paths_and_the_rerun_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let top = nix::build_closure("push-killed", 12, 64);
+    let closure = nix::closure(&top);
+
+    let mut cmd = push_cmd(&server, &server.token, &["--jobs", "1"], &[&top]);
+    cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+    let mut child = ChildGuard::spawn("orchestrator push", &mut cmd);
+    let stderr = child.take_stderr();
+    let mut uploaded = 0;
+    for line in BufReader::new(stderr).lines() {
+        if line.unwrap().contains("uploaded ") {
+            uploaded += 1;
+            if uploaded == 3 {
+                break;
+            }
+        }
+    }
+    child.kill();
+    assert_eq!(uploaded, 3, "the push got going before it was killed");
+
+    // Every narinfo that exists points at a complete NAR whose references are all there.
+    let narinfos: Vec<NarInfo> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "narinfo")
+                .then(|| NarInfo::parse(&std::fs::read_to_string(p).unwrap()).unwrap())
+        })
+        .collect();
+    assert!(narinfos.len() >= 3 && narinfos.len() < closure.len(), "{} of {}", narinfos.len(), closure.len());
+    for n in &narinfos {
+        assert_eq!(std::fs::metadata(dir.path().join(&n.url)).unwrap().len(), n.file_size.unwrap());
+        for r in &n.references {
+            assert!(dir.path().join(format!("{}.narinfo", r.hash_part())).exists(), "{r} missing");
+        }
+    }
+
+    let rerun = push_json(&server, &[&top]);
+    assert_eq!(rerun["already_present"].as_u64().unwrap(), narinfos.len() as u64, "{rerun}");
+    assert_eq!(rerun["uploaded"].as_u64().unwrap(), (closure.len() - narinfos.len()) as u64, "{rerun}");
+    let store = TempStore::new();
+    nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&top]));
+    assert!(store.has(&top));
+}
+
+#[test]
+fn a_refused_upload_fails_the_command_and_names_the_path_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let top = nix::build_closure("push-refused", 2, 0);
+    let out = push_cmd(&server, "not-an-upload-token", &[], &[&top]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid upload token"), "{err}");
+    assert!(err.contains(&format!("error: {top}")), "the top path is named: {err}");
+    for p in nix::closure(&top) {
+        assert!(err.contains(&p.to_string()), "{p} is not named: {err}");
+    }
+}
+
+#[test]
+fn s3_down_while_pushing_is_retried_until_it_is_back() {
+    let mut g = Garage::start();
+    let server = CacheServer::start_with(
+        &g.store_url(),
+        Options { env: g.credential_env().to_vec(), ..Default::default() },
+    );
+    let top = nix::build_closure("push-s3-down", 3, 0);
+    g.stop();
+
+    let mut cmd = push_cmd(&server, &server.token, &["--json"], &[&top]);
+    cmd.stderr(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = ChildGuard::spawn("orchestrator push", &mut cmd);
+    let mut stderr = BufReader::new(child.take_stderr());
+    let mut line = String::new();
+    while !line.contains("retrying") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "push ended without retrying");
+    }
+    assert!(line.contains("503"), "{line}");
+    g.restart();
+    let out = child.wait_with_output();
+    assert!(out.status.success(), "push did not recover: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["uploaded"], 4, "{summary}");
+}
