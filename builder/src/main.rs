@@ -7,8 +7,8 @@ use clap::Parser;
 /// fleetcache builder: claims build jobs from an orchestrator, builds them with the local `nix`
 /// and pushes the results to the cache-server.
 ///
-/// Not implemented yet: this release only ships the formats library and the orchestrator's
-/// `keygen`. The agent arrives with the distributed-builds milestone.
+/// Not implemented yet: the agent arrives with the distributed-builds milestone. Its push
+/// pipeline is available today as `orchestrator push`.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {}

@@ -48,9 +48,13 @@ enum Command {
         /// Paths uploaded at once (default: the number of cores, at least 2).
         #[arg(long)]
         jobs: Option<usize>,
-        /// zstd level (default 1, with long-distance matching).
+        /// zstd level (default 1).
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
+        /// zstd long-distance matching: ~16% fewer bytes on large NARs for ~40% more
+        /// compression time and ~150 MiB more memory.
+        #[arg(long)]
+        long_distance_matching: bool,
         /// Print a JSON summary on stdout: {"uploaded", "already_present", "bytes", "seconds", …}.
         #[arg(long)]
         json: bool,
@@ -78,11 +82,11 @@ fn push(
     cache: &str,
     token_file: &std::path::Path,
     jobs: Option<usize>,
-    zstd_level: i32,
+    mut opts: builder::push::PushOptions,
     json: bool,
     paths: &[String],
 ) -> Result<(), CliError> {
-    use builder::push::{PushOptions, push};
+    use builder::push::push;
     use nix_formats::StorePath;
     use std::io::IsTerminal as _;
     use std::sync::Arc;
@@ -100,7 +104,6 @@ fn push(
             roots.push(path);
         }
     }
-    let mut opts = PushOptions { zstd_level, ..PushOptions::default() };
     if let Some(j) = jobs {
         opts.jobs = j;
     }
@@ -148,8 +151,13 @@ fn main() -> ExitCode {
                 })
                 .map_err(CliError::from)
         }
-        Command::Push { cache, token_file, jobs, zstd_level, json, paths } => {
-            push(&cache, &token_file, jobs, zstd_level, json, &paths)
+        Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
+            let opts = builder::push::PushOptions {
+                zstd_level,
+                long_distance_matching,
+                ..builder::push::PushOptions::default()
+            };
+            push(&cache, &token_file, jobs, opts, json, &paths)
         }
     };
     match result {

@@ -4,8 +4,10 @@
 FLEETCACHE_CACHE_DIR=${FLEETCACHE_CACHE_DIR:-/var/cache/fleetcache-test}
 GARAGE_VERSION=2.5.0
 
-# Nix as Debian's nix-bin runs it here: single-user as root, no sandbox, offline.
-export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command flakes\nsubstituters ='
+# Nix as Debian's nix-bin runs it here: single-user as root, no sandbox, offline. The narinfo
+# disk-cache TTLs are 0 because every demo, bench and test cache is new, on a port an earlier
+# one may have used.
+export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command flakes\nsubstituters =\nnarinfo-cache-negative-ttl = 0\nnarinfo-cache-positive-ttl = 0'
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 

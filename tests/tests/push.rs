@@ -56,7 +56,8 @@ fn push_substitute_and_repush(server: &CacheServer) {
     let first = push_json(server, &[&top]);
     assert_eq!(first["uploaded"], closure.len(), "{first}");
     assert_eq!(first["already_present"], 0, "{first}");
-    assert!(first["bytes"].as_u64().unwrap() > 256 << 20, "{first}");
+    // Half of the big file is random bytes: at least that much went over the wire.
+    assert!(first["bytes"].as_u64().unwrap() > 128 << 20, "{first}");
     assert!(first["seconds"].as_f64().is_some());
 
     let store = TempStore::new();
