@@ -132,33 +132,36 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Reads a decompressed NAR from `decoder` to its end and checks it (blocking); returns its
+/// NarHash and NarSize.
+pub fn verify_decompressed(mut decoder: impl Read) -> Result<(Hash, u64), IngestError> {
+    let mut verifier = NarVerifier::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
+        };
+        verifier.update(&buf[..n]).map_err(|e: NarError| IngestError::InvalidNar(e.to_string()))?;
+    }
+    verifier.finish().map_err(|e| IngestError::InvalidNar(e.to_string()))
+}
+
 /// Decompresses and verifies a NAR file read from `reader` (blocking).
 pub fn verify_nar_file(reader: impl Read, compression: Compression) -> Result<NarSummary, IngestError> {
     let mut file = HashingReader { inner: reader, hasher: sha2::Sha256::new(), size: 0 };
-    let mut verifier = NarVerifier::new();
-    {
-        let mut decoder: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(&mut file),
-            Compression::Zstd => {
-                Box::new(zstd::Decoder::new(&mut file).map_err(|e| IngestError::InvalidNar(e.to_string()))?)
-            }
-            Compression::Xz => Box::new(xz2::read::XzDecoder::new(&mut file)),
-            other => return Err(IngestError::UnsupportedCompression(other.name().to_owned())),
-        };
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match decoder.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
-            };
-            verifier.update(&buf[..n]).map_err(|e: NarError| IngestError::InvalidNar(e.to_string()))?;
-        }
-    }
+    let (nar_hash, nar_size) = match compression {
+        Compression::None => verify_decompressed(&mut file)?,
+        Compression::Zstd => verify_decompressed(
+            zstd::Decoder::new(&mut file).map_err(|e| IngestError::InvalidNar(e.to_string()))?,
+        )?,
+        Compression::Xz => verify_decompressed(xz2::read::XzDecoder::new(&mut file))?,
+        other => return Err(IngestError::UnsupportedCompression(other.name().to_owned())),
+    };
     // Anything after the compressed stream ends is not part of the NAR: count it in the file.
     io::copy(&mut file, &mut io::sink()).map_err(|e| IngestError::Body(e.to_string()))?;
-    let (nar_hash, nar_size) = verifier.finish().map_err(|e| IngestError::InvalidNar(e.to_string()))?;
     Ok(NarSummary {
         nar_hash,
         nar_size,

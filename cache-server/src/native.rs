@@ -15,7 +15,6 @@ use std::sync::Arc;
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
 use nix_formats::hash::HashingWriter;
-use nix_formats::nar::NarVerifier;
 use nix_formats::{Hash, NarInfo, SecretKey, StorePath};
 use serde::{Deserialize, Serialize};
 
@@ -122,19 +121,8 @@ impl Read for ChannelReader {
 }
 
 fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError> {
-    let mut decoder = zstd::Decoder::new(reader).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
-    let mut verifier = NarVerifier::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match decoder.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
-        };
-        verifier.update(&buf[..n]).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
-    }
-    verifier.finish().map_err(|e| IngestError::InvalidNar(e.to_string()))
+    let decoder = zstd::Decoder::new(reader).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
+    crate::ingest::verify_decompressed(decoder)
 }
 
 /// Handles `POST /api/v1/upload`.

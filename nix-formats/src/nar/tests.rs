@@ -3,10 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
-
-use proptest::prelude::*;
 
 use super::*;
 
@@ -193,57 +190,6 @@ fn a_file_padding_must_be_zero() {
     let contents_at = nar.windows(3).position(|w| w == b"abc").unwrap();
     nar[contents_at + 4] = 7;
     assert!(matches!(parse_all(&nar).unwrap_err(), NarError::NonZeroPadding { .. }));
-}
-
-/// A random tree: directories, regular and executable files, symlinks.
-#[derive(Debug, Clone)]
-enum Node {
-    File(bool, Vec<u8>),
-    Link(String),
-    Dir(Vec<(String, Node)>),
-}
-
-fn arb_node() -> impl Strategy<Value = Node> {
-    let leaf = prop_oneof![
-        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(x, d)| Node::File(x, d)),
-        "[a-z./ ]{1,20}".prop_map(Node::Link),
-    ];
-    leaf.prop_recursive(4, 40, 6, |inner| {
-        proptest::collection::btree_map("[a-zA-Z0-9 ._é-]{1,12}", inner, 0..6)
-            .prop_map(|m| Node::Dir(m.into_iter().filter(|(k, _)| k != "." && k != "..").collect()))
-    })
-}
-
-fn create(path: &Path, node: &Node) {
-    match node {
-        Node::File(x, data) => {
-            fs::write(path, data).unwrap();
-            fs::set_permissions(path, fs::Permissions::from_mode(if *x { 0o755 } else { 0o644 })).unwrap();
-        }
-        Node::Link(t) => symlink(t, path).unwrap(),
-        Node::Dir(entries) => {
-            fs::create_dir(path).unwrap();
-            for (name, n) in entries {
-                create(&path.join(name), n);
-            }
-        }
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
-    #[test]
-    fn dump_unpack_dump_is_identity(node in arb_node()) {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        create(&a, &node);
-        let nar = dump_path(&a, Vec::new()).unwrap();
-        prop_assert_eq!(validate(&nar[..]).unwrap(), nar.len() as u64);
-        let b = dir.path().join("b");
-        prop_assert_eq!(unpack(&nar[..], &b).unwrap(), nar.len() as u64);
-        prop_assert_eq!(dump_path(&b, Vec::new()).unwrap(), nar);
-    }
 }
 
 #[test]
