@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,6 +18,9 @@ pub struct Bars {
     multi: MultiProgress,
     total: ProgressBar,
     per_path: Mutex<HashMap<StorePath, ProgressBar>>,
+    done: AtomicUsize,
+    to_upload: AtomicUsize,
+    cached: AtomicUsize,
 }
 
 impl Default for Bars {
@@ -38,17 +42,32 @@ impl Bars {
             .progress_chars("=> "),
         );
         total.set_prefix("push");
-        Bars { multi, total, per_path: Mutex::new(HashMap::new()) }
+        Bars {
+            multi,
+            total,
+            per_path: Mutex::new(HashMap::new()),
+            done: AtomicUsize::new(0),
+            to_upload: AtomicUsize::new(0),
+            cached: AtomicUsize::new(0),
+        }
+    }
+
+    fn show_counts(&self) {
+        self.total.set_message(format!(
+            "{}/{} paths ({} already cached)",
+            self.done.load(Ordering::Relaxed),
+            self.to_upload.load(Ordering::Relaxed),
+            self.cached.load(Ordering::Relaxed)
+        ));
     }
 }
 
 impl Progress for Bars {
     fn planned(&self, closure: usize, to_upload: usize, nar_bytes: u64) {
         self.total.set_length(nar_bytes);
-        self.total.set_message(format!(
-            "0/{to_upload} paths ({} of {closure} already cached)",
-            closure - to_upload
-        ));
+        self.to_upload.store(to_upload, Ordering::Relaxed);
+        self.cached.store(closure - to_upload, Ordering::Relaxed);
+        self.show_counts();
     }
 
     fn started(&self, path: &StorePath, nar_size: u64) {
@@ -76,9 +95,8 @@ impl Progress for Bars {
         }
         match outcome {
             Ok(_) => {
-                let done = self.total.message();
-                let (n, rest) = done.split_once('/').unwrap_or(("0", ""));
-                self.total.set_message(format!("{}/{rest}", n.parse::<usize>().unwrap_or(0) + 1));
+                self.done.fetch_add(1, Ordering::Relaxed);
+                self.show_counts();
             }
             Err(e) if will_retry => self.multi.suspend(|| eprintln!("retrying {path}: {e}")),
             Err(e) => self.multi.suspend(|| eprintln!("failed {path}: {e}")),

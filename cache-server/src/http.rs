@@ -90,7 +90,6 @@ impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
             IngestError::Storage(s) => s.into(),
-            IngestError::Body(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
             e => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         }
     }

@@ -81,8 +81,7 @@ impl<E: std::fmt::Display> From<E> for CliError {
 fn push(
     cache: &str,
     token_file: &std::path::Path,
-    jobs: Option<usize>,
-    mut opts: builder::push::PushOptions,
+    opts: &builder::push::PushOptions,
     json: bool,
     paths: &[String],
 ) -> Result<(), CliError> {
@@ -104,9 +103,6 @@ fn push(
             roots.push(path);
         }
     }
-    if let Some(j) = jobs {
-        opts.jobs = j;
-    }
     let client = builder::client::CacheClient::new(cache, token.trim());
     let progress: Arc<dyn builder::push::Progress> = if std::io::stderr().is_terminal() {
         Arc::new(builder::progress::Bars::new())
@@ -114,7 +110,7 @@ fn push(
         Arc::new(builder::progress::Lines::default())
     };
     let rt = tokio::runtime::Runtime::new()?;
-    let summary = rt.block_on(push(&client, &roots, &opts, progress))?;
+    let summary = rt.block_on(push(&client, &roots, opts, progress))?;
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -152,12 +148,14 @@ fn main() -> ExitCode {
                 .map_err(CliError::from)
         }
         Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
+            let defaults = builder::push::PushOptions::default();
             let opts = builder::push::PushOptions {
+                jobs: jobs.unwrap_or(defaults.jobs),
                 zstd_level,
                 long_distance_matching,
-                ..builder::push::PushOptions::default()
+                ..defaults
             };
-            push(&cache, &token_file, jobs, opts, json, &paths)
+            push(&cache, &token_file, &opts, json, &paths)
         }
     };
     match result {

@@ -33,17 +33,12 @@ fn push_json(server: &CacheServer, paths: &[&StorePath]) -> Value {
     serde_json::from_slice(&out.stdout).expect("--json prints one JSON document")
 }
 
+/// A counter from the server's `/metrics` (these tests are not async: a small runtime here).
 fn metric(server: &CacheServer, name: &str) -> u64 {
-    let text = reqwest::blocking_get(&format!("{}/metrics", server.url));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = format!("{}/metrics", server.url);
+    let text = rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() });
     text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
-}
-
-mod reqwest {
-    /// A tiny blocking GET for tests that are not async.
-    pub fn blocking_get(url: &str) -> String {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async { ::reqwest::get(url).await.unwrap().text().await.unwrap() })
-    }
 }
 
 /// Pushes a closure of many paths and one NAR over 256 MiB, substitutes all of it into a fresh
