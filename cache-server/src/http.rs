@@ -135,11 +135,14 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         _ => "other",
     };
     let start = Instant::now();
-    let path = req.uri().path().to_owned();
+    // Only copied when it will be logged: this runs on every request.
+    let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
     let resp = next.run(req).await;
     let status = resp.status();
     state.metrics.request(route, method, status.as_u16());
-    tracing::debug!(method, %path, status = status.as_u16(), ms = start.elapsed().as_millis() as u64, "request");
+    if let Some(path) = path {
+        tracing::debug!(method, %path, status = status.as_u16(), ms = start.elapsed().as_millis() as u64, "request");
+    }
     resp
 }
 
@@ -157,7 +160,7 @@ fn check_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 }
 
 fn check_upload<'a>(state: &'a AppState, headers: &HeaderMap) -> ApiResult<&'a str> {
-    let Some(uploaders) = state.upload_tokens.as_ref().filter(|_| !state.signing_keys.is_empty()) else {
+    let Some(uploaders) = state.upload_tokens.as_ref().filter(|_| state.writable()) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "this cache-server is read-only: it has no signing key or no upload tokens configured",
