@@ -133,20 +133,12 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Reads a decompressed NAR from `decoder` to its end and checks it (blocking); returns its
-/// NarHash and NarSize.
-pub fn verify_decompressed(mut decoder: impl Read) -> Result<(Hash, u64), IngestError> {
-    let mut verifier = NarVerifier::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match decoder.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(IngestError::InvalidNar(format!("decompressing: {e}"))),
-        };
-        verifier.update(&buf[..n]).map_err(|e: NarError| IngestError::InvalidNar(e.to_string()))?;
-    }
-    verifier.finish().map_err(|e| IngestError::InvalidNar(e.to_string()))
+/// NarHash and NarSize. A decompression failure is an invalid NAR too.
+pub fn verify_decompressed(decoder: impl Read) -> Result<(Hash, u64), IngestError> {
+    NarVerifier::verify_reader(decoder).map_err(|e| match e {
+        NarError::Io(e) => IngestError::InvalidNar(format!("decompressing: {e}")),
+        e => IngestError::InvalidNar(e.to_string()),
+    })
 }
 
 /// Decompresses and verifies a NAR file read from `reader` (blocking).

@@ -458,18 +458,26 @@ pub fn validate(reader: impl Read) -> Result<u64, NarError> {
 }
 
 /// Reads a whole NAR from `reader`, reporting it to `visitor`; returns its size in bytes.
-pub(crate) fn parse_from(mut reader: impl Read, visitor: &mut impl NarVisitor) -> Result<u64, NarError> {
+pub(crate) fn parse_from(reader: impl Read, visitor: &mut impl NarVisitor) -> Result<u64, NarError> {
     let mut parser = NarParser::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(NarError::Io(e)),
-        };
-        parser.feed(&buf[..n], visitor)?;
-    }
+    read_chunks(reader, |chunk| parser.feed(chunk, visitor))?;
     parser.finish()?;
     Ok(parser.offset())
+}
+
+/// Reads `reader` to its end in large chunks, passing each to `f`; read errors become
+/// [`NarError::Io`].
+pub(crate) fn read_chunks(
+    mut reader: impl Read,
+    mut f: impl FnMut(&[u8]) -> Result<(), NarError>,
+) -> Result<(), NarError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => f(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(NarError::Io(e)),
+        }
+    }
 }

@@ -225,3 +225,11 @@ fn a_nar_written_by_nix_unpacks_and_dumps_back_identically() {
     assert!(fs::metadata(out.join("with space/é")).unwrap().len() == 0);
     assert_eq!(dump_path(&out, Vec::new()).unwrap(), SAMPLE_FROM_NIX);
 }
+
+#[test]
+fn the_verifier_hashes_what_it_validates() {
+    let (hash, size) = NarVerifier::verify_reader(SAMPLE_FROM_NIX).unwrap();
+    assert_eq!((hash, size), (crate::Hash::sha256_of(SAMPLE_FROM_NIX), SAMPLE_FROM_NIX.len() as u64));
+    let short = &SAMPLE_FROM_NIX[..SAMPLE_FROM_NIX.len() - 8];
+    assert!(matches!(NarVerifier::verify_reader(short).unwrap_err(), NarError::Truncated { .. }));
+}

@@ -1,8 +1,10 @@
 //! Checking a NAR stream and computing its NarHash and NarSize in one pass.
 
+use std::io::Read;
+
 use sha2::Digest as _;
 
-use super::parser::{NarError, NarParser};
+use super::parser::{NarError, NarParser, read_chunks};
 use crate::hash::Hash;
 
 /// Feeds bytes to a validating [`NarParser`] and SHA-256 at once: what a cache needs to accept
@@ -22,6 +24,13 @@ impl NarVerifier {
     /// A verifier at the start of a NAR.
     pub fn new() -> Self {
         NarVerifier { parser: NarParser::new(), hasher: sha2::Sha256::new() }
+    }
+
+    /// Reads a whole NAR from `reader`, checks it and returns its NarHash and NarSize.
+    pub fn verify_reader(reader: impl Read) -> Result<(Hash, u64), NarError> {
+        let mut v = NarVerifier::new();
+        read_chunks(reader, |chunk| v.update(chunk))?;
+        v.finish()
     }
 
     /// Checks and hashes the next chunk.
