@@ -19,7 +19,7 @@ use crate::ingest::{self, IngestError};
 use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
 use crate::native;
-use crate::storage::{ByteRange, Key, KeyError, Storage, StorageError};
+use crate::storage::{ByteRange, Key, KeyError, SMALL_OBJECT, Storage, StorageError};
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -201,9 +201,6 @@ fn top_key(file: &str) -> Result<(Key, &'static str, &'static str), KeyError> {
 
 /// Narinfos may gain a signature during a key rotation: let clients and CDNs keep them briefly.
 const NARINFO_CACHE_CONTROL: &str = "public, max-age=300";
-
-/// Objects up to this size are read whole before the response starts.
-const SMALL_OBJECT: u64 = 64 * 1024;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 

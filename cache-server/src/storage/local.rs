@@ -10,14 +10,11 @@ use tokio::fs;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio_util::io::ReaderStream;
 
-use super::{ByteRange, Key, Object, Storage, StorageError, Upload};
+use super::{ByteRange, Key, Object, SMALL_OBJECT, Storage, StorageError, Upload};
 
 /// Uploads in progress live here, under the root, so the final rename stays on one file system.
 /// Nix never asks for names starting with a dot, and [`Key`] cannot name them.
 const TMP_DIR: &str = ".fleetcache-tmp";
-
-/// Objects up to this size are read in one go (narinfos, listings, `nix-cache-info`).
-const SMALL_OBJECT: u64 = 64 * 1024;
 
 /// A cache in a local directory.
 pub struct LocalStorage {

@@ -45,6 +45,11 @@ pub enum StorageError {
     },
 }
 
+/// Objects up to this size (narinfos, listings, `nix-cache-info`) are read whole in one go rather
+/// than streamed: by the local backend in one trip to the blocking pool, by the HTTP layer into
+/// one response buffer.
+pub const SMALL_OBJECT: u64 = 64 * 1024;
+
 /// A byte range, both ends inclusive, as in HTTP `Range: bytes=start-end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteRange {
