@@ -39,6 +39,14 @@ impl CacheServer {
         Self::start_with(store, Options::default())
     }
 
+    /// Starts a writable server on a fresh temporary directory; returns the directory too (drop
+    /// it after the server).
+    pub fn start_local() -> (TempDir, Self) {
+        let dir = tempfile::Builder::new().prefix("fleetcache-cache-").tempdir().expect("tempdir");
+        let server = Self::start(&format!("file://{}", dir.path().display()));
+        (dir, server)
+    }
+
     /// Starts a server with options.
     pub fn start_with(store: &str, opts: Options) -> Self {
         let dir = tempfile::Builder::new().prefix("fleetcache-cache-server-").tempdir().expect("tempdir");

@@ -7,12 +7,6 @@ use nix_formats::{Hash, NarInfo, PublicKey, StorePath, nixbase32};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-fn local_server() -> (tempfile::TempDir, CacheServer) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
-    (dir, server)
-}
-
 /// A NAR of a directory holding `files` (name, contents), in the given order.
 fn nar(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut e = NarEncoder::new(Vec::new()).unwrap();
@@ -93,7 +87,7 @@ impl Client<'_> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_truthful_upload_is_published_signed_and_served_with_ranges() {
-    let (_dir, server) = local_server();
+    let (_dir, server) = CacheServer::start_local();
     let c = Client { http: reqwest::Client::new(), server: &server };
     let u = upload_of(path("good"), &nar(&[("a", b"hello"), ("b", b"world")]), vec![]);
     let (s, body) = c.publish(&u).await;
@@ -143,7 +137,7 @@ async fn a_truthful_upload_is_published_signed_and_served_with_ranges() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lies_and_broken_nars_are_refused_and_nothing_is_published() {
-    let (_dir, server) = local_server();
+    let (_dir, server) = CacheServer::start_local();
     let c = Client { http: reqwest::Client::new(), server: &server };
     let token = Some(server.token.as_str());
     let good_nar = nar(&[("a", b"hello"), ("b", b"world")]);
@@ -266,7 +260,7 @@ async fn raw_get(server: &CacheServer, target: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn path_traversal_never_leaves_the_store() {
-    let (dir, server) = local_server();
+    let (dir, server) = CacheServer::start_local();
     // A file just outside the cache directory, and one inside it that is not part of the layout.
     std::fs::write(dir.path().join("secret.txt"), "root:secret").unwrap();
     for target in [

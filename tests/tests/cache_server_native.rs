@@ -84,8 +84,7 @@ async fn status_of(server: &CacheServer, path: &str) -> StatusCode {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closure_uploaded_natively_is_substituted_by_nix() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let (_dir, server) = CacheServer::start_local();
     let top = nix::build_closure("native-upload", 4, 0);
     let infos = closure_in_upload_order(&top);
     let paths: Vec<&str> = infos.iter().map(|i| i["path"].as_str().unwrap()).collect();
@@ -105,8 +104,7 @@ async fn a_closure_uploaded_natively_is_substituted_by_nix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lies_and_broken_streams_publish_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let (dir, server) = CacheServer::start_local();
     let top = nix::build_closure("native-lies", 1, 0);
     let infos = closure_in_upload_order(&top);
     let leaf = &infos[0];

@@ -58,8 +58,7 @@ async fn round_trip(server: &CacheServer, nonce: &str, compression: Option<&str>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_uploads_and_substitutes_on_a_local_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let (dir, server) = CacheServer::start_local();
     round_trip(&server, "cache-server-local-zstd", Some("zstd")).await;
     // Nix's default compression for http caches is xz; it works too.
     round_trip(&server, "cache-server-local-xz", None).await;

@@ -71,8 +71,7 @@ fn push_substitute_and_repush(server: &CacheServer) {
 
 #[test]
 fn push_to_a_local_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let (_dir, server) = CacheServer::start_local();
     push_substitute_and_repush(&server);
 }
 
@@ -88,8 +87,7 @@ fn push_to_garage() {
 
 #[test]
 fn a_killed_push_leaves_only_complete_paths_and_the_rerun_finishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let (dir, server) = CacheServer::start_local();
     let top = nix::build_closure("push-killed", 12, 64);
     let closure = nix::closure(&top);
 
@@ -136,8 +134,7 @@ fn a_killed_push_leaves_only_complete_paths_and_the_rerun_finishes() {
 
 #[test]
 fn a_refused_upload_fails_the_command_and_names_the_path_and_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = CacheServer::start(&format!("file://{}", dir.path().display()));
+    let (_dir, server) = CacheServer::start_local();
     let top = nix::build_closure("push-refused", 2, 0);
     let out = push_cmd(&server, "not-an-upload-token", &[], &[&top]).output().unwrap();
     assert!(!out.status.success());
