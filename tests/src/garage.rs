@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use aws_sdk_s3::config::retry::RetryConfig;
 use tempfile::TempDir;
 
 use crate::process::{ChildGuard, free_port, wait_for_port};
@@ -57,11 +58,56 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl Garage {
-    /// Starts a fresh Garage and waits until its S3 API answers.
+    /// Starts a fresh Garage and waits until its S3 API answers as this server (our key can
+    /// see our bucket). Ports are drawn at random; when another test's server holds one of them
+    /// (Garage keeps running when it cannot bind its S3 port), it starts over on new ports.
     pub fn start() -> Self {
         let dir = tempfile::Builder::new().prefix("fleetcache-garage-").tempdir().expect("tempdir");
-        let s3_port = free_port();
-        let rpc_port = free_port();
+        let mut g = Garage {
+            dir,
+            child: None,
+            s3_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bucket: "fleetcache-test".to_owned(),
+            access_key_id: format!("GK{}", random_hex(12)),
+            secret_access_key: random_hex(32),
+        };
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match g.start_on(free_port(), free_port()) {
+                Ok(()) => return g,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("Garage did not start: {failures:#?}\nlog:\n{}", g.log())
+    }
+
+    /// Starts a fresh Garage on the given ports, or says why its S3 API does not answer as it.
+    pub fn try_start_on(s3_port: u16, rpc_port: u16) -> Result<Self, String> {
+        let dir = tempfile::Builder::new().prefix("fleetcache-garage-").tempdir().expect("tempdir");
+        let mut g = Garage {
+            dir,
+            child: None,
+            s3_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bucket: "fleetcache-test".to_owned(),
+            access_key_id: format!("GK{}", random_hex(12)),
+            secret_access_key: random_hex(32),
+        };
+        g.start_on(s3_port, rpc_port).map(|()| g)
+    }
+
+    fn start_on(&mut self, s3_port: u16, rpc_port: u16) -> Result<(), String> {
+        self.configure(s3_port, rpc_port);
+        self.spawn().inspect_err(|_| self.stop())
+    }
+
+    /// Writes a configuration for these ports with empty data and metadata directories.
+    fn configure(&mut self, s3_port: u16, rpc_port: u16) {
+        let (meta, data) = (self.dir.path().join("meta"), self.dir.path().join("data"));
+        for d in [&meta, &data] {
+            if d.exists() {
+                fs::remove_dir_all(d).expect("clear garage directory");
+            }
+        }
         let config = format!(
             r#"metadata_dir = "{meta}"
 data_dir = "{data}"
@@ -76,21 +122,12 @@ s3_region = "{REGION}"
 api_bind_addr = "127.0.0.1:{s3_port}"
 root_domain = ".s3.garage.localhost"
 "#,
-            meta = dir.path().join("meta").display(),
-            data = dir.path().join("data").display(),
+            meta = meta.display(),
+            data = data.display(),
             secret = random_hex(32),
         );
-        fs::write(dir.path().join("garage.toml"), config).expect("write garage.toml");
-        let mut g = Garage {
-            dir,
-            child: None,
-            s3_addr: SocketAddr::from(([127, 0, 0, 1], s3_port)),
-            bucket: "fleetcache-test".to_owned(),
-            access_key_id: format!("GK{}", random_hex(12)),
-            secret_access_key: random_hex(32),
-        };
-        g.restart();
-        g
+        fs::write(self.dir.path().join("garage.toml"), config).expect("write garage.toml");
+        self.s3_addr = SocketAddr::from(([127, 0, 0, 1], s3_port));
     }
 
     /// The S3 endpoint URL, `http://127.0.0.1:<port>`.
@@ -146,6 +183,13 @@ root_domain = ".s3.garage.localhost"
     /// Starts the server again on the same ports with the same data, and waits for it.
     pub fn restart(&mut self) {
         self.stop();
+        if let Err(e) = self.spawn() {
+            panic!("Garage did not restart: {e}\nlog:\n{}", self.log());
+        }
+    }
+
+    /// Runs the server and waits until its S3 API answers our signed requests.
+    fn spawn(&mut self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -165,6 +209,32 @@ root_domain = ".s3.garage.localhost"
         let mut child = ChildGuard::spawn("garage", &mut cmd);
         wait_for_port(&mut child, self.s3_addr, Duration::from_secs(60));
         self.child = Some(child);
+        self.answers_as_itself()
+    }
+
+    /// Whether the S3 port is this server: a signed HeadBucket of our bucket succeeds. Another
+    /// process on the port (a port drawn twice by parallel tests) fails it. Runs on its own
+    /// thread and runtime, so it can be called from async tests too.
+    fn answers_as_itself(&self) -> Result<(), String> {
+        let no_retries = self.client().config().to_builder().retry_config(RetryConfig::disabled()).build();
+        let client = aws_sdk_s3::Client::from_conf(no_retries);
+        let (bucket, addr) = (self.bucket.clone(), self.s3_addr);
+        let attempt = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let mut last = String::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    match client.head_bucket().bucket(&bucket).send().await {
+                        Ok(_) => return Ok(()),
+                        Err(e) => last = aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(format!("{addr} does not answer as this Garage: {last}"))
+            })
+        });
+        attempt.join().expect("garage check thread")
     }
 
     /// Garage's own log, for failure messages.

@@ -1,7 +1,9 @@
 //! Child processes for tests: stopped with SIGTERM on drop, readiness without sleeps-as-sync.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
@@ -89,8 +91,30 @@ impl Drop for ChildGuard {
 
 /// A loopback TCP port that was free a moment ago, for servers that cannot take a bound
 /// socket (Garage). Our own servers take a listener bound to port 0 instead.
+///
+/// The port is drawn at random from below the kernel's ephemeral range, so neither another
+/// test's `bind(0)` nor an outgoing connection's source port can take it between this call and
+/// the server binding it, and it is never handed out twice in one process. Test processes run
+/// in parallel, so two of them can still draw the same port: servers started on such a port
+/// must check they answer as themselves (see `Garage::start`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local_addr").port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let mut handed_out = HANDED_OUT.lock().expect("port set");
+    for _ in 0..1000 {
+        let mut b = [0u8; 2];
+        getrandom::fill(&mut b).expect("randomness");
+        let port = low + u16::from_le_bytes(b) % (high - low);
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}")
 }
 
 /// Polls until `addr` accepts TCP connections, checking that `child` is still alive between

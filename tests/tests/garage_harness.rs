@@ -34,3 +34,26 @@ async fn a_fresh_bucket_stores_streams_and_survives_a_restart() {
     let head = s3.head_object().bucket(&bucket).key("nar/x.nar.zst").send().await.unwrap();
     assert_eq!(head.content_length(), Some(data.len() as i64));
 }
+
+/// Parallel test processes can draw the same port. Garage keeps running when its S3 port is
+/// taken, so the harness must notice that the port answers as someone else (seen in CI: every
+/// request to "Garage" was reset by another Garage's RPC listener).
+#[test]
+fn a_port_held_by_another_server_is_noticed() {
+    use fleetcache_tests::process::free_port;
+    use std::net::TcpListener;
+
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // Accept and drop at once, like a server speaking another protocol.
+        for conn in squatter.incoming() {
+            drop(conn);
+        }
+    });
+    let err = match Garage::try_start_on(port, free_port()) {
+        Ok(_) => panic!("Garage claimed a port another server holds"),
+        Err(e) => e,
+    };
+    assert!(err.contains("does not answer as this Garage"), "{err}");
+}
