@@ -119,6 +119,19 @@ impl CacheClient {
             .collect()
     }
 
+    /// Stores the build log of `drv` as `log/<drv base name>`, where `nix log` looks for it.
+    pub async fn upload_log(&self, drv: &StorePath, log: Bytes) -> Result<(), ClientError> {
+        let resp = self
+            .http
+            .put(format!("{}/log/{}", self.base, drv.base_name()))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(log)
+            .send()
+            .await;
+        Self::check(resp).await.map(drop)
+    }
+
     /// Uploads one path: `body` yields the metadata line, then the zstd-compressed NAR.
     /// Returns the compressed size the server stored.
     pub async fn upload(

@@ -1,5 +1,16 @@
-//! The fleetcache orchestrator: resolves fleet revisions, evaluates variants, schedules builds.
+//! The fleetcache orchestrator: resolves fleet revisions, evaluates variants, builds what the
+//! cache lacks and publishes it.
 //!
-//! So far it holds the key management the cache and the embedded default need.
+//! `orchestrator build --rev` runs everything in one process (the embedded default): state in
+//! SQLite ([`state`]), builds with the local `nix` ([`nix_build`]), results through the
+//! cache-server's own code over a local directory or S3 ([`cache`]).
 
+pub mod build;
+pub mod cache;
+pub mod config;
+pub mod eval;
+pub mod flake;
 pub mod keys;
+pub mod nix_build;
+pub mod report;
+pub mod state;

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod commands;
+
 /// fleetcache orchestrator: builds a NixOS fleet's hardware variants and publishes them to its
 /// binary cache.
 #[derive(Parser)]
@@ -33,6 +35,58 @@ enum Command {
         /// Replace existing key files.
         #[arg(long)]
         force: bool,
+    },
+    /// Build a fleet revision's variants and publish them to the cache.
+    ///
+    /// Resolves REV in the fleet flake, reads the inputs its flake.lock pins, evaluates every
+    /// variant against the flake at that commit, skips what the cache already has, builds the
+    /// rest with nix and pushes each closure and build log. With no configuration everything
+    /// happens here: state under $XDG_STATE_HOME/fleetcache, results in a local cache under
+    /// $XDG_DATA_HOME/fleetcache/cache signed with a key generated there on first use.
+    /// Exits 0 only if every variant is cached or built; 130 when interrupted.
+    Build {
+        /// A commit, tag or branch of the fleet repository.
+        #[arg(long)]
+        rev: String,
+        /// The fleet flake (local checkout or git URL); default: the config's fleet.flake, else
+        /// the git repository in the current directory.
+        #[arg(long)]
+        flake: Option<String>,
+        /// Build only this variant (repeatable); default: every configured variant.
+        #[arg(long = "variant", value_name = "NAME")]
+        variants: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+        /// Rebuild derivations whose last attempt failed.
+        #[arg(long)]
+        retry_failed: bool,
+        /// Derivations built at once (default: the config's build.max-jobs, 1).
+        #[arg(long)]
+        max_jobs: Option<usize>,
+        /// Print build logs (on a terminal the last line of each shows anyway).
+        #[arg(short = 'L', long)]
+        print_build_logs: bool,
+        /// Print one JSON document on stdout:
+        /// [{"variant","system","attr","drv_path","out_paths","status","seconds","error"}].
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show recorded revisions: locked inputs, variants, derivations and build attempts.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// How many revisions, newest first.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a fleetcache.toml and print the settings it gives.
+    CheckConfig {
+        /// The file (default: $FLEETCACHE_CONFIG, else $XDG_CONFIG_HOME/fleetcache/fleetcache.toml).
+        #[arg(long, env = "FLEETCACHE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Push the closures of store paths (or of the outputs of .drv files) to a cache-server.
     ///
@@ -64,10 +118,24 @@ enum Command {
     },
 }
 
+/// Settings shared by the commands that use the state.
+#[derive(clap::Args)]
+struct Common {
+    /// fleetcache.toml (default: $FLEETCACHE_CONFIG, else $XDG_CONFIG_HOME/fleetcache/fleetcache.toml
+    /// if it exists, else built-in defaults).
+    #[arg(long, env = "FLEETCACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The state directory (default: the config's state-dir, else $XDG_STATE_HOME/fleetcache).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
 /// A command's failure: already reported, or an error to print.
 enum CliError {
     /// The command printed its own report (e.g. which paths failed).
     Failed,
+    /// The command was interrupted and said so.
+    Interrupted,
     /// An error to print.
     Error(String),
 }
@@ -147,6 +215,23 @@ fn main() -> ExitCode {
                 })
                 .map_err(CliError::from)
         }
+        Command::Build { rev, flake, variants, common, retry_failed, max_jobs, print_build_logs, json } => {
+            commands::build(commands::BuildArgs {
+                rev,
+                flake,
+                variants,
+                config: common.config,
+                state_dir: common.state_dir,
+                retry_failed,
+                max_jobs,
+                print_build_logs,
+                json,
+            })
+        }
+        Command::Status { common, limit, json } => {
+            commands::status(common.config.as_deref(), common.state_dir, limit, json)
+        }
+        Command::CheckConfig { config } => commands::check_config(config.as_deref()),
         Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
             let defaults = builder::push::PushOptions::default();
             let opts = builder::push::PushOptions {
@@ -161,6 +246,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Failed) => ExitCode::FAILURE,
+        Err(CliError::Interrupted) => ExitCode::from(130),
         Err(CliError::Error(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -5,10 +5,12 @@
 //! - [`garage`]: a fresh bucket on a real Garage server in one call.
 //! - [`process`]: child processes that are stopped with SIGTERM when dropped, and readiness
 //!   polling that notices a child that died.
+//! - [`fleet`]: an offline stand-in fleet (nixpkgs, llama.cpp and fleet flakes in local git).
 //! - [`cache_server`]: the real `cache-server` on a free port with a fresh key and token.
 //! - [`bin`]: where the workspace's binaries are.
 
 pub mod cache_server;
+pub mod fleet;
 pub mod garage;
 pub mod nix;
 pub mod process;

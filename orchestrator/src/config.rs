@@ -1,0 +1,407 @@
+//! `fleetcache.toml`: what the orchestrator builds, where it keeps its state, where it publishes.
+//!
+//! Every field has a default, stated on it, so an empty file (or none) is the embedded default:
+//! state under the XDG state directory, a local cache directory under the XDG data directory,
+//! a signing key generated there on first use, and the variants `default`, `cuda`, `vulkan` of
+//! the fleet's `llama-cpp` input.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why the configuration is unusable.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for these settings (unknown keys included).
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error, with its line.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The settings parse but contradict each other or name something impossible.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file (or `<defaults>`).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The orchestrator's settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The fleet repository.
+    #[serde(default)]
+    pub fleet: FleetConfig,
+    /// Where the state database lives. Default `$XDG_STATE_HOME/fleetcache`
+    /// (`~/.local/state/fleetcache`).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Where results are published.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// How builds run on this machine.
+    #[serde(default)]
+    pub build: BuildConfig,
+    /// The variants to build. Default: `default`, `cuda` and `vulkan` at
+    /// `inputs.llama-cpp.packages.{system}.<name>` for this machine's system.
+    #[serde(default = "default_variants", rename = "variant")]
+    pub variants: Vec<VariantConfig>,
+}
+
+/// The fleet flake.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FleetConfig {
+    /// The fleet flake: a local git checkout (`/srv/fleet`, `git+file:///srv/fleet`) or a git URL
+    /// (`git+https://…`, `git+ssh://…`, `github:owner/repo`), mirrored under the state directory.
+    /// Default: the git repository in the current directory. `--flake` overrides it.
+    #[serde(default)]
+    pub flake: Option<String>,
+    /// The lock-file inputs shown and recorded for each revision. Default `["nixpkgs", "llama-cpp"]`.
+    #[serde(default = "default_tracked_inputs")]
+    pub tracked_inputs: Vec<String>,
+}
+
+/// Where results go: an embedded cache (a store plus signing keys, served in-process while the
+/// command runs) or a remote cache-server.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheConfig {
+    /// A remote cache-server (`https://cache.example.org`). When set, uploads go there with
+    /// `token-file`, and `store`/`signing-key-files` must not be set (the server signs).
+    /// Default none: the embedded cache.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// File holding an upload token of the remote cache-server. Required with `url`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The embedded cache's store: `file:///dir` or `s3://bucket?endpoint=…&region=…` (AWS_*
+    /// credentials from the environment). Default `file://$XDG_DATA_HOME/fleetcache/cache`.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The embedded cache's secret signing keys (every key signs). Default: one key at
+    /// `$XDG_DATA_HOME/fleetcache/signing-key`, generated on first use with its public half beside
+    /// it (`signing-key.pub`).
+    #[serde(default)]
+    pub signing_key_files: Vec<PathBuf>,
+}
+
+/// Build settings for this machine.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BuildConfig {
+    /// Derivations built at once by this machine (each `nix build` also uses every core Nix is
+    /// allowed). Default 1.
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
+    /// Paths uploaded at once by each push. Default: the number of cores, at least 2.
+    #[serde(default)]
+    pub push_jobs: Option<usize>,
+    /// zstd level of pushed NARs. Default 1.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// Largest build log kept per attempt in the state database, in bytes (the head is dropped
+    /// beyond it; the cache gets Nix's whole log). Default 4 MiB.
+    #[serde(default = "default_max_log_bytes")]
+    pub max_log_bytes: usize,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            max_jobs: default_max_jobs(),
+            push_jobs: None,
+            zstd_level: default_zstd_level(),
+            max_log_bytes: default_max_log_bytes(),
+        }
+    }
+}
+
+/// One variant: a package attribute of the fleet flake, built for some systems.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VariantConfig {
+    /// Name used on the command line (`--variant cuda`) and in reports: letters, digits, `-`, `_`.
+    pub name: String,
+    /// Attribute path in the fleet flake at the revision; `{system}` is replaced by each system.
+    /// Components may be quoted: `nixosConfigurations."carbon.lan".pkgs.llama-cpp-cuda`.
+    pub attr: String,
+    /// Systems to build for. Default: this machine's (`x86_64-linux` on x86-64 Linux).
+    #[serde(default = "default_systems")]
+    pub systems: Vec<String>,
+    /// Builder features the build needs (used when builders are distributed; the embedded build
+    /// builds everything here). Default none.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+fn default_tracked_inputs() -> Vec<String> {
+    vec!["nixpkgs".to_owned(), "llama-cpp".to_owned()]
+}
+fn default_max_jobs() -> usize {
+    1
+}
+fn default_zstd_level() -> i32 {
+    1
+}
+fn default_max_log_bytes() -> usize {
+    4 << 20
+}
+fn default_systems() -> Vec<String> {
+    vec![local_system()]
+}
+fn default_variants() -> Vec<VariantConfig> {
+    [("default", &[][..]), ("cuda", &["cuda"][..]), ("vulkan", &["vulkan"][..])]
+        .into_iter()
+        .map(|(name, features)| VariantConfig {
+            name: name.to_owned(),
+            attr: format!("inputs.llama-cpp.packages.{{system}}.{name}"),
+            systems: default_systems(),
+            features: features.iter().map(|f| (*f).to_owned()).collect(),
+        })
+        .collect()
+}
+
+/// This machine's Nix system name.
+pub fn local_system() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86" => "i686",
+        other => other,
+    };
+    format!("{arch}-{}", std::env::consts::OS)
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig { flake: None, tracked_inputs: default_tracked_inputs() }
+    }
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text`, naming `path` in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.check().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        Ok(config)
+    }
+
+    /// The defaults (no file).
+    pub fn defaults() -> Self {
+        Config { variants: default_variants(), ..Config::default() }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        if self.variants.is_empty() {
+            return Err("no [[variant]] configured".to_owned());
+        }
+        for v in &self.variants {
+            if v.name.is_empty() || !v.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!("variant name {:?}: use letters, digits, '-' and '_'", v.name));
+            }
+            if !names.insert(&v.name) {
+                return Err(format!("variant {:?} is configured twice", v.name));
+            }
+            if v.systems.is_empty() {
+                return Err(format!("variant {:?} has no systems", v.name));
+            }
+            for system in &v.systems {
+                attr_path(&v.attr, system).map_err(|e| format!("variant {:?}: {e}", v.name))?;
+            }
+        }
+        if self.build.max_jobs == 0 {
+            return Err("build.max-jobs must be at least 1".to_owned());
+        }
+        match (&self.cache.url, &self.cache.token_file) {
+            (Some(_), None) => return Err("cache.url needs cache.token-file (an upload token)".to_owned()),
+            (None, Some(_)) => return Err("cache.token-file is set but cache.url is not".to_owned()),
+            (Some(_), Some(_)) if self.cache.store.is_some() || !self.cache.signing_key_files.is_empty() => {
+                return Err(
+                    "cache.url (a remote cache-server) excludes cache.store and cache.signing-key-files: \
+                     the server holds the store and the keys"
+                        .to_owned(),
+                );
+            }
+            _ => {}
+        }
+        if let Some(store) = &self.cache.store {
+            cache_server::config::StoreUrl::parse(store).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The state directory: `state-dir`, else `$XDG_STATE_HOME/fleetcache`, else
+    /// `~/.local/state/fleetcache`.
+    pub fn state_dir(&self) -> Result<PathBuf, String> {
+        match &self.state_dir {
+            Some(d) => Ok(d.clone()),
+            None => xdg_dir("XDG_STATE_HOME", ".local/state"),
+        }
+    }
+
+    /// Looks up variants by name, in the order asked; all of them when `names` is empty.
+    pub fn select_variants(&self, names: &[String]) -> Result<Vec<VariantConfig>, String> {
+        if names.is_empty() {
+            return Ok(self.variants.clone());
+        }
+        names
+            .iter()
+            .map(|n| {
+                self.variants.iter().find(|v| &v.name == n).cloned().ok_or_else(|| {
+                    let known: Vec<&str> = self.variants.iter().map(|v| v.name.as_str()).collect();
+                    format!("no variant {n:?} is configured (known: {})", known.join(", "))
+                })
+            })
+            .collect()
+    }
+}
+
+/// `$VAR/fleetcache`, else `~/<fallback>/fleetcache`.
+pub fn xdg_dir(var: &str, fallback: &str) -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os(var).filter(|d| Path::new(d).is_absolute()) {
+        return Ok(PathBuf::from(d).join("fleetcache"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| format!("neither {var} nor HOME is set"))?;
+    Ok(PathBuf::from(home).join(fallback).join("fleetcache"))
+}
+
+/// Splits an attribute path into its components after putting `system` for `{system}`.
+pub fn attr_path(attr: &str, system: &str) -> Result<Vec<String>, String> {
+    let attr = attr.replace("{system}", system);
+    let mut parts = Vec::new();
+    let mut chars = attr.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(format!("attribute path {attr:?}: unterminated quote")),
+                }
+            }
+            if !matches!(chars.peek(), None | Some('.')) {
+                return Err(format!("attribute path {attr:?}: '.' expected after a quoted name"));
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if c == '"' || c.is_whitespace() {
+                    return Err(format!("attribute path {attr:?}: unexpected {c:?}"));
+                }
+                part.push(c);
+                chars.next();
+            }
+            if part.is_empty() {
+                return Err(format!("attribute path {attr:?}: empty component"));
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => {}
+            Some(c) => return Err(format!("attribute path {attr:?}: unexpected {c:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_is_the_embedded_default() {
+        let c = Config::parse("", Path::new("x.toml")).unwrap();
+        let names: Vec<&str> = c.variants.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["default", "cuda", "vulkan"]);
+        assert_eq!(c.variants[1].attr, "inputs.llama-cpp.packages.{system}.cuda");
+        assert_eq!(c.variants[1].systems, [local_system()]);
+        assert_eq!(c.cache, CacheConfig::default());
+        assert_eq!(c, Config::defaults());
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_says_the_defaults() {
+        let example = include_str!("../../fleetcache.example.toml");
+        let c = Config::parse(example, Path::new("fleetcache.example.toml")).unwrap();
+        assert_eq!(c.build, BuildConfig::default());
+        assert_eq!(c.fleet.tracked_inputs, default_tracked_inputs());
+        let names: Vec<&str> = c.variants.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["default", "cuda", "vulkan"]);
+        // The example spells out the default variants for x86_64-linux.
+        let mut defaults = default_variants();
+        for v in &mut defaults {
+            v.systems = vec!["x86_64-linux".to_owned()];
+        }
+        assert_eq!(c.variants, defaults);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let bad = |text: &str| Config::parse(text, Path::new("f.toml")).unwrap_err().to_string();
+        assert!(bad("[fleet]\nflak = \"x\"").contains("unknown field `flak`"));
+        assert!(bad("[cache]\nurl = \"http://c\"").contains("needs cache.token-file"));
+        assert!(
+            bad("[cache]\nurl = \"http://c\"\ntoken-file = \"t\"\nstore = \"file:///x\"")
+                .contains("excludes")
+        );
+        assert!(bad("[cache]\nstore = \"ftp://x\"").contains("invalid store URL"));
+        let variant = |attr: &str| format!("[[variant]]\nname = \"x\"\nattr = '{attr}'\n");
+        assert!(bad(&variant("a..b")).contains("empty component"));
+        assert!(bad(&variant("a.\"b")).contains("unterminated quote"));
+        assert!(bad(&(variant("a") + &variant("b"))).contains("configured twice"));
+        assert!(bad("[[variant]]\nname = \"a b\"\nattr = 'x'").contains("variant name"));
+        assert!(bad("[build]\nmax-jobs = 0").contains("at least 1"));
+    }
+
+    #[test]
+    fn attribute_paths() {
+        assert_eq!(
+            attr_path("inputs.llama-cpp.packages.{system}.cuda", "aarch64-linux").unwrap(),
+            ["inputs", "llama-cpp", "packages", "aarch64-linux", "cuda"]
+        );
+        assert_eq!(
+            attr_path("nixosConfigurations.\"carbon.lan\".pkgs.x", "s").unwrap(),
+            ["nixosConfigurations", "carbon.lan", "pkgs", "x"]
+        );
+        assert!(attr_path("a.", "s").is_err());
+        assert!(attr_path("\"a\"b", "s").is_err());
+    }
+
+    #[test]
+    fn variants_are_selected_by_name() {
+        let c = Config::defaults();
+        let picked = c.select_variants(&["vulkan".to_owned(), "default".to_owned()]).unwrap();
+        assert_eq!(picked.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["vulkan", "default"]);
+        let err = c.select_variants(&["rocm".to_owned()]).unwrap_err();
+        assert!(err.contains("known: default, cuda, vulkan"), "{err}");
+    }
+}

@@ -1,0 +1,415 @@
+//! `orchestrator build --rev`: the offline stand-in fleet built, published and substituted with
+//! the real nix, through the embedded default and through a remote cache-server.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetcache_tests::bin;
+use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::fleet::Fleet;
+use fleetcache_tests::nix::{NIX_CONFIG, TempStore, command, run};
+use fleetcache_tests::process::ChildGuard;
+use nix_formats::StorePath;
+use serde_json::Value;
+
+/// A fleet fixture plus the XDG directories the orchestrator runs with (so nothing of the
+/// user's or of another test leaks in).
+struct Setup {
+    fleet: Fleet,
+    home: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let fleet = Fleet::new();
+        let home = fleet.scratch("home");
+        Setup { fleet, home }
+    }
+
+    fn orchestrator(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("orchestrator"));
+        c.args(args)
+            .current_dir(&self.fleet.fleet)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("HOME", &self.home)
+            .env("XDG_STATE_HOME", self.home.join("state"))
+            .env("XDG_DATA_HOME", self.home.join("data"))
+            .env("XDG_CONFIG_HOME", self.home.join("config"))
+            .env_remove("FLEETCACHE_CONFIG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `orchestrator build --json …` and returns the exit code, the results by variant and
+    /// stderr.
+    fn build(&self, args: &[&str]) -> (i32, BTreeMap<String, Value>, String) {
+        let mut all = vec!["build", "--json"];
+        all.extend_from_slice(args);
+        let out = self.orchestrator(&all).output().expect("run orchestrator");
+        parse_build(out)
+    }
+
+    fn status(&self) -> Vec<Value> {
+        let out = run(&mut self.orchestrator(&["status", "--json"]));
+        serde_json::from_str::<Value>(&out).expect("status JSON").as_array().expect("array").clone()
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.home.join("data/fleetcache/cache")
+    }
+
+    fn public_key(&self) -> String {
+        std::fs::read_to_string(self.home.join("data/fleetcache/signing-key.pub"))
+            .expect("public key")
+            .trim()
+            .to_owned()
+    }
+
+    fn write_config(&self, text: &str) -> PathBuf {
+        let p = self.home.join("fleetcache.toml");
+        std::fs::write(&p, text).expect("config");
+        p
+    }
+}
+
+fn parse_build(out: Output) -> (i32, BTreeMap<String, Value>, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let code = out.status.code().unwrap_or(-1);
+    let doc: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("build printed no JSON ({e}); exit {code}; stderr:\n{stderr}"));
+    let by_variant = doc
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|r| (r["variant"].as_str().expect("variant").to_owned(), r.clone()))
+        .collect();
+    (code, by_variant, stderr)
+}
+
+fn status_of(results: &BTreeMap<String, Value>) -> BTreeMap<&str, &str> {
+    results.iter().map(|(k, v)| (k.as_str(), v["status"].as_str().expect("status"))).collect()
+}
+
+fn out_path(result: &Value) -> StorePath {
+    StorePath::from_absolute(result["out_paths"][0].as_str().expect("an output")).expect("store path")
+}
+
+fn attempts(status: &[Value], variant: &str) -> Vec<String> {
+    let v =
+        status[0]["variants"].as_array().unwrap().iter().find(|v| v["variant"] == variant).expect("variant");
+    v["attempts"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn the_embedded_default_builds_publishes_and_a_fresh_machine_substitutes() {
+    let s = Setup::new();
+    let head = s.fleet.head();
+    let (code, results, stderr) = s.build(&["--rev", "main"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
+    // It said which commit, which inputs, and the key it generated.
+    assert!(stderr.contains(&format!("main is {head}")), "{stderr}");
+    let nixpkgs_rev = s.fleet.locked_rev(&head, "nixpkgs");
+    assert!(stderr.contains(&format!("nixpkgs {}", &nixpkgs_rev[..12])), "{stderr}");
+    let key = s.public_key();
+    assert!(stderr.contains("generated the cache's signing key") && stderr.contains(&key), "{stderr}");
+    for (variant, r) in &results {
+        assert_eq!(r["system"], "x86_64-linux");
+        assert_eq!(r["attr"], format!("inputs.llama-cpp.packages.x86_64-linux.{variant}"));
+        assert!(r["drv_path"].as_str().unwrap().ends_with(".drv"));
+        assert_eq!(r["error"], Value::Null);
+    }
+
+    // The directory is a cache: cache-server serves it as it is, and a machine that trusts only
+    // the generated key substitutes all three variants and their shared dependency.
+    let server = CacheServer::start_with(
+        &format!("file://{}", s.cache_dir().display()),
+        Options { read_only: true, ..Options::default() },
+    );
+    let machine = TempStore::new();
+    let outs: Vec<StorePath> = results.values().map(out_path).collect();
+    run(&mut machine.copy_from(&server.url, &key, &outs.iter().collect::<Vec<_>>()));
+    for (variant, r) in &results {
+        let out = out_path(r);
+        assert!(machine.has(&out));
+        let cli = std::fs::read_to_string(machine.real_path(&out).join("bin/llama-cli")).unwrap();
+        let shown = if variant == "default" { "cpu" } else { variant.as_str() };
+        assert!(cli.contains(&format!("llama-cli {shown}")), "{cli}");
+    }
+    let cuda = machine.real_path(&out_path(&results["cuda"]));
+    assert!(cuda.join("lib/libggml-cuda.so").is_file());
+    assert!(machine.real_path(&out_path(&results["vulkan"])).join("lib/libggml-vulkan.so").is_file());
+
+    // The machine's `nix log` finds the build log in the cache (through the output's deriver).
+    let log = run(command("nix")
+        .args(["log", "--store", &machine.url(), "--option", "substituters", &server.url])
+        .arg(out_path(&results["cuda"]).to_absolute()));
+    assert!(log.contains("built llama.cpp cuda"), "{log}");
+
+    // The second run of the same revision evaluates, finds everything cached and builds nothing.
+    let started = Instant::now();
+    let (code, again, stderr) = s.build(&["--rev", &head]);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        status_of(&again),
+        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
+    );
+    eprintln!("no-op rebuild took {took:?}");
+    let status = s.status();
+    for v in ["default", "cuda", "vulkan"] {
+        assert_eq!(attempts(&status, v), ["built"], "one attempt for {v}");
+    }
+    assert_eq!(status[0]["rev"], head);
+    assert_eq!(
+        status[0]["inputs"].as_array().unwrap().iter().find(|i| i["name"] == "nixpkgs").unwrap()["rev"],
+        nixpkgs_rev
+    );
+}
+
+#[test]
+fn a_nixpkgs_bump_rebuilds_everything_and_an_unrelated_commit_nothing() {
+    let s = Setup::new();
+    let (code, first, stderr) = s.build(&["--rev", "main", "--max-jobs", "3"]);
+    assert_eq!(code, 0, "{stderr}");
+
+    let bumped = s.fleet.bump_nixpkgs("2");
+    let (code, second, stderr) = s.build(&["--rev", &bumped, "--max-jobs", "3"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        status_of(&second),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
+    for v in ["default", "cuda", "vulkan"] {
+        assert_ne!(first[v]["drv_path"], second[v]["drv_path"], "{v} has a new derivation");
+    }
+
+    let docs = s.fleet.commit_unrelated("# the fleet\n");
+    let (code, third, stderr) = s.build(&["--rev", &docs]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        status_of(&third),
+        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
+    );
+    for v in ["default", "cuda", "vulkan"] {
+        assert_eq!(second[v]["drv_path"], third[v]["drv_path"], "{v}: same derivation");
+    }
+
+    // Every revision is recorded with the nixpkgs it pins.
+    let status = s.status();
+    let revs: Vec<(&str, &str)> = status
+        .iter()
+        .map(|r| {
+            let nixpkgs = r["inputs"].as_array().unwrap().iter().find(|i| i["name"] == "nixpkgs").unwrap();
+            (r["rev"].as_str().unwrap(), nixpkgs["rev"].as_str().unwrap())
+        })
+        .collect();
+    let expected_nixpkgs = s.fleet.locked_rev(&bumped, "nixpkgs");
+    assert_eq!(revs.len(), 3);
+    assert_eq!(revs[0], (docs.as_str(), expected_nixpkgs.as_str()));
+    assert_eq!(revs[1], (bumped.as_str(), expected_nixpkgs.as_str()));
+}
+
+const WITH_BROKEN: &str = r#"
+[[variant]]
+name = "default"
+attr = "inputs.llama-cpp.packages.{system}.default"
+
+[[variant]]
+name = "broken"
+attr = "inputs.llama-cpp.packages.{system}.broken"
+
+[[variant]]
+name = "rocm"
+attr = "inputs.llama-cpp.packages.{system}.rocm"
+"#;
+
+#[test]
+fn failures_are_recorded_and_the_other_variants_still_publish() {
+    let s = Setup::new();
+    let config = s.write_config(WITH_BROKEN);
+    let config = config.to_str().unwrap();
+    let (code, results, stderr) = s.build(&["--rev", "main", "--config", config]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("broken", "failed"), ("default", "built"), ("rocm", "failed")])
+    );
+    let broken = results["broken"]["error"].as_str().unwrap();
+    assert!(broken.contains("this variant is broken"), "the log tail is in the error: {broken}");
+    let rocm = results["rocm"]["error"].as_str().unwrap();
+    assert!(
+        rocm.contains("inputs.llama-cpp.packages.x86_64-linux.rocm")
+            && rocm.contains("attribute 'rocm' missing"),
+        "{rocm}"
+    );
+    assert!(!rocm.contains("FLEETCACHE_EVAL"), "our own expression is not shown: {rocm}");
+
+    // A known failure is not rebuilt without --retry-failed.
+    let (code, again, _) = s.build(&["--rev", "main", "--config", config, "--variant", "broken"]);
+    assert_eq!(code, 1);
+    assert!(again["broken"]["error"].as_str().unwrap().contains("--retry-failed"));
+    assert_eq!(attempts(&s.status(), "broken"), ["failed"]);
+    let (code, _, _) =
+        s.build(&["--rev", "main", "--config", config, "--variant", "broken", "--retry-failed"]);
+    assert_eq!(code, 1);
+    let status = s.status();
+    assert_eq!(attempts(&status, "broken"), ["failed", "failed"]);
+    assert_eq!(attempts(&status, "default"), ["built"]);
+
+    // The human output: a table, the error below it.
+    let out = s.orchestrator(&["build", "--rev", "main", "--config", config]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("VARIANT"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("default") && l.contains("cached")), "{table}");
+    assert!(table.contains("broken (x86_64-linux): "), "{table}");
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let s = Setup::new();
+    let out = s.orchestrator(&["build", "--rev", "no-such-branch"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"no-such-branch\" is not a commit, tag or branch"), "{err}");
+
+    let out = s.orchestrator(&["build", "--rev", "main", "--variant", "rocm"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no variant \"rocm\" is configured (known: default, cuda, vulkan)"), "{err}");
+
+    let not_git = s.fleet.scratch("not-git");
+    let out =
+        s.orchestrator(&["build", "--rev", "main", "--flake", not_git.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a git repository"), "{err}");
+
+    let config = s.write_config("[cache]\nurl = \"http://127.0.0.1:1\"\n");
+    let out = s.orchestrator(&["check-config", "--config", config.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs cache.token-file"));
+
+    // No lock file at a commit: said plainly.
+    let fleet = &s.fleet.fleet;
+    run(Command::new("git").arg("-C").arg(fleet).args(["rm", "-q", "flake.lock"]));
+    run(Command::new("git").arg("-C").arg(fleet).args([
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-qm",
+        "unlock",
+    ]));
+    let out = s.orchestrator(&["build", "--rev", "main"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no flake.lock is committed"), "{err}");
+}
+
+/// Waits until `path`'s contents satisfy `pred` or panics after `timeout`.
+fn wait_for_file(path: &std::path::Path, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if pred(&text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn_build(s: &Setup, name: &str, args: &[&str]) -> (ChildGuard, PathBuf, PathBuf) {
+    let (out, err) = (s.home.join(format!("{name}.out")), s.home.join(format!("{name}.err")));
+    let mut all = vec!["build", "--json"];
+    all.extend_from_slice(args);
+    let mut cmd = s.orchestrator(&all);
+    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap());
+    (ChildGuard::spawn(name, &mut cmd), out, err)
+}
+
+fn collect(mut child: ChildGuard, out: PathBuf, err: PathBuf) -> (i32, BTreeMap<String, Value>, String) {
+    let status = child.wait_with_output().status;
+    let mut output =
+        Output { status, stdout: std::fs::read(out).unwrap(), stderr: std::fs::read(err).unwrap() };
+    output.status = status;
+    parse_build(output)
+}
+
+#[test]
+fn two_builds_at_once_build_each_derivation_once() {
+    let s = Setup::new();
+    s.fleet.hold_builds();
+    let (a, a_out, a_err) = spawn_build(&s, "a", &["--rev", "main", "--max-jobs", "3"]);
+    wait_for_file(&a_err, Duration::from_secs(60), "run a building", |t| {
+        t.matches(": building").count() == 3
+    });
+    let (b, b_out, b_err) = spawn_build(&s, "b", &["--rev", "main", "--max-jobs", "3"]);
+    wait_for_file(&b_err, Duration::from_secs(60), "run b waiting", |t| t.matches(": waiting").count() == 3);
+    s.fleet.release_builds();
+    let (code_a, ra, err_a) = collect(a, a_out, a_err);
+    let (code_b, rb, err_b) = collect(b, b_out, b_err);
+    assert_eq!((code_a, code_b), (0, 0), "{err_a}\n{err_b}");
+    assert_eq!(
+        status_of(&ra),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
+    assert_eq!(
+        status_of(&rb),
+        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
+    );
+    let status = s.status();
+    for v in ["default", "cuda", "vulkan"] {
+        assert_eq!(attempts(&status, v), ["built"], "{v} was built once");
+    }
+}
+
+#[test]
+fn an_interrupted_build_publishes_nothing_and_the_next_run_resumes() {
+    let s = Setup::new();
+    s.fleet.hold_builds();
+    let (child, out, err) = spawn_build(&s, "first", &["--rev", "main", "--variant", "cuda"]);
+    wait_for_file(&err, Duration::from_secs(60), "the build", |t| t.contains("cuda: building"));
+    child.interrupt();
+    let (code, results, stderr) = collect(child, out, err);
+    assert_eq!(code, 130, "{stderr}");
+    assert_eq!(results["cuda"]["status"], "interrupted");
+    let cuda = out_path(&results["cuda"]);
+    let narinfo = s.cache_dir().join(format!("{}.narinfo", cuda.hash_part()));
+    assert!(!narinfo.exists(), "nothing published for an interrupted build");
+    assert_eq!(attempts(&s.status(), "cuda"), ["interrupted"]);
+    // No nix build of ours is left running.
+    let drv = results["cuda"]["drv_path"].as_str().unwrap();
+    let ps = run(Command::new("ps").args(["-eo", "args"]));
+    assert!(!ps.lines().any(|l| l.contains("nix build") && l.contains(drv)), "{ps}");
+
+    s.fleet.release_builds();
+    let (code, results, stderr) = s.build(&["--rev", "main", "--variant", "cuda"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(results["cuda"]["status"], "built");
+    assert!(narinfo.exists());
+    assert_eq!(attempts(&s.status(), "cuda"), ["interrupted", "built"]);
+}
+
+#[test]
+fn a_remote_cache_server_receives_the_results() {
+    let s = Setup::new();
+    let (_dir, server) = CacheServer::start_local();
+    let token = s.home.join("token");
+    std::fs::write(&token, &server.token).unwrap();
+    let config =
+        s.write_config(&format!("[cache]\nurl = \"{}\"\ntoken-file = \"{}\"\n", server.url, token.display()));
+    let (code, results, stderr) =
+        s.build(&["--rev", "main", "--config", config.to_str().unwrap(), "--variant", "vulkan"]);
+    assert_eq!(code, 0, "{stderr}\n{}", server.log());
+    assert_eq!(results["vulkan"]["status"], "built");
+    let machine = TempStore::new();
+    let out = out_path(&results["vulkan"]);
+    run(&mut machine.copy_from(&server.url, &server.public_key, &[&out]));
+    assert!(machine.real_path(&out).join("lib/libggml-vulkan.so").is_file());
+    assert!(!s.home.join("data/fleetcache/signing-key").exists(), "no local key when the server signs");
+}
