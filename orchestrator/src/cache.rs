@@ -2,7 +2,7 @@
 //! code over the configured store, served on a loopback port for as long as the command runs,
 //! so results go through exactly the verification and signing a remote server would apply.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use builder::client::CacheClient;
 use cache_server::auth::Tokens;
@@ -124,11 +124,14 @@ impl CacheTarget {
         })
     }
 
-    /// Stops the embedded server after the requests in flight.
+    /// Stops the embedded server after the requests in flight (aborting them after 10 s: an
+    /// upload cut off there publishes nothing).
     pub async fn close(self) {
-        if let Some((stop, server)) = self.server {
+        if let Some((stop, mut server)) = self.server {
             let _ = stop.send(());
-            let _ = server.await;
+            if tokio::time::timeout(std::time::Duration::from_secs(10), &mut server).await.is_err() {
+                server.abort();
+            }
         }
     }
 }
@@ -137,9 +140,4 @@ fn random_token() -> String {
     let mut b = [0u8; 24];
     getrandom::fill(&mut b).expect("randomness");
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The local directory of a `file://` store, if it is one.
-pub fn local_dir(store: &str) -> Option<&Path> {
-    store.strip_prefix("file://").map(Path::new)
 }

@@ -74,6 +74,8 @@ pub async fn build(
     let mut log = Log::new(max_log_bytes);
     let spawned = tokio::process::Command::new("nix")
         .args(["build", "--no-link", "--json", "--print-build-logs"])
+        // Builds that share a dependency wait on its lock; Nix rechecks every 5 s by default.
+        .args(["--option", "build-poll-interval", "1"])
         .arg(drv.to_absolute())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -1,4 +1,5 @@
-//! An offline stand-in fleet: three local git repositories used as flakes.
+//! An offline stand-in fleet: three local git repositories used as flakes, made by
+//! `fixtures/fleet/stand-in-fleet` (which scripts/demo uses too) from the templates beside it.
 //!
 //! - `nixpkgs`: `legacyPackages.x86_64-linux.{version, mkLlama, ggml-common}`, a derivation
 //!   builder whose every path carries the fixture's nonce and the version string, so each
@@ -31,127 +32,23 @@ pub struct Fleet {
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
-    run(Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=fleetcache tests", "-c", "user.email=tests@fleetcache.invalid"])
-        .args(args))
+    run(Command::new("git").arg("-C").arg(dir).args(args))
 }
 
-fn nixpkgs_flake(nonce: &str, version: &str) -> String {
-    format!(
-        r#"{{
-  description = "stand-in nixpkgs for fleetcache tests";
-  outputs = {{ self }}: let
-    system = "x86_64-linux";
-    version = "{version}";
-    mk = {{ name, script, deps ? [ ] }}: derivation {{
-      inherit name system deps;
-      builder = "/bin/sh";
-      args = [ "-c" script ];
-      PATH = "/usr/bin:/bin";
-      nonce = "{nonce}";
-      nixpkgsVersion = version;
-    }};
-  in {{
-    legacyPackages.${{system}} = rec {{
-      inherit version;
-      ggml-common = mk {{
-        name = "ggml-common-${{version}}";
-        script = "mkdir -p $out/share && echo 'ggml common data ${{version}}' > $out/share/ggml.txt";
-      }};
-      mkLlama = {{ variant, libs, hold, fail ? false }}: mk {{
-        name = "llama-cpp-${{variant}}-${{version}}";
-        deps = [ ggml-common ];
-        script = ''
-          echo "configuring llama.cpp ${{variant}} against nixpkgs ${{version}}"
-          while [ -e ${{hold}} ]; do sleep 0.1; done
-          ${{if fail then ''echo "compiling ggml-${{variant}}: error: this variant is broken"; exit 1'' else ""}}
-          mkdir -p $out/bin $out/lib
-          printf '#!/bin/sh\necho "llama-cli ${{variant}} (nixpkgs ${{version}})"\ncat ${{ggml-common}}/share/ggml.txt\n' > $out/bin/llama-cli
-          chmod +x $out/bin/llama-cli
-          for l in ${{toString libs}}; do echo "$l for ${{variant}}" > $out/lib/$l; done
-          echo "built llama.cpp ${{variant}}"
-        '';
-      }};
-    }};
-  }};
-}}
-"#
-    )
-}
-
-fn llama_flake(nixpkgs: &Path, hold: &Path) -> String {
-    format!(
-        r#"{{
-  description = "stand-in llama.cpp for fleetcache tests";
-  inputs.nixpkgs.url = "git+file://{nixpkgs}";
-  outputs = {{ self, nixpkgs }}: let
-    pkgs = nixpkgs.legacyPackages.x86_64-linux;
-    mk = args: pkgs.mkLlama ({{ hold = "{hold}"; }} // args);
-  in {{
-    packages.x86_64-linux = {{
-      default = mk {{ variant = "cpu"; libs = [ "libggml-cpu.so" ]; }};
-      cuda = mk {{ variant = "cuda"; libs = [ "libggml-cpu.so" "libggml-cuda.so" ]; }};
-      vulkan = mk {{ variant = "vulkan"; libs = [ "libggml-cpu.so" "libggml-vulkan.so" ]; }};
-      broken = mk {{ variant = "broken"; libs = [ ]; fail = true; }};
-    }};
-  }};
-}}
-"#,
-        nixpkgs = nixpkgs.display(),
-        hold = hold.display(),
-    )
-}
-
-fn fleet_flake(nixpkgs: &Path, llama: &Path) -> String {
-    format!(
-        r#"{{
-  description = "stand-in fleet for fleetcache tests";
-  inputs.nixpkgs.url = "git+file://{nixpkgs}";
-  inputs.llama-cpp = {{ url = "git+file://{llama}"; inputs.nixpkgs.follows = "nixpkgs"; }};
-  outputs = {{ self, nixpkgs, llama-cpp }}: {{ }};
-}}
-"#,
-        nixpkgs = nixpkgs.display(),
-        llama = llama.display(),
-    )
+fn stand_in_fleet(args: &[&str], dir: &Path) -> String {
+    let script = crate::nix::fixtures_dir().join("fleet/stand-in-fleet");
+    run(command(script.to_str().expect("utf-8 path")).arg(args[0]).arg(dir).args(&args[1..]))
 }
 
 impl Fleet {
     /// Creates the three repositories, locks the fleet and commits the lock on `main`.
     pub fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("fleetcache-fleet-").tempdir().expect("tempdir");
-        let mut b = [0u8; 8];
-        getrandom::fill(&mut b).expect("randomness");
-        let nonce: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        stand_in_fleet(&["create"], dir.path());
+        let nonce = std::fs::read_to_string(dir.path().join("nonce")).expect("nonce").trim().to_owned();
         let (nixpkgs, llama, fleet) =
             (dir.path().join("nixpkgs"), dir.path().join("llama.cpp"), dir.path().join("fleet"));
-        let hold = dir.path().join("hold");
-        let init = |repo: &Path, file: &str, text: String| {
-            std::fs::create_dir_all(repo).expect("mkdir");
-            git(repo, &["init", "-q", "-b", "main"]);
-            std::fs::write(repo.join(file), text).expect("write flake");
-            git(repo, &["add", "."]);
-            git(repo, &["commit", "-q", "-m", "init"]);
-        };
-        init(&nixpkgs, "flake.nix", nixpkgs_flake(&nonce, "1"));
-        init(&llama, "flake.nix", llama_flake(&nixpkgs, &hold));
-        // llama.cpp's own lock pins the same stand-in nixpkgs (the fleet overrides it anyway).
-        run(command("nix").current_dir(&llama).args(["flake", "lock"]));
-        git(&llama, &["add", "flake.lock"]);
-        git(&llama, &["commit", "-q", "-m", "lock"]);
-        init(&fleet, "flake.nix", fleet_flake(&nixpkgs, &llama));
-        let f = Fleet { dir, nixpkgs, llama, fleet, nonce };
-        f.relock(&["flake", "lock"], "lock");
-        f
-    }
-
-    fn relock(&self, args: &[&str], message: &str) -> String {
-        run(command("nix").current_dir(&self.fleet).args(args));
-        git(&self.fleet, &["add", "flake.lock"]);
-        git(&self.fleet, &["commit", "-q", "-m", message]);
-        self.head()
+        Fleet { dir, nixpkgs, llama, fleet, nonce }
     }
 
     /// The fleet's current commit.
@@ -166,16 +63,13 @@ impl Fleet {
 
     /// Commits a new nixpkgs version and updates the fleet's lock to it; returns the fleet commit.
     pub fn bump_nixpkgs(&self, version: &str) -> String {
-        std::fs::write(self.nixpkgs.join("flake.nix"), nixpkgs_flake(&self.nonce, version)).expect("write");
-        git(&self.nixpkgs, &["commit", "-q", "-am", &format!("version {version}")]);
-        self.relock(&["flake", "lock", "--update-input", "nixpkgs"], &format!("nixpkgs {version}"))
+        stand_in_fleet(&["bump-nixpkgs", version], self.dir.path());
+        self.head()
     }
 
     /// Commits a change to a file no variant reads; returns the fleet commit.
     pub fn commit_unrelated(&self, text: &str) -> String {
-        std::fs::write(self.fleet.join("README.md"), text).expect("write");
-        git(&self.fleet, &["add", "README.md"]);
-        git(&self.fleet, &["commit", "-q", "-m", "docs"]);
+        stand_in_fleet(&["touch-readme", text], self.dir.path());
         self.head()
     }
 

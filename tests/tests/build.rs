@@ -413,3 +413,42 @@ fn a_remote_cache_server_receives_the_results() {
     assert!(machine.real_path(&out).join("lib/libggml-vulkan.so").is_file());
     assert!(!s.home.join("data/fleetcache/signing-key").exists(), "no local key when the server signs");
 }
+
+#[test]
+fn the_embedded_cache_can_publish_to_s3() {
+    let s = Setup::new();
+    let garage = fleetcache_tests::garage::Garage::start();
+    let key = nix_formats::SecretKey::generate("fleet-s3-1").unwrap();
+    let key_file = s.home.join("s3-signing-key");
+    std::fs::write(&key_file, key.to_nix_string()).unwrap();
+    let config = s.write_config(&format!(
+        "[cache]\nstore = \"{}\"\nsigning-key-files = [\"{}\"]\n",
+        garage.store_url(),
+        key_file.display()
+    ));
+    let mut cmd = s.orchestrator(&["build", "--json", "--rev", "main", "--config", config.to_str().unwrap()]);
+    let (code, results, stderr) = parse_build(cmd.envs(garage.credential_env()).output().unwrap());
+    assert_eq!(code, 0, "{stderr}\n{}", garage.log());
+    assert_eq!(status_of(&results), BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")]));
+
+    // The bucket alone is the cache: a read-only cache-server over it serves all three.
+    let server = CacheServer::start_with(
+        &garage.store_url(),
+        Options { read_only: true, env: garage.credential_env().to_vec(), ..Options::default() },
+    );
+    let machine = TempStore::new();
+    let outs: Vec<StorePath> = results.values().map(out_path).collect();
+    run(&mut machine.copy_from(&server.url, &key.public_key().to_string(), &outs.iter().collect::<Vec<_>>()));
+    assert!(outs.iter().all(|o| machine.has(o)));
+
+    // Without credentials the command says what is missing instead of building.
+    let out = s
+        .orchestrator(&["build", "--rev", "main", "--config", config.to_str().unwrap()])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+}
