@@ -68,8 +68,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FleetConfig {
-    /// The fleet flake: a local git checkout (`/srv/fleet`, `git+file:///srv/fleet`) or a git URL
-    /// (`git+https://…`, `git+ssh://…`, `github:owner/repo`), mirrored under the state directory.
+    /// The fleet flake: a local git checkout (`/srv/fleet`, used in place) or a git URL
+    /// (`git+https://…`, `git+ssh://…`, `git+file://…`, `github:owner/repo`), mirrored under the
+    /// state directory and fetched on every build.
     /// Default: the git repository in the current directory. `--flake` overrides it.
     #[serde(default)]
     pub flake: Option<String>,

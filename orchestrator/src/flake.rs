@@ -14,6 +14,15 @@ pub enum FlakeError {
     /// `git` could not be run.
     #[error("running git: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The mirror directory could not be prepared.
+    #[error("mirror {path}: {source}")]
+    Mirror {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A git command failed.
     #[error("{what}: {stderr}")]
     Git {
@@ -44,6 +53,8 @@ pub struct FleetRepo {
     pub git_dir: PathBuf,
     /// The flake's directory inside the repository, if not the root (`?dir=`).
     pub subdir: Option<String>,
+    /// Whether `git_dir` is our bare mirror of a remote.
+    pub mirrored: bool,
 }
 
 /// One input pinned by `flake.lock`.
@@ -77,19 +88,25 @@ fn git(dir: &Path, args: &[&str], what: impl Fn() -> String) -> Result<String, F
 }
 
 impl FleetRepo {
-    /// Finds the repository for `reference`: a local path or `git+file://` URL is used in place;
-    /// other git URLs are mirrored (cloned once, fetched on every call) under `mirrors`.
+    /// Finds the repository for `reference`: a local checkout is used in place; a git URL
+    /// (`git+https://`, `git+ssh://`, `git+file://`, `github:`, `gitlab:`) is mirrored under
+    /// `mirrors` (cloned once, fetched on every call) so branches resolve to what the remote has.
     pub fn open(reference: &str, mirrors: &Path) -> Result<Self, FlakeError> {
         let (base, subdir) = split_query(reference)?;
         let bad = |why: &str| FlakeError::Reference(reference.to_owned(), why.to_owned());
-        let local = if let Some(path) = base.strip_prefix("git+file://") {
-            Some(PathBuf::from(path))
-        } else if base.starts_with('/') || base.starts_with('.') || !base.contains(':') {
-            Some(PathBuf::from(base))
+        let url = if let Some(rest) = base.strip_prefix("git+") {
+            rest.to_owned()
+        } else if let Some(rest) = base.strip_prefix("github:") {
+            format!("https://github.com/{}.git", rest.trim_end_matches('/'))
+        } else if let Some(rest) = base.strip_prefix("gitlab:") {
+            format!("https://gitlab.com/{}.git", rest.trim_end_matches('/'))
+        } else if base.contains(':') {
+            return Err(bad(
+                "use a local checkout, or git+https://, git+ssh://, git+file://, github:owner/repo",
+            ));
         } else {
-            None
-        };
-        if let Some(path) = local {
+            // A checkout: used in place, so uncommitted work is simply not seen (we read commits).
+            let path = PathBuf::from(base);
             let path = std::fs::canonicalize(&path).map_err(|e| bad(&format!("{}: {e}", path.display())))?;
             let top = git(&path, &["rev-parse", "--show-toplevel"], || {
                 format!("{} is not a git repository (a fleet flake must be committed to git)", path.display())
@@ -98,36 +115,43 @@ impl FleetRepo {
                 reference: reference.to_owned(),
                 git_dir: PathBuf::from(top.trim()),
                 subdir,
+                mirrored: false,
             });
-        }
-        let url = if let Some(rest) = base.strip_prefix("github:") {
-            format!("https://github.com/{}.git", rest.trim_end_matches('/'))
-        } else if let Some(rest) = base.strip_prefix("gitlab:") {
-            format!("https://gitlab.com/{}.git", rest.trim_end_matches('/'))
-        } else if let Some(rest) = base.strip_prefix("git+") {
-            rest.to_owned()
-        } else {
-            return Err(bad("use a local path, git+file://, git+https://, git+ssh:// or github:owner/repo"));
         };
         let digest = hex_sha256(url.as_bytes());
         let mirror = mirrors.join(&digest[..16]);
         if !mirror.join("HEAD").exists() {
-            std::fs::create_dir_all(mirrors).map_err(FlakeError::Spawn)?;
+            // A bare clone fetching branches and tags only: `--prune` then never touches the
+            // refs/fleetcache/ pins that keep built commits reachable for Nix.
+            let io = |source| FlakeError::Mirror { path: mirror.clone(), source };
+            std::fs::create_dir_all(mirrors).map_err(io)?;
             let tmp = mirrors.join(format!("{}.tmp-{}", &digest[..16], std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
-            git(mirrors, &["clone", "--mirror", "--quiet", &url, &tmp.display().to_string()], || {
-                format!("cloning {url}")
+            let tmp_str = tmp.display().to_string();
+            git(mirrors, &["init", "--quiet", "--bare", &tmp_str], || {
+                format!("creating a mirror in {tmp_str}")
             })?;
+            for args in [
+                &["remote", "add", "origin", &url][..],
+                &["config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*"],
+                &["config", "--add", "remote.origin.fetch", "+refs/tags/*:refs/tags/*"],
+            ] {
+                git(&tmp, args, || format!("configuring the mirror of {url}"))?;
+            }
+            git(&tmp, &["fetch", "--quiet", "origin"], || format!("cloning {url}"))?;
             std::fs::rename(&tmp, &mirror)
+                // Another run may have finished the same clone first.
                 .or_else(|e| if mirror.join("HEAD").exists() { Ok(()) } else { Err(e) })
-                .map_err(FlakeError::Spawn)?;
+                .map_err(io)?;
         } else {
             git(&mirror, &["fetch", "--quiet", "--prune", "origin"], || format!("fetching {url}"))?;
         }
-        Ok(FleetRepo { reference: reference.to_owned(), git_dir: mirror, subdir })
+        Ok(FleetRepo { reference: reference.to_owned(), git_dir: mirror, subdir, mirrored: true })
     }
 
-    /// The full commit `rev` (a commit, tag or branch) names.
+    /// The full commit `rev` (a commit, tag or branch) names. In a mirror the commit is pinned
+    /// under `refs/fleetcache/`, where Nix fetches it from (Nix 2.8 cannot find a commit in a
+    /// bare repository by `allRefs`).
     pub fn resolve(&self, rev: &str) -> Result<String, FlakeError> {
         if rev.starts_with('-') {
             return Err(FlakeError::Git {
@@ -139,12 +163,23 @@ impl FleetRepo {
         let out = git(&self.git_dir, &["rev-parse", "--verify", "--quiet", &spec], || {
             format!("{rev:?} is not a commit, tag or branch of {}", self.reference)
         })?;
-        Ok(out.trim().to_owned())
+        let commit = out.trim().to_owned();
+        if self.mirrored {
+            git(&self.git_dir, &["update-ref", &format!("refs/fleetcache/{commit}"), &commit], || {
+                format!("pinning {commit} in the mirror")
+            })?;
+        }
+        Ok(commit)
     }
 
-    /// The flake URL Nix evaluates for `commit`: our local copy, pinned to the commit.
+    /// The flake URL Nix evaluates for `commit` (after [`FleetRepo::resolve`]): our local copy,
+    /// pinned to the commit.
     pub fn flake_url_at(&self, commit: &str) -> String {
-        let mut url = format!("git+file://{}?rev={commit}&allRefs=1", self.git_dir.display());
+        let mut url = if self.mirrored {
+            format!("git+file://{}?ref=refs/fleetcache/{commit}&rev={commit}", self.git_dir.display())
+        } else {
+            format!("git+file://{}?rev={commit}&allRefs=1", self.git_dir.display())
+        };
         if let Some(dir) = &self.subdir {
             url.push_str(&format!("&dir={dir}"));
         }
@@ -311,5 +346,7 @@ mod tests {
         assert!(err.to_string().contains("is not a git repository"), "{err}");
         let err = FleetRepo::open("ftp://x/y", tmp.path()).unwrap_err();
         assert!(err.to_string().contains("git+https://"), "{err}");
+        let err = FleetRepo::open("git+file:///nonexistent/fleet", tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("cloning file:///nonexistent/fleet"), "{err}");
     }
 }

@@ -429,7 +429,10 @@ fn the_embedded_cache_can_publish_to_s3() {
     let mut cmd = s.orchestrator(&["build", "--json", "--rev", "main", "--config", config.to_str().unwrap()]);
     let (code, results, stderr) = parse_build(cmd.envs(garage.credential_env()).output().unwrap());
     assert_eq!(code, 0, "{stderr}\n{}", garage.log());
-    assert_eq!(status_of(&results), BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")]));
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
 
     // The bucket alone is the cache: a read-only cache-server over it serves all three.
     let server = CacheServer::start_with(
@@ -451,4 +454,21 @@ fn the_embedded_cache_can_publish_to_s3() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+}
+
+#[test]
+fn a_git_url_is_mirrored_and_fetched_on_every_build() {
+    let s = Setup::new();
+    let url = format!("git+file://{}", s.fleet.fleet.display());
+    let (code, first, stderr) = s.build(&["--rev", "main", "--flake", &url, "--variant", "default"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(first["default"]["status"], "built");
+    // A new commit on the remote's branch is seen by the next build of `main`.
+    let bumped = s.fleet.bump_nixpkgs("2");
+    let (code, second, stderr) = s.build(&["--rev", "main", "--flake", &url, "--variant", "default"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains(&format!("main is {bumped}")), "{stderr}");
+    assert_eq!(second["default"]["status"], "built");
+    assert_ne!(first["default"]["drv_path"], second["default"]["drv_path"]);
+    assert_eq!(s.status()[0]["flake"], url.as_str());
 }
