@@ -426,6 +426,8 @@ async fn build_and_push(
     let result = match end {
         BuildEnd::Cancelled => Err((AttemptEnd::Interrupted, interrupted("stopped while building"))),
         BuildEnd::Failed(e) => Err((AttemptEnd::Failed, e)),
+        // A push that fails leaves a good build: the attempt failed, the derivation did not
+        // (the next run pushes it again without --retry-failed; nix has the outputs already).
         BuildEnd::Built => {
             phase(Phase::Pushing(0));
             let progress = Arc::new(PushProgress {
@@ -439,11 +441,11 @@ async fn build_and_push(
             };
             match pushed {
                 None => Err((AttemptEnd::Interrupted, interrupted("stopped while pushing"))),
-                Some(Err(e)) => Err((AttemptEnd::Failed, format!("push: {e}"))),
+                Some(Err(e)) => Err((AttemptEnd::PushFailed, format!("push: {e}"))),
                 Some(Ok(summary)) if !summary.failed.is_empty() => {
                     let why: Vec<String> =
                         summary.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
-                    Err((AttemptEnd::Failed, format!("push refused: {}", why.join("; "))))
+                    Err((AttemptEnd::PushFailed, format!("push refused: {}", why.join("; "))))
                 }
                 Some(Ok(_)) => Ok(()),
             }
@@ -463,10 +465,13 @@ async fn build_and_push(
         }
         Err((end, error)) => {
             ctx.state.finish_attempt(attempt, end, seconds, Some(&error), &log.text()).await?;
-            let status =
-                if end == AttemptEnd::Failed { DerivationStatus::Failed } else { DerivationStatus::New };
+            let (status, realised) = match end {
+                AttemptEnd::Failed => (DerivationStatus::Failed, Realised::Failed(error)),
+                AttemptEnd::PushFailed => (DerivationStatus::New, Realised::Failed(error)),
+                AttemptEnd::Built | AttemptEnd::Interrupted => (DerivationStatus::New, Realised::Interrupted),
+            };
             ctx.state.release(&drv_abs, &ctx.owner, status).await?;
-            Ok(if end == AttemptEnd::Failed { Realised::Failed(error) } else { Realised::Interrupted })
+            Ok(realised)
         }
     }
 }

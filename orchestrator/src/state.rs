@@ -131,8 +131,10 @@ pub enum Claim {
 pub enum AttemptEnd {
     /// Built and published.
     Built,
-    /// The build or the push failed.
+    /// The build failed: the derivation is marked failed.
     Failed,
+    /// The build succeeded but publishing it failed: the next run tries again.
+    PushFailed,
     /// Stopped by the user (Ctrl-C) or lost; the derivation goes back to `new`.
     Interrupted,
 }
@@ -195,7 +197,7 @@ pub struct AttemptReport {
     pub owner: String,
     /// Unix seconds.
     pub started_at: i64,
-    /// `running`, `built`, `failed` or `interrupted`.
+    /// `running`, `built`, `failed`, `push-failed` or `interrupted`.
     pub status: String,
     /// How long it took.
     pub seconds: Option<f64>,
@@ -478,6 +480,7 @@ impl State {
         let status = match end {
             AttemptEnd::Built => "built",
             AttemptEnd::Failed => "failed",
+            AttemptEnd::PushFailed => "push-failed",
             AttemptEnd::Interrupted => "interrupted",
         };
         sqlx::query(

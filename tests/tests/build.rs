@@ -472,3 +472,41 @@ fn a_git_url_is_mirrored_and_fetched_on_every_build() {
     assert_ne!(first["default"]["drv_path"], second["default"]["drv_path"]);
     assert_eq!(s.status()[0]["flake"], url.as_str());
 }
+
+#[test]
+fn a_cache_that_goes_away_during_the_build_fails_the_push_not_the_derivation() {
+    let s = Setup::new();
+    let store = s.fleet.scratch("remote-cache");
+    let store_url = format!("file://{}", store.display());
+    let mut server = CacheServer::start(&store_url);
+    let token = s.home.join("token");
+    std::fs::write(&token, &server.token).unwrap();
+    let config = |url: &str| {
+        s.write_config(&format!("[cache]\nurl = \"{url}\"\ntoken-file = \"{}\"\n", token.display()))
+    };
+    let config_file = config(&server.url);
+    s.fleet.hold_builds();
+    let (child, out, err) = spawn_build(
+        &s,
+        "first",
+        &["--rev", "main", "--variant", "cuda", "--config", config_file.to_str().unwrap()],
+    );
+    wait_for_file(&err, Duration::from_secs(60), "the build", |t| t.contains("cuda: building"));
+    server.stop();
+    s.fleet.release_builds();
+    let (code, results, stderr) = collect(child, out, err);
+    assert_eq!(code, 1, "{stderr}");
+    let error = results["cuda"]["error"].as_str().unwrap();
+    assert!(error.starts_with("push: "), "{error}");
+    assert_eq!(attempts(&s.status(), "cuda"), ["push-failed"]);
+
+    // Back (on another port, same store, same token): the next run publishes without
+    // --retry-failed.
+    let server = CacheServer::start(&store_url);
+    let config_file = config(&server.url);
+    let (code, results, stderr) =
+        s.build(&["--rev", "main", "--variant", "cuda", "--config", config_file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(results["cuda"]["status"], "built");
+    assert_eq!(attempts(&s.status(), "cuda"), ["push-failed", "built"]);
+}
