@@ -1,7 +1,10 @@
 //! fleetcache's builder library: what a build machine does with the real `nix` and the
-//! cache-server. So far: [`push`], the pipeline that puts a closure into the cache.
+//! cache-server — evaluate a variant ([`eval`]), build it ([`nix_build`]), and put its closure
+//! into the cache ([`push`]).
 
 pub mod client;
+pub mod eval;
 pub mod nix;
+pub mod nix_build;
 pub mod progress;
 pub mod push;

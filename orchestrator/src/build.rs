@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::CacheTarget;
 use crate::config::{VariantConfig, attr_path};
-use crate::eval::{Evaluation, evaluate};
+use builder::eval::{Evaluation, evaluate};
 use crate::flake::{FlakeError, FleetRepo, LockedInput};
-use crate::nix_build::{self, BuildEnd};
+use builder::nix_build::{self, BuildEnd};
 use crate::report::{Phase, Reporter};
 use crate::state::{AttemptEnd, Claim, DerivationStatus, LEASE, State, StateError};
 
@@ -120,16 +120,41 @@ pub struct Context {
     pub options: BuildOptions,
 }
 
-/// A variant on one system, as the run tracks it.
-struct Job {
-    label: String,
-    variant: String,
-    system: String,
-    attr: String,
-    eval: Option<Evaluation>,
-    status: Option<Status>,
-    error: Option<String>,
-    seconds: f64,
+/// A variant on one system, as a run tracks it.
+pub struct Job {
+    /// How reports name it: the variant, with the system when several are built.
+    pub label: String,
+    /// The variant's name.
+    pub variant: String,
+    /// The system.
+    pub system: String,
+    /// The attribute path, `{system}` filled in.
+    pub attr: String,
+    /// Builder features its build needs.
+    pub features: Vec<String>,
+    /// What evaluation gave.
+    pub eval: Option<Evaluation>,
+    /// How it ended, once it has.
+    pub status: Option<Status>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Seconds from the start of the run to its end.
+    pub seconds: f64,
+}
+
+/// A revision resolved, its variants evaluated and checked against the cache: what is left to
+/// build is every job without a status.
+pub struct Plan {
+    start: Instant,
+    revision_id: i64,
+    /// The commit.
+    pub commit: String,
+    /// The inputs its lock pins.
+    pub inputs: BTreeMap<String, LockedInput>,
+    /// The flake URL the variants were evaluated at.
+    pub flake_url: String,
+    /// Every variant × system, in the order asked.
+    pub jobs: Vec<Job>,
 }
 
 /// How realising one derivation ended.
@@ -140,13 +165,25 @@ enum Realised {
     Interrupted,
 }
 
-/// Runs the whole build of `requested` (a commit, tag or branch) for `variants`.
+/// Runs the whole build of `requested` (a commit, tag or branch) for `variants` on this machine.
 pub async fn build_revision(
     ctx: &Context,
     repo: &FleetRepo,
     requested: &str,
     variants: &[VariantConfig],
 ) -> Result<BuildReport, BuildError> {
+    let mut plan = plan(ctx, repo, requested, variants).await?;
+    build_here(ctx, &mut plan).await?;
+    plan.record(ctx).await
+}
+
+/// Resolves `requested`, evaluates `variants` and marks what is cached or known to fail.
+pub async fn plan(
+    ctx: &Context,
+    repo: &FleetRepo,
+    requested: &str,
+    variants: &[VariantConfig],
+) -> Result<Plan, BuildError> {
     let start = Instant::now();
     let commit = repo.resolve(requested)?;
     let inputs = repo.locked_inputs(&commit)?;
@@ -167,6 +204,7 @@ pub async fn build_revision(
                 variant: v.name.clone(),
                 system: system.clone(),
                 attr: v.attr.replace("{system}", system),
+                features: v.features.clone(),
                 eval: None,
                 status: None,
                 error: None,
@@ -236,12 +274,14 @@ pub async fn build_revision(
     for job in jobs.iter().filter(|j| j.status == Some(Status::Failed)) {
         ctx.reporter.phase(&job.label, Phase::Done(Status::Failed));
     }
+    Ok(Plan { start, revision_id, commit, inputs, flake_url, jobs })
+}
 
+/// Builds every job of `jobs` without a status here, each derivation once.
+async fn build_here(ctx: &Context, plan: &mut Plan) -> Result<(), StateError> {
     // Build each derivation once, whatever number of variants want it.
-    let mut by_drv: BTreeMap<StorePath, Vec<usize>> = BTreeMap::new();
-    for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.status.is_none()) {
-        by_drv.entry(job.eval.as_ref().expect("evaluated").drv_path.clone()).or_default().push(i);
-    }
+    let by_drv = plan.to_build();
+    let jobs = &plan.jobs;
     let slots = Arc::new(tokio::sync::Semaphore::new(ctx.options.max_jobs));
     let outcomes = futures_util::future::join_all(by_drv.iter().map(|(drv, idx)| {
         let labels: Vec<String> = idx.iter().map(|&i| jobs[i].label.clone()).collect();
@@ -265,45 +305,66 @@ pub async fn build_revision(
             Realised::Interrupted => (Status::Interrupted, Some("interrupted".to_owned())),
         };
         for &i in idx {
-            jobs[i].finish(start, status, error.clone());
-            ctx.reporter.phase(&jobs[i].label, Phase::Done(status));
+            plan.finish(i, status, error.clone());
+            ctx.reporter.phase(&plan.jobs[i].label, Phase::Done(status));
         }
     }
+    Ok(())
+}
 
-    let mut results = Vec::new();
-    for job in jobs {
-        let status = job.status.expect("every job ends");
-        let (drv_path, out_paths) = match &job.eval {
-            Some(e) => {
-                (Some(e.drv_path.to_absolute()), e.outputs.values().map(StorePath::to_absolute).collect())
-            }
-            None => (None, Vec::new()),
-        };
-        ctx.state
-            .record_variant(
-                revision_id,
-                &job.variant,
-                &job.system,
-                &job.attr,
-                drv_path.as_deref(),
-                &out_paths,
-                status.as_str(),
-                job.error.as_deref(),
-                Some(job.seconds),
-            )
-            .await?;
-        results.push(VariantResult {
-            variant: job.variant,
-            system: job.system,
-            attr: job.attr,
-            drv_path,
-            out_paths,
-            status,
-            seconds: job.seconds,
-            error: job.error,
-        });
+impl Plan {
+    /// The derivations left to build, each with the indices of the jobs that want it.
+    pub fn to_build(&self) -> BTreeMap<StorePath, Vec<usize>> {
+        let mut by_drv: BTreeMap<StorePath, Vec<usize>> = BTreeMap::new();
+        for (i, job) in self.jobs.iter().enumerate().filter(|(_, j)| j.status.is_none()) {
+            by_drv.entry(job.eval.as_ref().expect("evaluated").drv_path.clone()).or_default().push(i);
+        }
+        by_drv
     }
-    Ok(BuildReport { commit, inputs, results })
+
+    /// Marks job `i` ended now.
+    pub fn finish(&mut self, i: usize, status: Status, error: Option<String>) {
+        let start = self.start;
+        self.jobs[i].finish(start, status, error);
+    }
+
+    /// Records every job's end in the state and returns the report.
+    pub async fn record(self, ctx: &Context) -> Result<BuildReport, BuildError> {
+        let mut results = Vec::new();
+        for job in self.jobs {
+            let status = job.status.unwrap_or(Status::Interrupted);
+            let (drv_path, out_paths) = match &job.eval {
+                Some(e) => {
+                    (Some(e.drv_path.to_absolute()), e.outputs.values().map(StorePath::to_absolute).collect())
+                }
+                None => (None, Vec::new()),
+            };
+            ctx.state
+                .record_variant(
+                    self.revision_id,
+                    &job.variant,
+                    &job.system,
+                    &job.attr,
+                    drv_path.as_deref(),
+                    &out_paths,
+                    status.as_str(),
+                    job.error.as_deref(),
+                    Some(job.seconds),
+                )
+                .await?;
+            results.push(VariantResult {
+                variant: job.variant,
+                system: job.system,
+                attr: job.attr,
+                drv_path,
+                out_paths,
+                status,
+                seconds: job.seconds,
+                error: job.error,
+            });
+        }
+        Ok(BuildReport { commit: self.commit, inputs: self.inputs, results })
+    }
 }
 
 impl Job {

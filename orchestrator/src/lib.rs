@@ -2,15 +2,13 @@
 //! cache lacks and publishes it.
 //!
 //! `orchestrator build --rev` runs everything in one process (the embedded default): state in
-//! SQLite ([`state`]), builds with the local `nix` ([`nix_build`]), results through the
+//! SQLite ([`state`]), builds with the local `nix` (`builder::nix_build`), results through the
 //! cache-server's own code over a local directory or S3 ([`cache`]).
 
 pub mod build;
 pub mod cache;
 pub mod config;
-pub mod eval;
 pub mod flake;
 pub mod keys;
-pub mod nix_build;
 pub mod report;
 pub mod state;
