@@ -2,6 +2,7 @@
 //! cache-server — evaluate a variant ([`eval`]), build it ([`nix_build`]), and put its closure
 //! into the cache ([`push`]).
 
+pub mod api;
 pub mod client;
 pub mod eval;
 pub mod nix;

@@ -10,5 +10,6 @@ pub mod cache;
 pub mod config;
 pub mod flake;
 pub mod keys;
+pub mod queue;
 pub mod report;
 pub mod state;

@@ -79,13 +79,55 @@ CREATE TABLE IF NOT EXISTS attempts (
     log TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_by_derivation ON attempts (drv_path, id);
+CREATE TABLE IF NOT EXISTS builders (
+    name TEXT PRIMARY KEY,
+    systems TEXT NOT NULL,
+    features TEXT NOT NULL,
+    mandatory_features TEXT NOT NULL,
+    max_jobs INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    drv_path TEXT NOT NULL UNIQUE,
+    system TEXT NOT NULL,
+    features TEXT NOT NULL,
+    flake_url TEXT NOT NULL,
+    attr_path TEXT NOT NULL,
+    out_paths TEXT NOT NULL,
+    status TEXT NOT NULL,
+    builder TEXT,
+    lease TEXT,
+    lease_until INTEGER,
+    attempt_id INTEGER,
+    phase TEXT,
+    pushed_bytes INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    log TEXT NOT NULL DEFAULT '',
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    requested TEXT NOT NULL,
+    variants TEXT NOT NULL,
+    retry_failed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    plan TEXT,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 PRAGMA user_version = 1;
 "#;
 
 /// The state database.
 #[derive(Clone)]
 pub struct State {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
     path: PathBuf,
 }
 
@@ -255,7 +297,7 @@ impl State {
         Ok(State { pool, path })
     }
 
-    fn err(&self, source: sqlx::Error) -> StateError {
+    pub(crate) fn err(&self, source: sqlx::Error) -> StateError {
         StateError { path: self.path.clone(), source }
     }
 
@@ -448,6 +490,21 @@ impl State {
         .bind(now())
         .bind(drv)
         .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Sets a derivation's standing (a distributed job ended).
+    pub async fn set_derivation_status(&self, drv: &str, status: DerivationStatus) -> Result<(), StateError> {
+        sqlx::query(
+            "INSERT INTO derivations (drv_path, status, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (drv_path) DO UPDATE SET status = ?2, updated_at = ?3",
+        )
+        .bind(drv)
+        .bind(status.as_str())
+        .bind(now())
         .execute(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
