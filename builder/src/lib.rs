@@ -1,7 +1,9 @@
 //! fleetcache's builder library: what a build machine does with the real `nix` and the
-//! cache-server — evaluate a variant ([`eval`]), build it ([`nix_build`]), and put its closure
-//! into the cache ([`push`]).
+//! cache-server — evaluate a variant ([`eval`]), build it ([`nix_build`]), put its closure
+//! into the cache ([`push`]) — and the agent that does it for an orchestrator ([`agent`],
+//! speaking [`api`]).
 
+pub mod agent;
 pub mod api;
 pub mod client;
 pub mod eval;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use builder::push::PushOptions;
 use nix_formats::StorePath;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,7 @@ pub enum BuildError {
 }
 
 /// How a variant ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Its outputs were in the cache already.
@@ -60,7 +60,7 @@ impl Status {
 }
 
 /// One variant's result: the `--json` document's element.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VariantResult {
     /// The variant's name.
     pub variant: String,
@@ -146,7 +146,8 @@ pub struct Job {
 /// build is every job without a status.
 pub struct Plan {
     start: Instant,
-    revision_id: i64,
+    /// The revision's row in the state.
+    pub revision_id: i64,
     /// The commit.
     pub commit: String,
     /// The inputs its lock pins.

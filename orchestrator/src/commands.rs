@@ -8,6 +8,8 @@ use orchestrator::build::{BuildOptions, Context, Status, build_revision};
 use orchestrator::cache::CacheTarget;
 use orchestrator::config::{Config, xdg_dir};
 use orchestrator::flake::FleetRepo;
+use orchestrator::remote::Remote;
+use orchestrator::serve::Submit;
 use orchestrator::report::{self, Reporter};
 use orchestrator::state::{State, new_owner};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,8 @@ pub struct BuildArgs {
     pub state_dir: Option<PathBuf>,
     pub retry_failed: bool,
     pub max_jobs: Option<usize>,
+    /// `orchestrator serve`'s URL and an API token file.
+    pub server: Option<(String, PathBuf)>,
     pub print_build_logs: bool,
     pub json: bool,
 }
@@ -75,7 +79,7 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
     let config = load_config(args.config.as_deref())?;
     let variants = config.select_variants(&args.variants).map_err(CliError::Error)?;
     let state_dir = state_dir(&config, args.state_dir)?;
-    let flake = match args.flake.or_else(|| config.fleet.flake.clone()) {
+    let flake = match args.flake.clone().or_else(|| config.fleet.flake.clone()) {
         Some(f) => f,
         None => std::env::current_dir()?.display().to_string(),
     };
@@ -97,6 +101,18 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
     } else {
         Arc::new(report::Lines::new(tracked, args.print_build_logs))
     };
+    if let Some((url, token_file)) = &args.server {
+        if args.flake.is_some() {
+            return Err(CliError::Error("--flake does not go with --server: the server builds its configured fleet".into()));
+        }
+        let remote = Remote::new(url, &read_token(token_file)?);
+        let submit = Submit { rev: args.rev.clone(), variants: args.variants.clone(), retry_failed: args.retry_failed };
+        return runtime()?.block_on(async move {
+            let id = remote.submit(&submit).await?;
+            let report = remote.follow(id, reporter.as_ref()).await?;
+            finish_report(&report, args.json, &format!("orchestrator {url}"), &[], false)
+        });
+    }
     runtime()?.block_on(async move {
         let state = State::open(&state_dir).await?;
         let mirrors = state_dir.join("repos");
@@ -127,44 +143,69 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
         let cache = Arc::into_inner(cache).expect("the build holds no cache reference after it ends");
         let (location, keys) = (cache.location.clone(), cache.public_keys.clone());
         cache.close().await;
-        let report = outcome?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report.results)?);
-        } else {
-            print!("{}", report::table(&report.results));
-            println!("\ncommit {}; cache {location}", report.commit);
-            if !keys.is_empty() {
-                println!("public key: {}", keys.join(" "));
-            }
-        }
-        let statuses: Vec<Status> = report.results.iter().map(|r| r.status).collect();
-        if statuses.contains(&Status::Interrupted) || cancel.is_cancelled() {
-            Err(CliError::Interrupted)
-        } else if statuses.contains(&Status::Failed) {
-            Err(CliError::Failed)
-        } else {
-            Ok(())
-        }
+        finish_report(&outcome?, args.json, &format!("cache {location}"), &keys, cancel.is_cancelled())
     })
+}
+
+/// Prints the table (or JSON) and turns the statuses into the exit code.
+fn finish_report(
+    report: &orchestrator::build::BuildReport,
+    json: bool,
+    place: &str,
+    keys: &[String],
+    cancelled: bool,
+) -> Result<(), CliError> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.results)?);
+    } else {
+        print!("{}", report::table(&report.results));
+        println!("\ncommit {}; {place}", report.commit);
+        if !keys.is_empty() {
+            println!("public key: {}", keys.join(" "));
+        }
+    }
+    let statuses: Vec<Status> = report.results.iter().map(|r| r.status).collect();
+    if statuses.contains(&Status::Interrupted) || cancelled {
+        Err(CliError::Interrupted)
+    } else if statuses.contains(&Status::Failed) {
+        Err(CliError::Failed)
+    } else {
+        Ok(())
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| CliError::Error(format!("reading token file {}: {e}", path.display())))
+}
+
+/// The local state database, if a build or serve made one.
+async fn local_state(config: Option<&Path>, state_dir_flag: Option<PathBuf>) -> Result<State, CliError> {
+    let config = load_config(config)?;
+    let dir = state_dir(&config, state_dir_flag)?;
+    if !dir.join("state.db").exists() {
+        return Err(CliError::Error(format!(
+            "no state in {} yet: run `orchestrator build` first (or pass --server)",
+            dir.display()
+        )));
+    }
+    Ok(State::open(&dir).await?)
 }
 
 /// `orchestrator status`.
 pub fn status(
     config: Option<&Path>,
     state_dir_flag: Option<PathBuf>,
+    server: Option<(String, PathBuf)>,
     limit: u32,
     json: bool,
 ) -> Result<(), CliError> {
-    let config = load_config(config)?;
-    let dir = state_dir(&config, state_dir_flag)?;
-    if !dir.join("state.db").exists() {
-        return Err(CliError::Error(format!(
-            "no state in {} yet: run `orchestrator build` first",
-            dir.display()
-        )));
-    }
     runtime()?.block_on(async move {
-        let report = State::open(&dir).await?.report(limit).await?;
+        let report = match &server {
+            Some((url, token)) => Remote::new(url, &read_token(token)?).status(limit).await?,
+            None => local_state(config, state_dir_flag).await?.report(limit).await?,
+        };
         if json {
             println!("{}", serde_json::to_string_pretty(&report)?);
             return Ok(());
@@ -192,6 +233,108 @@ pub fn status(
                 }
             }
         }
+        Ok(())
+    })
+}
+
+/// `orchestrator builders`.
+pub fn builders(
+    config: Option<&Path>,
+    state_dir_flag: Option<PathBuf>,
+    server: Option<(String, PathBuf)>,
+    json: bool,
+) -> Result<(), CliError> {
+    runtime()?.block_on(async move {
+        let builders = match &server {
+            Some((url, token)) => Remote::new(url, &read_token(token)?).builders().await?,
+            None => local_state(config, state_dir_flag).await?.builders().await?,
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&builders)?);
+            return Ok(());
+        }
+        println!("{:<16} {:<16} {:<24} {:>7}  LAST SEEN", "BUILDER", "SYSTEMS", "FEATURES", "JOBS");
+        let now = orchestrator::state::now();
+        for b in &builders {
+            let mut features = b.features.join(",");
+            if !b.mandatory_features.is_empty() {
+                features.push_str(&format!(" (only {})", b.mandatory_features.join(",")));
+            }
+            println!(
+                "{:<16} {:<16} {:<24} {:>3}/{:<3}  {}s ago",
+                b.name,
+                b.systems.join(","),
+                if features.is_empty() { "-" } else { &features },
+                b.running,
+                b.max_jobs,
+                now - b.last_seen
+            );
+        }
+        Ok(())
+    })
+}
+
+/// `orchestrator serve`.
+pub fn serve(
+    config_path: Option<&Path>,
+    state_dir_flag: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<(), CliError> {
+    use cache_server::auth::Tokens;
+    let config = load_config(config_path)?;
+    let need = |what: &str| CliError::Error(format!("orchestrator serve needs {what} in the configuration"));
+    if config.cache.url.is_none() {
+        return Err(need("cache.url and cache.token-file (the cache-server builders push to)"));
+    }
+    let builder_tokens = config.server.builder_tokens_file.as_deref().ok_or_else(|| need("server.builder-tokens-file"))?;
+    let builder_tokens = Tokens::load(builder_tokens)?;
+    let api_tokens = config.server.api_tokens_file.as_deref().ok_or_else(|| need("server.api-tokens-file"))?;
+    let api_tokens = Tokens::load(api_tokens)?;
+    let dir = state_dir(&config, state_dir_flag)?;
+    let flake = match config.fleet.flake.clone() {
+        Some(f) => f,
+        None => std::env::current_dir()?.display().to_string(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    runtime()?.block_on(async move {
+        let state = State::open(&dir).await?;
+        let mirrors = dir.join("repos");
+        let repo = tokio::task::spawn_blocking(move || FleetRepo::open(&flake, &mirrors)).await.expect("open task")?;
+        let cache = CacheTarget::open(&config.cache).await?;
+        let addr = listen.unwrap_or(config.server.listen);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::Error(format!("binding {addr}: {e}")))?;
+        let addr = listener.local_addr()?;
+        let server = Arc::new(orchestrator::serve::Server {
+            state,
+            config,
+            repo,
+            cache: Arc::new(cache),
+            builder_tokens,
+            api_tokens,
+            work: tokio::sync::Notify::new(),
+            claim_lock: tokio::sync::Mutex::new(()),
+            claims: Default::default(),
+            refused: Default::default(),
+        });
+        tracing::info!(fleet = %server.repo.reference, state = %dir.display(), "serving");
+        println!("listening on http://{addr}");
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            else {
+                return std::future::pending().await;
+            };
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        };
+        orchestrator::serve::run(listener, server, shutdown).await?;
         Ok(())
     })
 }

@@ -58,6 +58,9 @@ pub struct Config {
     /// How builds run on this machine.
     #[serde(default)]
     pub build: BuildConfig,
+    /// `orchestrator serve`: the scheduler for builder agents.
+    #[serde(default)]
+    pub server: ServerConfig,
     /// The variants to build. Default: `default`, `cuda` and `vulkan` at
     /// `inputs.llama-cpp.packages.{system}.<name>` for this machine's system.
     #[serde(default = "default_variants", rename = "variant")]
@@ -132,6 +135,53 @@ impl Default for BuildConfig {
             max_log_bytes: default_max_log_bytes(),
         }
     }
+}
+
+/// `orchestrator serve`'s settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerConfig {
+    /// Address to listen on (`--listen` overrides it). Default `127.0.0.1:8090`.
+    #[serde(default = "default_server_listen")]
+    pub listen: std::net::SocketAddr,
+    /// File of `name:token` lines, one per builder agent; removing a line (and restarting)
+    /// revokes it. Required by `serve`.
+    #[serde(default)]
+    pub builder_tokens_file: Option<PathBuf>,
+    /// File of `name:token` lines for the CLI (`build --server`, `status --server`). Required by
+    /// `serve`.
+    #[serde(default)]
+    pub api_tokens_file: Option<PathBuf>,
+    /// Seconds a builder holds a job without a heartbeat before it goes back to the queue.
+    /// Default 60.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
+    /// Claims of one job before it is failed (builders dying, refusing or failing to push).
+    /// Default 3.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_server_listen(),
+            builder_tokens_file: None,
+            api_tokens_file: None,
+            lease_seconds: default_lease_seconds(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_server_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 8090))
+}
+fn default_lease_seconds() -> u64 {
+    60
+}
+fn default_max_attempts() -> u32 {
+    3
 }
 
 /// One variant: a package attribute of the fleet flake, built for some systems.
@@ -234,6 +284,12 @@ impl Config {
             for system in &v.systems {
                 attr_path(&v.attr, system).map_err(|e| format!("variant {:?}: {e}", v.name))?;
             }
+        }
+        if self.server.lease_seconds < 3 {
+            return Err("server.lease-seconds must be at least 3".to_owned());
+        }
+        if self.server.max_attempts == 0 {
+            return Err("server.max-attempts must be at least 1".to_owned());
         }
         if self.build.max_jobs == 0 {
             return Err("build.max-jobs must be at least 1".to_owned());
@@ -354,6 +410,7 @@ mod tests {
         let example = include_str!("../../fleetcache.example.toml");
         let c = Config::parse(example, Path::new("fleetcache.example.toml")).unwrap();
         assert_eq!(c.build, BuildConfig::default());
+        assert_eq!(c.server, ServerConfig::default());
         assert_eq!(c.fleet.tracked_inputs, default_tracked_inputs());
         let names: Vec<&str> = c.variants.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["default", "cuda", "vulkan"]);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Why a revision could not be resolved or its lock read.
@@ -58,7 +58,7 @@ pub struct FleetRepo {
 }
 
 /// One input pinned by `flake.lock`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LockedInput {
     /// The root input's name (`nixpkgs`).
     pub name: String,
@@ -182,6 +182,24 @@ impl FleetRepo {
         };
         if let Some(dir) = &self.subdir {
             url.push_str(&format!("&dir={dir}"));
+        }
+        url
+    }
+
+    /// The flake URL a builder agent evaluates for `commit`: the repository as given, pinned
+    /// (a local checkout is only reachable by builders on this machine or a shared filesystem).
+    pub fn builder_flake_url(&self, commit: &str) -> String {
+        if !self.mirrored {
+            return self.flake_url_at(commit);
+        }
+        let (base, _) = split_query(&self.reference).unwrap_or((self.reference.as_str(), None));
+        let mut url = match base.strip_prefix("github:").or_else(|| base.strip_prefix("gitlab:")) {
+            Some(rest) => format!("{}:{}/{commit}", &base[..base.len() - rest.len() - 1], rest.trim_end_matches('/')),
+            None => format!("{base}?rev={commit}"),
+        };
+        if let Some(dir) = &self.subdir {
+            url.push_str(if url.contains('?') { "&" } else { "?" });
+            url.push_str(&format!("dir={dir}"));
         }
         url
     }

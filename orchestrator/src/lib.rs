@@ -11,5 +11,7 @@ pub mod config;
 pub mod flake;
 pub mod keys;
 pub mod queue;
+pub mod remote;
 pub mod report;
+pub mod serve;
 pub mod state;

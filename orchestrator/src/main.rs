@@ -63,6 +63,8 @@ enum Command {
         /// Derivations built at once (default: the config's build.max-jobs, 1).
         #[arg(long)]
         max_jobs: Option<usize>,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Print build logs (on a terminal the last line of each shows anyway).
         #[arg(short = 'L', long)]
         print_build_logs: bool,
@@ -75,12 +77,38 @@ enum Command {
     Status {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// How many revisions, newest first.
         #[arg(long, default_value_t = 10)]
         limit: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Show the builder agents: systems, features, jobs held, last heartbeat.
+    Builders {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the scheduler: builder agents claim jobs from it, `build --server` submits to it.
+    ///
+    /// Needs a remote cache-server (cache.url, cache.token-file) that builders push to, and the
+    /// token files server.builder-tokens-file and server.api-tokens-file. Prints
+    /// "listening on http://ADDR" first; SIGTERM stops it after the requests in flight. All
+    /// state is in the database: a restart loses no queued or running job.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on (default: the config's server.listen, 127.0.0.1:8090); port 0
+        /// picks a free one.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Check a fleetcache.toml and print the settings it gives.
     CheckConfig {
@@ -128,6 +156,17 @@ struct Common {
     /// The state directory (default: the config's state-dir, else $XDG_STATE_HOME/fleetcache).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+}
+
+/// Talking to a running `orchestrator serve` instead of working here.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The orchestrator, e.g. `http://orchestrator:8090`.
+    #[arg(long, requires = "token_file")]
+    server: Option<String>,
+    /// File holding an API token (one of the server's api-tokens-file).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 /// A command's failure: already reported, or an error to print.
@@ -215,7 +254,7 @@ fn main() -> ExitCode {
                 })
                 .map_err(CliError::from)
         }
-        Command::Build { rev, flake, variants, common, retry_failed, max_jobs, print_build_logs, json } => {
+        Command::Build { rev, flake, variants, common, retry_failed, max_jobs, remote, print_build_logs, json } => {
             commands::build(commands::BuildArgs {
                 rev,
                 flake,
@@ -224,13 +263,25 @@ fn main() -> ExitCode {
                 state_dir: common.state_dir,
                 retry_failed,
                 max_jobs,
+                server: remote.server.zip(remote.token_file),
                 print_build_logs,
                 json,
             })
         }
-        Command::Status { common, limit, json } => {
-            commands::status(common.config.as_deref(), common.state_dir, limit, json)
-        }
+        Command::Status { common, remote, limit, json } => commands::status(
+            common.config.as_deref(),
+            common.state_dir,
+            remote.server.zip(remote.token_file),
+            limit,
+            json,
+        ),
+        Command::Builders { common, remote, json } => commands::builders(
+            common.config.as_deref(),
+            common.state_dir,
+            remote.server.zip(remote.token_file),
+            json,
+        ),
+        Command::Serve { common, listen } => commands::serve(common.config.as_deref(), common.state_dir, listen),
         Command::CheckConfig { config } => commands::check_config(config.as_deref()),
         Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
             let defaults = builder::push::PushOptions::default();

@@ -3,13 +3,13 @@
 //! renewed by heartbeats, back in the queue when the lease runs out.
 
 use builder::api::{ClaimedJob, Register};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
 use crate::state::{AttemptEnd, DerivationStatus, State, StateError, now};
 
 /// A registered builder.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BuilderInfo {
     /// Its name (from its token).
     pub name: String,

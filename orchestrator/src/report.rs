@@ -26,6 +26,8 @@ pub enum Phase {
     Building,
     /// Pushing; NAR bytes read so far.
     Pushing(u64),
+    /// What a remote orchestrator says (`building on gpu-1`, `waiting for a builder with …`).
+    Remote(String),
     /// Ended.
     Done(Status),
 }
@@ -65,6 +67,7 @@ fn describe_phase(phase: &Phase) -> String {
         Phase::Waiting(owner) => format!("waiting: another run ({owner}) is building it"),
         Phase::Building => "building".to_owned(),
         Phase::Pushing(bytes) => format!("pushing {}", human_bytes(*bytes)),
+        Phase::Remote(text) => text.clone(),
         Phase::Done(status) => status.as_str().to_owned(),
     }
 }
@@ -79,6 +82,16 @@ pub fn human_bytes(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+/// Reports nothing (the server plans without an audience).
+pub struct Quiet;
+
+impl Reporter for Quiet {
+    fn revision(&self, _: &str, _: &str, _: &str, _: &BTreeMap<String, LockedInput>) {}
+    fn phase(&self, _: &str, _: Phase) {}
+    fn log_line(&self, _: &str, _: &str) {}
+    fn note(&self, _: &str) {}
 }
 
 /// Plain lines on standard error: one per phase change (and per log line with `log_lines`).

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -191,7 +191,7 @@ pub struct Failure {
 }
 
 /// A revision as `orchestrator status` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RevisionReport {
     /// The fleet flake as given.
     pub flake: String,
@@ -208,7 +208,7 @@ pub struct RevisionReport {
 }
 
 /// A variant of a revision with its derivation's attempts.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VariantReport {
     /// The variant's name.
     pub variant: String,
@@ -231,7 +231,7 @@ pub struct VariantReport {
 }
 
 /// One build attempt.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct AttemptReport {
     /// The attempt's number in the database.
     pub id: i64,

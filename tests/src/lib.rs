@@ -6,6 +6,7 @@
 //! - [`process`]: child processes that are stopped with SIGTERM when dropped, and readiness
 //!   polling that notices a child that died.
 //! - [`fleet`]: an offline stand-in fleet (nixpkgs, llama.cpp and fleet flakes in local git).
+//! - [`orchestrator`]: the real `orchestrator` with its own home, and its output parsed.
 //! - [`cache_server`]: the real `cache-server` on a free port with a fresh key and token.
 //! - [`bin`]: where the workspace's binaries are.
 
@@ -13,6 +14,7 @@ pub mod cache_server;
 pub mod fleet;
 pub mod garage;
 pub mod nix;
+pub mod orchestrator;
 pub mod process;
 
 use std::path::PathBuf;

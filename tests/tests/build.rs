@@ -2,105 +2,16 @@
 //! the real nix, through the embedded default and through a remote cache-server.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleetcache_tests::bin;
+use fleetcache_tests::orchestrator::{
+    Setup, attempts, collect, out_path, parse_build, spawn_build, status_of, wait_for_file,
+};
 use fleetcache_tests::cache_server::{CacheServer, Options};
-use fleetcache_tests::fleet::Fleet;
-use fleetcache_tests::nix::{NIX_CONFIG, TempStore, command, run};
-use fleetcache_tests::process::ChildGuard;
+use fleetcache_tests::nix::{TempStore, command, run};
 use nix_formats::StorePath;
 use serde_json::Value;
-
-/// A fleet fixture plus the XDG directories the orchestrator runs with (so nothing of the
-/// user's or of another test leaks in).
-struct Setup {
-    fleet: Fleet,
-    home: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let fleet = Fleet::new();
-        let home = fleet.scratch("home");
-        Setup { fleet, home }
-    }
-
-    fn orchestrator(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("orchestrator"));
-        c.args(args)
-            .current_dir(&self.fleet.fleet)
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .env("HOME", &self.home)
-            .env("XDG_STATE_HOME", self.home.join("state"))
-            .env("XDG_DATA_HOME", self.home.join("data"))
-            .env("XDG_CONFIG_HOME", self.home.join("config"))
-            .env_remove("FLEETCACHE_CONFIG")
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs `orchestrator build --json …` and returns the exit code, the results by variant and
-    /// stderr.
-    fn build(&self, args: &[&str]) -> (i32, BTreeMap<String, Value>, String) {
-        let mut all = vec!["build", "--json"];
-        all.extend_from_slice(args);
-        let out = self.orchestrator(&all).output().expect("run orchestrator");
-        parse_build(out)
-    }
-
-    fn status(&self) -> Vec<Value> {
-        let out = run(&mut self.orchestrator(&["status", "--json"]));
-        serde_json::from_str::<Value>(&out).expect("status JSON").as_array().expect("array").clone()
-    }
-
-    fn cache_dir(&self) -> PathBuf {
-        self.home.join("data/fleetcache/cache")
-    }
-
-    fn public_key(&self) -> String {
-        std::fs::read_to_string(self.home.join("data/fleetcache/signing-key.pub"))
-            .expect("public key")
-            .trim()
-            .to_owned()
-    }
-
-    fn write_config(&self, text: &str) -> PathBuf {
-        let p = self.home.join("fleetcache.toml");
-        std::fs::write(&p, text).expect("config");
-        p
-    }
-}
-
-fn parse_build(out: Output) -> (i32, BTreeMap<String, Value>, String) {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let code = out.status.code().unwrap_or(-1);
-    let doc: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("build printed no JSON ({e}); exit {code}; stderr:\n{stderr}"));
-    let by_variant = doc
-        .as_array()
-        .expect("an array")
-        .iter()
-        .map(|r| (r["variant"].as_str().expect("variant").to_owned(), r.clone()))
-        .collect();
-    (code, by_variant, stderr)
-}
-
-fn status_of(results: &BTreeMap<String, Value>) -> BTreeMap<&str, &str> {
-    results.iter().map(|(k, v)| (k.as_str(), v["status"].as_str().expect("status"))).collect()
-}
-
-fn out_path(result: &Value) -> StorePath {
-    StorePath::from_absolute(result["out_paths"][0].as_str().expect("an output")).expect("store path")
-}
-
-fn attempts(status: &[Value], variant: &str) -> Vec<String> {
-    let v =
-        status[0]["variants"].as_array().unwrap().iter().find(|v| v["variant"] == variant).expect("variant");
-    v["attempts"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap().to_owned()).collect()
-}
 
 #[test]
 fn the_embedded_default_builds_publishes_and_a_fresh_machine_substitutes() {
@@ -308,36 +219,6 @@ fn bad_requests_get_clear_errors() {
     let out = s.orchestrator(&["build", "--rev", "main"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no flake.lock is committed"), "{err}");
-}
-
-/// Waits until `path`'s contents satisfy `pred` or panics after `timeout`.
-fn wait_for_file(path: &std::path::Path, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if pred(&text) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn spawn_build(s: &Setup, name: &str, args: &[&str]) -> (ChildGuard, PathBuf, PathBuf) {
-    let (out, err) = (s.home.join(format!("{name}.out")), s.home.join(format!("{name}.err")));
-    let mut all = vec!["build", "--json"];
-    all.extend_from_slice(args);
-    let mut cmd = s.orchestrator(&all);
-    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap());
-    (ChildGuard::spawn(name, &mut cmd), out, err)
-}
-
-fn collect(mut child: ChildGuard, out: PathBuf, err: PathBuf) -> (i32, BTreeMap<String, Value>, String) {
-    let status = child.wait_with_output().status;
-    let mut output =
-        Output { status, stdout: std::fs::read(out).unwrap(), stderr: std::fs::read(err).unwrap() };
-    output.status = status;
-    parse_build(output)
 }
 
 #[test]

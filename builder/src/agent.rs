@@ -1,0 +1,344 @@
+//! The builder agent: registers with the orchestrator, claims jobs it can take by long-poll,
+//! checks that its own evaluation gives the expected derivation, builds with the real `nix`,
+//! streams the log, pushes the closure with its own upload token, and reports the result.
+//! A heartbeat holds the lease; when the orchestrator says the lease is gone, the build stops.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix_formats::StorePath;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ClaimRequest, ClaimedJob, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered};
+use crate::client::CacheClient;
+use crate::nix_build::{self, BuildEnd};
+use crate::push::{PushOptions, push};
+
+/// Why the agent stopped.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The orchestrator refused the token: nothing will work until it is fixed.
+    #[error("the orchestrator refused this builder's token ({0}); check --token-file and the orchestrator's builder-tokens-file")]
+    Unauthorized(String),
+    /// No cache to push to.
+    #[error("no cache-server to push to: the orchestrator names none; pass --cache")]
+    NoCache,
+}
+
+/// A call to the orchestrator failed.
+#[derive(Debug, Error)]
+enum CallError {
+    #[error("{0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("lease lost")]
+    Gone,
+    #[error("{status}: {message}")]
+    Status { status: reqwest::StatusCode, message: String },
+}
+
+/// The agent's settings.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The orchestrator's URL.
+    pub orchestrator: String,
+    /// This builder's token.
+    pub token: String,
+    /// What it registers.
+    pub register: Register,
+    /// The cache to push to, if not the one the orchestrator names.
+    pub cache_url: Option<String>,
+    /// The upload token of the cache.
+    pub cache_token: String,
+    /// Push settings.
+    pub push: PushOptions,
+    /// Log bytes kept for the failure message.
+    pub max_log_bytes: usize,
+}
+
+struct Agent {
+    http: reqwest::Client,
+    opts: AgentOptions,
+    cache: CacheClient,
+}
+
+impl Agent {
+    async fn call<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<Option<T>, CallError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.opts.orchestrator.trim_end_matches('/')))
+            .bearer_auth(&self.opts.token)
+            .json(body)
+            .send()
+            .await?;
+        match resp.status() {
+            reqwest::StatusCode::NO_CONTENT => Ok(None),
+            reqwest::StatusCode::GONE => Err(CallError::Gone),
+            s if s.is_success() => {
+                let text = resp.text().await?;
+                if text.trim().is_empty() {
+                    return Ok(None);
+                }
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| CallError::Status { status: s, message: format!("unexpected answer: {e}") })
+            }
+            status => Err(CallError::Status { status, message: resp.text().await.unwrap_or_default().trim().to_owned() }),
+        }
+    }
+}
+
+/// Registers (retrying while the orchestrator is unreachable), then runs `max_jobs` workers
+/// until `stop`. Returns an error only for what retrying cannot fix.
+pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), AgentError> {
+    let http = reqwest::Client::new();
+    let mut delay = Duration::from_millis(250);
+    let registered: Registered = loop {
+        let probe = Agent { http: http.clone(), opts: opts.clone(), cache: CacheClient::new("http://unused", "") };
+        match probe.call::<Registered>("/api/v1/builders/register", &opts.register).await {
+            Ok(Some(r)) => break r,
+            Err(CallError::Status { status, message }) if status == reqwest::StatusCode::UNAUTHORIZED => {
+                return Err(AgentError::Unauthorized(message));
+            }
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "empty answer".to_owned(),
+                };
+                tracing::warn!(error = %why, "registering with the orchestrator failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let cache_url = opts.cache_url.clone().or(registered.cache_url.clone()).ok_or(AgentError::NoCache)?;
+    tracing::info!(name = %registered.name, cache = %cache_url, "registered");
+    let agent = Arc::new(Agent { http, cache: CacheClient::new(&cache_url, &opts.cache_token), opts });
+    let workers: Vec<_> = (0..agent.opts.register.max_jobs.max(1))
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            tokio::spawn(async move { worker(agent, stop).await })
+        })
+        .collect();
+    let mut result = Ok(());
+    for w in workers {
+        if let Ok(Err(e)) = w.await {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+async fn worker(agent: Arc<Agent>, stop: CancellationToken) -> Result<(), AgentError> {
+    let mut delay = Duration::from_millis(250);
+    while !stop.is_cancelled() {
+        let claimed = tokio::select! {
+            c = agent.call::<ClaimedJob>("/api/v1/jobs/claim", &ClaimRequest { wait_seconds: 25 }) => c,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        match claimed {
+            Ok(Some(job)) => {
+                delay = Duration::from_millis(250);
+                run_job(&agent, job, &stop).await;
+            }
+            Ok(None) => {}
+            Err(CallError::Status { status, message }) if status == reqwest::StatusCode::UNAUTHORIZED => {
+                return Err(AgentError::Unauthorized(message));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the heartbeat reports.
+struct Progress {
+    phase: std::sync::Mutex<&'static str>,
+    pushed: AtomicU64,
+}
+
+impl crate::push::Progress for Progress {
+    fn planned(&self, _: usize, _: usize, _: u64) {}
+    fn started(&self, _: &StorePath, _: u64) {}
+    fn advanced(&self, _: &StorePath, n: u64) {
+        self.pushed.fetch_add(n, Ordering::Relaxed);
+    }
+    fn finished(&self, _: &StorePath, _: &Result<u64, String>, _: bool) {}
+    fn note(&self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) {
+    let started = Instant::now();
+    tracing::info!(job = job.id, drv = %job.drv_path, "building");
+    let lost = CancellationToken::new();
+    let progress = Arc::new(Progress { phase: std::sync::Mutex::new("evaluating"), pushed: AtomicU64::new(0) });
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Heartbeats and log chunks, until the attempt ends (`done`).
+    let done = CancellationToken::new();
+    let beat = {
+        let (agent, lost, progress, job, done) = (agent.clone(), lost.clone(), progress.clone(), job.clone(), done.clone());
+        tokio::spawn(async move {
+            let every = Duration::from_secs(job.lease_seconds.max(3) / 3);
+            let mut next_beat = tokio::time::Instant::now();
+            let mut pending = String::new();
+            let mut log_open = true;
+            loop {
+                let ending = tokio::select! {
+                    line = log_rx.recv(), if log_open => {
+                        match line {
+                            Some(l) => { pending.push_str(&l); pending.push('\n'); }
+                            None => log_open = false,
+                        }
+                        continue;
+                    }
+                    _ = done.cancelled() => true,
+                    _ = tokio::time::sleep_until(next_beat.min(tokio::time::Instant::now() + Duration::from_secs(1))) => false,
+                };
+                if !pending.is_empty() {
+                    let chunk = LogChunk { lease: job.lease.clone(), text: std::mem::take(&mut pending) };
+                    if let Err(CallError::Gone) = agent.call::<()>(&format!("/api/v1/jobs/{}/log", job.id), &chunk).await {
+                        lost.cancel();
+                    }
+                }
+                if ending {
+                    return;
+                }
+                if tokio::time::Instant::now() >= next_beat {
+                    next_beat = tokio::time::Instant::now() + every;
+                    let hb = Heartbeat {
+                        lease: job.lease.clone(),
+                        phase: (*progress.phase.lock().expect("phase")).to_owned(),
+                        pushed_bytes: progress.pushed.load(Ordering::Relaxed),
+                    };
+                    if let Err(CallError::Gone) = agent.call::<()>(&format!("/api/v1/jobs/{}/heartbeat", job.id), &hb).await {
+                        tracing::warn!(job = job.id, "the orchestrator took the job back; stopping it");
+                        lost.cancel();
+                    }
+                }
+            }
+        })
+    };
+    let cancel = CancellationToken::new();
+    let link = {
+        let (cancel, lost, stop) = (cancel.clone(), lost.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! { _ = lost.cancelled() => {}, _ = stop.cancelled() => {} }
+            cancel.cancel();
+        })
+    };
+    let (outcome, error) = attempt(agent, &job, &progress, &cancel, log_tx).await;
+    link.abort();
+    done.cancel();
+    let _ = beat.await;
+    if lost.is_cancelled() {
+        return;
+    }
+    let (outcome, error) = if stop.is_cancelled() && outcome != Outcome::Built {
+        (Outcome::Refused, Some("the builder is shutting down".to_owned()))
+    } else {
+        (outcome, error)
+    };
+    let result = JobResult { lease: job.lease.clone(), outcome, error, seconds: started.elapsed().as_secs_f64() };
+    for _ in 0..10 {
+        match agent.call::<()>(&format!("/api/v1/jobs/{}/result", job.id), &result).await {
+            Ok(_) | Err(CallError::Gone) => break,
+            Err(e) => {
+                tracing::warn!(job = job.id, error = %e, "reporting the result failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    tracing::info!(job = job.id, outcome = ?result.outcome, seconds = result.seconds, "done");
+}
+
+async fn attempt(
+    agent: &Agent,
+    job: &ClaimedJob,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+    log: tokio::sync::mpsc::UnboundedSender<String>,
+) -> (Outcome, Option<String>) {
+    let refuse = |why: String| (Outcome::Refused, Some(why));
+    let eval = match crate::eval::evaluate(&job.flake_url, &job.attr_path).await {
+        Ok(e) => e,
+        Err(e) => return refuse(format!("evaluating {}: {e}", job.attr_path.join("."))),
+    };
+    if eval.drv_path.to_absolute() != job.drv_path {
+        return refuse(format!(
+            "evaluation is not reproducible: this builder gets {}, the orchestrator {}",
+            eval.drv_path.to_absolute(),
+            job.drv_path
+        ));
+    }
+    *progress.phase.lock().expect("phase") = "building";
+    let (end, _log) = nix_build::build(&eval.drv_path, agent.opts.max_log_bytes, cancel, |line| {
+        let _ = log.send(line.to_owned());
+    })
+    .await;
+    drop(log);
+    match end {
+        BuildEnd::Cancelled => return refuse("stopped".to_owned()),
+        BuildEnd::Failed(e) => return (Outcome::Failed, Some(e)),
+        BuildEnd::Built => {}
+    }
+    *progress.phase.lock().expect("phase") = "pushing";
+    let outputs: Vec<StorePath> = eval.outputs.values().cloned().collect();
+    let pushed = tokio::select! {
+        r = push(&agent.cache, &outputs, &agent.opts.push, progress.clone()) => r,
+        _ = cancel.cancelled() => return refuse("stopped while pushing".to_owned()),
+    };
+    match pushed {
+        Err(e) => return (Outcome::PushFailed, Some(format!("push: {e}"))),
+        Ok(s) if !s.failed.is_empty() => {
+            let why: Vec<String> = s.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
+            return (Outcome::PushFailed, Some(format!("push refused: {}", why.join("; "))));
+        }
+        Ok(_) => {}
+    }
+    if let Some(text) = nix_build::stored_log(&eval.drv_path).await {
+        if let Err(e) = agent.cache.upload_log(&eval.drv_path, text.into()).await {
+            tracing::warn!(error = %e, "the build log was not uploaded");
+        }
+    }
+    (Outcome::Built, None)
+}
+
+/// Features this machine has: `cuda` when `nvidia-smi` works, `vulkan` when `vulkaninfo` lists
+/// a device, `kvm` when `/dev/kvm` exists.
+pub fn detect_features() -> Vec<String> {
+    let works = |cmd: &str, args: &[&str], needle: Option<&str>| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map(|o| o.status.success() && needle.is_none_or(|n| String::from_utf8_lossy(&o.stdout).contains(n)))
+            .unwrap_or(false)
+    };
+    let mut features = Vec::new();
+    if works("nvidia-smi", &["-L"], Some("GPU")) {
+        features.push("cuda".to_owned());
+    }
+    if works("vulkaninfo", &["--summary"], Some("deviceName")) {
+        features.push("vulkan".to_owned());
+    }
+    if std::path::Path::new("/dev/kvm").exists() {
+        features.push("kvm".to_owned());
+    }
+    features
+}

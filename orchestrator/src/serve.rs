@@ -1,0 +1,613 @@
+//! `orchestrator serve`: the scheduler. The CLI submits revisions; the server resolves and
+//! evaluates them as `build` does, queues a job per derivation the cache lacks, and builder
+//! agents claim the jobs they can take. Everything is in the state database, so a restart
+//! loses nothing: planned requests keep their jobs, running jobs keep their leases.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use builder::api::{ClaimRequest, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered};
+use cache_server::auth::{Tokens, presented_token};
+use serde::{Deserialize, Serialize};
+use sqlx::Row as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::build::{BuildOptions, Context, Plan, Status, VariantResult, plan};
+use crate::cache::CacheTarget;
+use crate::config::Config;
+use crate::flake::{FleetRepo, LockedInput};
+use crate::queue::{BuilderInfo, NewJob};
+use crate::report::Quiet;
+use crate::state::{AttemptEnd, State, StateError, now};
+
+/// Builders not heard from for this long do not count as able to take a job.
+const BUILDER_ALIVE: i64 = 120;
+
+/// Everything the handlers share.
+pub struct Server {
+    /// The database.
+    pub state: State,
+    /// The settings.
+    pub config: Config,
+    /// The fleet repository.
+    pub repo: FleetRepo,
+    /// The cache (remote), asked what it lacks.
+    pub cache: Arc<CacheTarget>,
+    /// Builder tokens.
+    pub builder_tokens: Tokens,
+    /// CLI tokens.
+    pub api_tokens: Tokens,
+    /// Woken when jobs are queued or released.
+    pub work: tokio::sync::Notify,
+    /// Claims are serialised (one server owns a SQLite queue).
+    pub claim_lock: tokio::sync::Mutex<()>,
+    /// Jobs handed out.
+    pub claims: AtomicU64,
+    /// Requests refused for a bad token.
+    pub refused: AtomicU64,
+}
+
+/// A submitted build, as the CLI sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submit {
+    /// A commit, tag or branch.
+    pub rev: String,
+    /// Variant names; empty for all.
+    #[serde(default)]
+    pub variants: Vec<String>,
+    /// Rebuild known failures.
+    #[serde(default)]
+    pub retry_failed: bool,
+}
+
+/// A planned request, kept in the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Snapshot {
+    revision_id: i64,
+    flake: String,
+    requested: String,
+    commit: String,
+    inputs: BTreeMap<String, LockedInput>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    label: String,
+    result: VariantResult,
+    done: bool,
+}
+
+/// A request as the CLI follows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestView {
+    /// `pending` (not planned yet), `running`, `done` or `error`.
+    pub status: String,
+    /// Why it could not be planned.
+    pub error: Option<String>,
+    /// The fleet flake.
+    pub flake: Option<String>,
+    /// What was asked.
+    pub requested: String,
+    /// The commit, once resolved.
+    pub commit: Option<String>,
+    /// The locked inputs, once read.
+    pub inputs: BTreeMap<String, LockedInput>,
+    /// One per variant × system.
+    pub variants: Vec<VariantView>,
+}
+
+/// A variant of a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariantView {
+    /// Its label in reports.
+    pub label: String,
+    /// Where it stands, in words.
+    pub phase: String,
+    /// Whether it ended (then `result.status` says how).
+    pub done: bool,
+    /// The result so far.
+    pub result: VariantResult,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, format!("{}\n", self.1)).into_response()
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        tracing::error!(error = %e, "state");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the state database failed; retry later".to_owned())
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+impl Server {
+    fn builder_name(&self, headers: &HeaderMap) -> ApiResult<String> {
+        let name = presented_token(headers).and_then(|t| self.builder_tokens.check(&t).map(str::to_owned));
+        name.ok_or_else(|| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            ApiError(StatusCode::UNAUTHORIZED, "unknown builder token".to_owned())
+        })
+    }
+
+    fn api_user(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match presented_token(headers).and_then(|t| self.api_tokens.check(&t).map(drop)) {
+            Some(()) => Ok(()),
+            None => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError(StatusCode::UNAUTHORIZED, "unknown API token".to_owned()))
+            }
+        }
+    }
+
+    fn context(&self, retry_failed: bool) -> Context {
+        Context {
+            state: self.state.clone(),
+            cache: self.cache.clone(),
+            reporter: Arc::new(Quiet),
+            owner: format!("orchestrator:{}", std::process::id()),
+            cancel: CancellationToken::new(),
+            options: BuildOptions {
+                retry_failed,
+                max_jobs: 1,
+                push: builder::push::PushOptions::default(),
+                max_log_bytes: self.config.build.max_log_bytes,
+            },
+        }
+    }
+
+    /// Plans a pending request and queues its jobs.
+    async fn plan_request(&self, id: i64, submit: &Submit) -> Result<(), StateError> {
+        let variants = match self.config.select_variants(&submit.variants) {
+            Ok(v) => v,
+            Err(e) => return self.set_request(id, "error", None, Some(&e)).await,
+        };
+        let ctx = self.context(submit.retry_failed);
+        let planned: Result<Plan, _> = plan(&ctx, &self.repo, &submit.rev, &variants).await;
+        let planned = match planned {
+            Ok(p) => p,
+            Err(crate::build::BuildError::State(e)) => return Err(e),
+            Err(e) => return self.set_request(id, "error", None, Some(&e.to_string())).await,
+        };
+        let builder_url = self.repo.builder_flake_url(&planned.commit);
+        for (drv, idx) in planned.to_build() {
+            let job = &planned.jobs[idx[0]];
+            let eval = job.eval.as_ref().expect("evaluated");
+            let attr_path = crate::config::attr_path(&job.attr, &job.system).unwrap_or_default();
+            let features: Vec<String> = {
+                let mut f: Vec<String> = idx.iter().flat_map(|&i| planned.jobs[i].features.clone()).collect();
+                f.sort();
+                f.dedup();
+                f
+            };
+            let out_paths: Vec<String> = eval.outputs.values().map(|p| p.to_absolute()).collect();
+            self.state
+                .enqueue(&NewJob {
+                    drv_path: &drv.to_absolute(),
+                    system: &job.system,
+                    features: &features,
+                    flake_url: &builder_url,
+                    attr_path: &attr_path,
+                    out_paths: &out_paths,
+                })
+                .await?;
+        }
+        self.work.notify_waiters();
+        let snapshot = snapshot_of(&planned, &self.repo.reference, &submit.rev);
+        self.set_request(id, "running", Some(&snapshot), None).await
+    }
+
+    async fn set_request(
+        &self,
+        id: i64,
+        status: &str,
+        snapshot: Option<&Snapshot>,
+        error: Option<&str>,
+    ) -> Result<(), StateError> {
+        sqlx::query("UPDATE requests SET status = ?, plan = coalesce(?, plan), error = ?, updated_at = ? WHERE id = ?")
+            .bind(status)
+            .bind(snapshot.map(|s| serde_json::to_string(s).expect("serialises")))
+            .bind(error)
+            .bind(now())
+            .bind(id)
+            .execute(&self.state.pool)
+            .await
+            .map_err(|e| self.state.err(e))?;
+        Ok(())
+    }
+
+    /// Moves every request along: plans pending ones, ends running ones whose jobs ended.
+    async fn tick(&self) -> Result<(), StateError> {
+        let max_attempts = self.config.server.max_attempts;
+        if self.state.reap_expired(max_attempts).await? > 0 {
+            self.work.notify_waiters();
+        }
+        let rows = sqlx::query("SELECT id, status, requested, variants, retry_failed, plan FROM requests WHERE status IN ('pending', 'running') ORDER BY id")
+            .fetch_all(&self.state.pool)
+            .await
+            .map_err(|e| self.state.err(e))?;
+        for r in rows {
+            let (id, status): (i64, String) = (r.get(0), r.get(1));
+            if status == "pending" {
+                let submit = Submit {
+                    rev: r.get(2),
+                    variants: serde_json::from_str(r.get::<&str, _>(3)).unwrap_or_default(),
+                    retry_failed: r.get::<i64, _>(4) != 0,
+                };
+                self.plan_request(id, &submit).await?;
+                continue;
+            }
+            let Some(mut snap) = r.get::<Option<String>, _>(5).and_then(|p| serde_json::from_str::<Snapshot>(&p).ok())
+            else {
+                continue;
+            };
+            let drvs: Vec<String> = snap.entries.iter().filter_map(|e| e.result.drv_path.clone()).collect();
+            let jobs = self.state.jobs_for(&drvs).await?;
+            let mut changed = false;
+            for e in snap.entries.iter_mut().filter(|e| !e.done) {
+                let Some(job) = e.result.drv_path.as_ref().and_then(|d| jobs.get(d)) else { continue };
+                let status = match job.status.as_str() {
+                    "built" => Status::Built,
+                    "failed" => Status::Failed,
+                    _ => continue,
+                };
+                e.done = true;
+                e.result.status = status;
+                e.result.error = job.error.clone();
+                e.result.seconds = (now() - self.request_created(id).await?) as f64;
+                changed = true;
+            }
+            if snap.entries.iter().all(|e| e.done) {
+                for e in &snap.entries {
+                    let r = &e.result;
+                    self.state
+                        .record_variant(
+                            snap.revision_id,
+                            &r.variant,
+                            &r.system,
+                            &r.attr,
+                            r.drv_path.as_deref(),
+                            &r.out_paths,
+                            r.status.as_str(),
+                            r.error.as_deref(),
+                            Some(r.seconds),
+                        )
+                        .await?;
+                }
+                self.set_request(id, "done", Some(&snap), None).await?;
+            } else if changed {
+                self.set_request(id, "running", Some(&snap), None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_created(&self, id: i64) -> Result<i64, StateError> {
+        Ok(sqlx::query("SELECT created_at FROM requests WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.state.pool)
+            .await
+            .map_err(|e| self.state.err(e))?
+            .get(0))
+    }
+
+    /// The request as the CLI sees it, with live phases from the jobs and builders.
+    async fn view(&self, id: i64) -> ApiResult<RequestView> {
+        let Some(r) = sqlx::query("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.state.pool)
+            .await
+            .map_err(|e| self.state.err(e))?
+        else {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("no build request {id}")));
+        };
+        let snap: Option<Snapshot> = r.get::<Option<String>, _>(3).and_then(|p| serde_json::from_str(&p).ok());
+        let mut view = RequestView {
+            status: r.get(0),
+            error: r.get(1),
+            flake: snap.as_ref().map(|s| s.flake.clone()),
+            requested: r.get(2),
+            commit: snap.as_ref().map(|s| s.commit.clone()),
+            inputs: snap.as_ref().map(|s| s.inputs.clone()).unwrap_or_default(),
+            variants: Vec::new(),
+        };
+        let Some(snap) = snap else { return Ok(view) };
+        let created: i64 = r.get(4);
+        let drvs: Vec<String> = snap.entries.iter().filter_map(|e| e.result.drv_path.clone()).collect();
+        let jobs = self.state.jobs_for(&drvs).await?;
+        let builders = self.state.builders().await?;
+        for e in snap.entries {
+            let mut result = e.result.clone();
+            let phase = if e.done {
+                result.status.as_str().to_owned()
+            } else {
+                result.seconds = (now() - created) as f64;
+                match e.result.drv_path.as_ref().and_then(|d| jobs.get(d)) {
+                    None => "queued".to_owned(),
+                    Some(job) => describe_job(job, &builders),
+                }
+            };
+            view.variants.push(VariantView { label: e.label, phase, done: e.done, result });
+        }
+        Ok(view)
+    }
+}
+
+fn describe_job(job: &crate::queue::JobView, builders: &[BuilderInfo]) -> String {
+    match job.status.as_str() {
+        "claimed" => {
+            let on = job.builder.as_deref().unwrap_or("?");
+            match job.phase.as_deref() {
+                Some("pushing") => format!("pushing {} on {on}", crate::report::human_bytes(job.pushed_bytes)),
+                Some(p) => format!("{p} on {on}"),
+                None => format!("claimed by {on}"),
+            }
+        }
+        "queued" => {
+            let alive = builders.iter().filter(|b| now() - b.last_seen < BUILDER_ALIVE);
+            if alive.clone().any(|b| b.can_take(&job.system, &job.features)) {
+                "queued".to_owned()
+            } else {
+                let features =
+                    if job.features.is_empty() { "no features".to_owned() } else { job.features.join(", ") };
+                format!("waiting for a builder of {} with {features} (none registered can take it)", job.system)
+            }
+        }
+        other => other.to_owned(),
+    }
+}
+
+fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
+    let entries = plan
+        .jobs
+        .iter()
+        .map(|j| {
+            let (drv_path, out_paths) = match &j.eval {
+                Some(e) => (Some(e.drv_path.to_absolute()), e.outputs.values().map(|p| p.to_absolute()).collect()),
+                None => (None, Vec::new()),
+            };
+            Entry {
+                label: j.label.clone(),
+                done: j.status.is_some(),
+                result: VariantResult {
+                    variant: j.variant.clone(),
+                    system: j.system.clone(),
+                    attr: j.attr.clone(),
+                    drv_path,
+                    out_paths,
+                    status: j.status.unwrap_or(Status::Interrupted),
+                    seconds: j.seconds,
+                    error: j.error.clone(),
+                },
+            }
+        })
+        .collect();
+    Snapshot {
+        revision_id: plan.revision_id,
+        flake: flake.to_owned(),
+        requested: requested.to_owned(),
+        commit: plan.commit.clone(),
+        inputs: plan.inputs.clone(),
+        entries,
+    }
+}
+
+/// The router.
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/builders/register", post(register))
+        .route("/api/v1/builders", get(list_builders))
+        .route("/api/v1/jobs/claim", post(claim))
+        .route("/api/v1/jobs/{id}/heartbeat", post(heartbeat))
+        .route("/api/v1/jobs/{id}/log", post(log))
+        .route("/api/v1/jobs/{id}/result", post(result))
+        .route("/api/v1/builds", post(submit))
+        .route("/api/v1/builds/{id}", get(request))
+        .route("/api/v1/status", get(status))
+        .with_state(server)
+}
+
+/// Serves until `shutdown`, moving requests along in the background.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    server: Arc<Server>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ticker = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = server.tick().await {
+                    tracing::error!(error = %e, "moving requests along");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let served = axum::serve(listener, router(server)).with_graceful_shutdown(shutdown).await;
+    ticker.abort();
+    served
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string(value).expect("serialises"))
+        .into_response()
+}
+
+async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
+    let mut out = String::new();
+    out.push_str("# TYPE fleetcache_jobs gauge\n");
+    for status in ["queued", "claimed", "built", "failed"] {
+        let n: i64 = sqlx::query("SELECT count(*) FROM jobs WHERE status = ?")
+            .bind(status)
+            .fetch_one(&s.state.pool)
+            .await
+            .map_err(|e| ApiError::from(s.state.err(e)))?
+            .get(0);
+        out.push_str(&format!("fleetcache_jobs{{status=\"{status}\"}} {n}\n"));
+    }
+    let builders = s.state.builders().await?;
+    let alive = builders.iter().filter(|b| now() - b.last_seen < BUILDER_ALIVE).count();
+    out.push_str(&format!("# TYPE fleetcache_builders_alive gauge\nfleetcache_builders_alive {alive}\n"));
+    out.push_str(&format!(
+        "# TYPE fleetcache_claims_total counter\nfleetcache_claims_total {}\n",
+        s.claims.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# TYPE fleetcache_refused_requests_total counter\nfleetcache_refused_requests_total {}\n",
+        s.refused.load(Ordering::Relaxed)
+    ));
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+async fn register(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<Register>) -> ApiResult {
+    let name = s.builder_name(&headers)?;
+    s.state.register_builder(&name, &body).await?;
+    tracing::info!(builder = %name, systems = ?body.systems, features = ?body.features, "builder registered");
+    s.work.notify_waiters();
+    Ok(json(
+        StatusCode::OK,
+        &Registered { name, cache_url: s.config.cache.url.clone(), lease_seconds: s.config.server.lease_seconds },
+    ))
+}
+
+async fn list_builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &s.state.builders().await?))
+}
+
+async fn claim(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<ClaimRequest>) -> ApiResult {
+    let name = s.builder_name(&headers)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
+    loop {
+        let notified = s.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let got = {
+            let _one_at_a_time = s.claim_lock.lock().await;
+            s.state.claim(&name, s.config.server.lease_seconds).await?
+        };
+        if let Some(job) = got {
+            s.claims.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(builder = %name, job = job.id, drv = %job.drv_path, "claimed");
+            return Ok(json(StatusCode::OK, &job));
+        }
+        // Woken by new work, or look again every second (leases expire, builders leave).
+        let wake = tokio::time::Instant::now() + Duration::from_secs(1);
+        if tokio::time::timeout_at(wake.min(deadline), notified).await.is_err() && tokio::time::Instant::now() >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+fn gone() -> ApiError {
+    ApiError(StatusCode::GONE, "this lease is no longer yours: the job went back to the queue".to_owned())
+}
+
+async fn heartbeat(
+    AxState(s): AxState<Arc<Server>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: axum::Json<Heartbeat>,
+) -> ApiResult {
+    s.builder_name(&headers)?;
+    if s.state.heartbeat(id, &body.lease, &body.phase, body.pushed_bytes, s.config.server.lease_seconds).await? {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(gone())
+    }
+}
+
+async fn log(
+    AxState(s): AxState<Arc<Server>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: axum::Json<LogChunk>,
+) -> ApiResult {
+    s.builder_name(&headers)?;
+    if s.state.append_log(id, &body.lease, &body.text, s.config.build.max_log_bytes).await? {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(gone())
+    }
+}
+
+async fn result(
+    AxState(s): AxState<Arc<Server>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: axum::Json<JobResult>,
+) -> ApiResult {
+    let name = s.builder_name(&headers)?;
+    let end = match body.outcome {
+        Outcome::Built => AttemptEnd::Built,
+        Outcome::Failed => AttemptEnd::Failed,
+        Outcome::PushFailed => AttemptEnd::PushFailed,
+        Outcome::Refused => AttemptEnd::Interrupted,
+    };
+    let error = match (body.outcome, &body.error) {
+        (Outcome::Refused, Some(e)) => Some(format!("refused by {name}: {e}")),
+        (_, e) => e.clone(),
+    };
+    let max = s.config.server.max_attempts;
+    if s.state.finish_job(id, &body.lease, end, error.as_deref(), body.seconds, max).await? {
+        tracing::info!(builder = %name, job = id, outcome = ?body.outcome, "job ended");
+        s.work.notify_waiters();
+        Ok(StatusCode::OK.into_response())
+    } else {
+        tracing::info!(builder = %name, job = id, "late result ignored");
+        Err(gone())
+    }
+}
+
+async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<Submit>) -> ApiResult {
+    s.api_user(&headers)?;
+    if let Err(e) = s.config.select_variants(&body.variants) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, e));
+    }
+    let now = now();
+    let id: i64 = sqlx::query(
+        "INSERT INTO requests (requested, variants, retry_failed, status, created_at, updated_at)
+         VALUES (?, ?, ?, 'pending', ?, ?) RETURNING id",
+    )
+    .bind(&body.rev)
+    .bind(serde_json::to_string(&body.variants).expect("serialises"))
+    .bind(body.retry_failed as i64)
+    .bind(now)
+    .bind(now)
+    .fetch_one(&s.state.pool)
+    .await
+    .map_err(|e| ApiError::from(s.state.err(e)))?
+    .get(0);
+    Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id })))
+}
+
+async fn request(AxState(s): AxState<Arc<Server>>, Path(id): Path<i64>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &s.view(id).await?))
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    limit: Option<u32>,
+}
+
+async fn status(AxState(s): AxState<Arc<Server>>, Query(q): Query<StatusQuery>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &s.state.report(q.limit.unwrap_or(10)).await?))
+}
