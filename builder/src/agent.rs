@@ -22,7 +22,9 @@ use crate::push::{PushOptions, push};
 #[derive(Debug, Error)]
 pub enum AgentError {
     /// The orchestrator refused the token: nothing will work until it is fixed.
-    #[error("the orchestrator refused this builder's token ({0}); check --token-file and the orchestrator's builder-tokens-file")]
+    #[error(
+        "the orchestrator refused this builder's token ({0}); check --token-file and the orchestrator's builder-tokens-file"
+    )]
     Unauthorized(String),
     /// No cache to push to.
     #[error("no cache-server to push to: the orchestrator names none; pass --cache")]
@@ -66,7 +68,11 @@ struct Agent {
 }
 
 impl Agent {
-    async fn call<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<Option<T>, CallError> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<Option<T>, CallError> {
         let resp = self
             .http
             .post(format!("{}{path}", self.opts.orchestrator.trim_end_matches('/')))
@@ -86,7 +92,10 @@ impl Agent {
                     .map(Some)
                     .map_err(|e| CallError::Status { status: s, message: format!("unexpected answer: {e}") })
             }
-            status => Err(CallError::Status { status, message: resp.text().await.unwrap_or_default().trim().to_owned() }),
+            status => Err(CallError::Status {
+                status,
+                message: resp.text().await.unwrap_or_default().trim().to_owned(),
+            }),
         }
     }
 }
@@ -97,7 +106,8 @@ pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), Agen
     let http = reqwest::Client::new();
     let mut delay = Duration::from_millis(250);
     let registered: Registered = loop {
-        let probe = Agent { http: http.clone(), opts: opts.clone(), cache: CacheClient::new("http://unused", "") };
+        let probe =
+            Agent { http: http.clone(), opts: opts.clone(), cache: CacheClient::new("http://unused", "") };
         match probe.call::<Registered>("/api/v1/builders/register", &opts.register).await {
             Ok(Some(r)) => break r,
             Err(CallError::Status { status, message }) if status == reqwest::StatusCode::UNAUTHORIZED => {
@@ -186,12 +196,14 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
     let started = Instant::now();
     tracing::info!(job = job.id, drv = %job.drv_path, "building");
     let lost = CancellationToken::new();
-    let progress = Arc::new(Progress { phase: std::sync::Mutex::new("evaluating"), pushed: AtomicU64::new(0) });
+    let progress =
+        Arc::new(Progress { phase: std::sync::Mutex::new("evaluating"), pushed: AtomicU64::new(0) });
     let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Heartbeats and log chunks, until the attempt ends (`done`).
     let done = CancellationToken::new();
     let beat = {
-        let (agent, lost, progress, job, done) = (agent.clone(), lost.clone(), progress.clone(), job.clone(), done.clone());
+        let (agent, lost, progress, job, done) =
+            (agent.clone(), lost.clone(), progress.clone(), job.clone(), done.clone());
         tokio::spawn(async move {
             let every = Duration::from_secs(job.lease_seconds.max(3) / 3);
             let mut next_beat = tokio::time::Instant::now();
@@ -211,7 +223,9 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
                 };
                 if !pending.is_empty() {
                     let chunk = LogChunk { lease: job.lease.clone(), text: std::mem::take(&mut pending) };
-                    if let Err(CallError::Gone) = agent.call::<()>(&format!("/api/v1/jobs/{}/log", job.id), &chunk).await {
+                    if let Err(CallError::Gone) =
+                        agent.call::<()>(&format!("/api/v1/jobs/{}/log", job.id), &chunk).await
+                    {
                         lost.cancel();
                     }
                 }
@@ -225,7 +239,9 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
                         phase: (*progress.phase.lock().expect("phase")).to_owned(),
                         pushed_bytes: progress.pushed.load(Ordering::Relaxed),
                     };
-                    if let Err(CallError::Gone) = agent.call::<()>(&format!("/api/v1/jobs/{}/heartbeat", job.id), &hb).await {
+                    if let Err(CallError::Gone) =
+                        agent.call::<()>(&format!("/api/v1/jobs/{}/heartbeat", job.id), &hb).await
+                    {
                         tracing::warn!(job = job.id, "the orchestrator took the job back; stopping it");
                         lost.cancel();
                     }
@@ -253,7 +269,8 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
     } else {
         (outcome, error)
     };
-    let result = JobResult { lease: job.lease.clone(), outcome, error, seconds: started.elapsed().as_secs_f64() };
+    let result =
+        JobResult { lease: job.lease.clone(), outcome, error, seconds: started.elapsed().as_secs_f64() };
     for _ in 0..10 {
         match agent.call::<()>(&format!("/api/v1/jobs/{}/result", job.id), &result).await {
             Ok(_) | Err(CallError::Gone) => break,
@@ -327,7 +344,9 @@ pub fn detect_features() -> Vec<String> {
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .output()
-            .map(|o| o.status.success() && needle.is_none_or(|n| String::from_utf8_lossy(&o.stdout).contains(n)))
+            .map(|o| {
+                o.status.success() && needle.is_none_or(|n| String::from_utf8_lossy(&o.stdout).contains(n))
+            })
             .unwrap_or(false)
     };
     let mut features = Vec::new();

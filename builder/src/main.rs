@@ -47,7 +47,9 @@ struct Cli {
 }
 
 fn read(path: &PathBuf) -> Result<String, String> {
-    std::fs::read_to_string(path).map(|t| t.trim().to_owned()).map_err(|e| format!("reading {}: {e}", path.display()))
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| format!("reading {}: {e}", path.display()))
 }
 
 fn local_system() -> String {
@@ -74,7 +76,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let clean = |v: Vec<String>| v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    let clean =
+        |v: Vec<String>| v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
     let features: Vec<String> = clean(cli.features.unwrap_or_else(detect_features));
     let opts = AgentOptions {
         orchestrator: cli.orchestrator,
@@ -106,7 +109,8 @@ fn main() -> ExitCode {
             let stop = stop.clone();
             tokio::spawn(async move {
                 use tokio::signal::unix::{SignalKind, signal};
-                let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+                let (Ok(mut int), Ok(mut term)) =
+                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
                 else {
                     return;
                 };

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::CacheTarget;
 use crate::config::{VariantConfig, attr_path};
-use builder::eval::{Evaluation, evaluate};
 use crate::flake::{FlakeError, FleetRepo, LockedInput};
-use builder::nix_build::{self, BuildEnd};
 use crate::report::{Phase, Reporter};
 use crate::state::{AttemptEnd, Claim, DerivationStatus, LEASE, State, StateError};
+use builder::eval::{Evaluation, evaluate};
+use builder::nix_build::{self, BuildEnd};
 
 /// Why a build could not run at all (a variant failing is a result, not this).
 #[derive(Debug, Error)]

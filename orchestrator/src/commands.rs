@@ -9,8 +9,8 @@ use orchestrator::cache::CacheTarget;
 use orchestrator::config::{Config, xdg_dir};
 use orchestrator::flake::FleetRepo;
 use orchestrator::remote::Remote;
-use orchestrator::serve::Submit;
 use orchestrator::report::{self, Reporter};
+use orchestrator::serve::Submit;
 use orchestrator::state::{State, new_owner};
 use tokio_util::sync::CancellationToken;
 
@@ -77,7 +77,12 @@ fn cancel_on_signals(cancel: CancellationToken) {
 /// `orchestrator build`.
 pub fn build(args: BuildArgs) -> Result<(), CliError> {
     let config = load_config(args.config.as_deref())?;
-    let variants = config.select_variants(&args.variants).map_err(CliError::Error)?;
+    // With --server the server's configuration names the variants.
+    let variants = if args.server.is_some() {
+        Vec::new()
+    } else {
+        config.select_variants(&args.variants).map_err(CliError::Error)?
+    };
     let state_dir = state_dir(&config, args.state_dir)?;
     let flake = match args.flake.clone().or_else(|| config.fleet.flake.clone()) {
         Some(f) => f,
@@ -103,10 +108,16 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
     };
     if let Some((url, token_file)) = &args.server {
         if args.flake.is_some() {
-            return Err(CliError::Error("--flake does not go with --server: the server builds its configured fleet".into()));
+            return Err(CliError::Error(
+                "--flake does not go with --server: the server builds its configured fleet".into(),
+            ));
         }
         let remote = Remote::new(url, &read_token(token_file)?);
-        let submit = Submit { rev: args.rev.clone(), variants: args.variants.clone(), retry_failed: args.retry_failed };
+        let submit = Submit {
+            rev: args.rev.clone(),
+            variants: args.variants.clone(),
+            retry_failed: args.retry_failed,
+        };
         return runtime()?.block_on(async move {
             let id = remote.submit(&submit).await?;
             let report = remote.follow(id, reporter.as_ref()).await?;
@@ -286,9 +297,11 @@ pub fn serve(
     if config.cache.url.is_none() {
         return Err(need("cache.url and cache.token-file (the cache-server builders push to)"));
     }
-    let builder_tokens = config.server.builder_tokens_file.as_deref().ok_or_else(|| need("server.builder-tokens-file"))?;
+    let builder_tokens =
+        config.server.builder_tokens_file.as_deref().ok_or_else(|| need("server.builder-tokens-file"))?;
     let builder_tokens = Tokens::load(builder_tokens)?;
-    let api_tokens = config.server.api_tokens_file.as_deref().ok_or_else(|| need("server.api-tokens-file"))?;
+    let api_tokens =
+        config.server.api_tokens_file.as_deref().ok_or_else(|| need("server.api-tokens-file"))?;
     let api_tokens = Tokens::load(api_tokens)?;
     let dir = state_dir(&config, state_dir_flag)?;
     let flake = match config.fleet.flake.clone() {
@@ -305,7 +318,9 @@ pub fn serve(
     runtime()?.block_on(async move {
         let state = State::open(&dir).await?;
         let mirrors = dir.join("repos");
-        let repo = tokio::task::spawn_blocking(move || FleetRepo::open(&flake, &mirrors)).await.expect("open task")?;
+        let repo = tokio::task::spawn_blocking(move || FleetRepo::open(&flake, &mirrors))
+            .await
+            .expect("open task")?;
         let cache = CacheTarget::open(&config.cache).await?;
         let addr = listen.unwrap_or(config.server.listen);
         let listener = tokio::net::TcpListener::bind(addr)
@@ -328,7 +343,8 @@ pub fn serve(
         println!("listening on http://{addr}");
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            let (Ok(mut int), Ok(mut term)) =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
             else {
                 return std::future::pending().await;
             };

@@ -194,7 +194,9 @@ impl FleetRepo {
         }
         let (base, _) = split_query(&self.reference).unwrap_or((self.reference.as_str(), None));
         let mut url = match base.strip_prefix("github:").or_else(|| base.strip_prefix("gitlab:")) {
-            Some(rest) => format!("{}:{}/{commit}", &base[..base.len() - rest.len() - 1], rest.trim_end_matches('/')),
+            Some(rest) => {
+                format!("{}:{}/{commit}", &base[..base.len() - rest.len() - 1], rest.trim_end_matches('/'))
+            }
             None => format!("{base}?rev={commit}"),
         };
         if let Some(dir) = &self.subdir {

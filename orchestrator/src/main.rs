@@ -254,20 +254,28 @@ fn main() -> ExitCode {
                 })
                 .map_err(CliError::from)
         }
-        Command::Build { rev, flake, variants, common, retry_failed, max_jobs, remote, print_build_logs, json } => {
-            commands::build(commands::BuildArgs {
-                rev,
-                flake,
-                variants,
-                config: common.config,
-                state_dir: common.state_dir,
-                retry_failed,
-                max_jobs,
-                server: remote.server.zip(remote.token_file),
-                print_build_logs,
-                json,
-            })
-        }
+        Command::Build {
+            rev,
+            flake,
+            variants,
+            common,
+            retry_failed,
+            max_jobs,
+            remote,
+            print_build_logs,
+            json,
+        } => commands::build(commands::BuildArgs {
+            rev,
+            flake,
+            variants,
+            config: common.config,
+            state_dir: common.state_dir,
+            retry_failed,
+            max_jobs,
+            server: remote.server.zip(remote.token_file),
+            print_build_logs,
+            json,
+        }),
         Command::Status { common, remote, limit, json } => commands::status(
             common.config.as_deref(),
             common.state_dir,
@@ -281,7 +289,9 @@ fn main() -> ExitCode {
             remote.server.zip(remote.token_file),
             json,
         ),
-        Command::Serve { common, listen } => commands::serve(common.config.as_deref(), common.state_dir, listen),
+        Command::Serve { common, listen } => {
+            commands::serve(common.config.as_deref(), common.state_dir, listen)
+        }
         Command::CheckConfig { config } => commands::check_config(config.as_deref()),
         Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
             let defaults = builder::push::PushOptions::default();

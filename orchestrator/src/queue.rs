@@ -186,7 +186,9 @@ impl State {
             .execute(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        let Some(me) = self.builders().await?.into_iter().find(|b| b.name == builder) else { return Ok(None) };
+        let Some(me) = self.builders().await?.into_iter().find(|b| b.name == builder) else {
+            return Ok(None);
+        };
         if me.running >= me.max_jobs {
             return Ok(None);
         }
@@ -269,7 +271,13 @@ impl State {
     }
 
     /// Appends to a running job's log, keeping its last `max_bytes`; false if the lease is lost.
-    pub async fn append_log(&self, id: i64, lease: &str, text: &str, max_bytes: usize) -> Result<bool, StateError> {
+    pub async fn append_log(
+        &self,
+        id: i64,
+        lease: &str,
+        text: &str,
+        max_bytes: usize,
+    ) -> Result<bool, StateError> {
         let r = sqlx::query(
             "UPDATE jobs SET log = substr(log || ?1, -?2) WHERE id = ?3 AND lease = ?4 AND status = 'claimed'",
         )
@@ -316,7 +324,9 @@ impl State {
             AttemptEnd::PushFailed | AttemptEnd::Interrupted => ("queued", DerivationStatus::New),
         };
         let job_error = match (status, error) {
-            ("failed", Some(e)) if end != AttemptEnd::Failed => Some(format!("gave up after {attempts} attempts: {e}")),
+            ("failed", Some(e)) if end != AttemptEnd::Failed => {
+                Some(format!("gave up after {attempts} attempts: {e}"))
+            }
             (_, e) => e.map(str::to_owned),
         };
         let r = sqlx::query(
@@ -344,11 +354,12 @@ impl State {
     /// Puts jobs whose lease ran out back in the queue (or fails them after `max_attempts`);
     /// returns how many were released.
     pub async fn reap_expired(&self, max_attempts: u32) -> Result<u64, StateError> {
-        let expired = sqlx::query("SELECT id, lease, builder FROM jobs WHERE status = 'claimed' AND lease_until < ?")
-            .bind(now())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let expired =
+            sqlx::query("SELECT id, lease, builder FROM jobs WHERE status = 'claimed' AND lease_until < ?")
+                .bind(now())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
         let mut n = 0;
         for row in expired {
             let (id, lease, builder): (i64, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
@@ -461,7 +472,14 @@ mod tests {
         s.register_builder("gpu", &reg(&["cuda"])).await.unwrap();
         let cuda = vec!["cuda".to_owned()];
         fn new<'a>(drv: &'a str, features: &'a [String]) -> NewJob<'a> {
-            NewJob { drv_path: drv, system: "x86_64-linux", features, flake_url: "f", attr_path: &[], out_paths: &[] }
+            NewJob {
+                drv_path: drv,
+                system: "x86_64-linux",
+                features,
+                flake_url: "f",
+                attr_path: &[],
+                out_paths: &[],
+            }
         }
         let a = s.enqueue(&new("/nix/store/a.drv", &cuda)).await.unwrap();
         let b = s.enqueue(&new("/nix/store/b.drv", &[])).await.unwrap();
@@ -486,7 +504,10 @@ mod tests {
         assert!(s.finish_job(b, &again.lease, AttemptEnd::Built, None, 1.0, 3).await.unwrap());
         assert_eq!(s.job_log("/nix/store/b.drv").await.unwrap().as_deref(), Some("line\n"));
         let views = s.jobs_for(&["/nix/store/b.drv".to_owned()]).await.unwrap();
-        assert_eq!((views["/nix/store/b.drv"].status.as_str(), views["/nix/store/b.drv"].attempts), ("built", 2));
+        assert_eq!(
+            (views["/nix/store/b.drv"].status.as_str(), views["/nix/store/b.drv"].attempts),
+            ("built", 2)
+        );
 
         // A refused job is retried until the cap, then failed.
         assert!(s.finish_job(a, &gpu.lease, AttemptEnd::PushFailed, Some("x"), 0.0, 1).await.unwrap());

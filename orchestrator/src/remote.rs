@@ -53,12 +53,24 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(120);
 impl Remote {
     /// A client for `base` with an API token.
     pub fn new(base: &str, token: &str) -> Self {
-        Remote { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_owned(), token: token.to_owned() }
+        Remote {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, path: &str) -> Result<T, RemoteError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<T, RemoteError> {
         let url = format!("{}{path}", self.base);
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|source| RemoteError::Transport { url: url.clone(), source })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| RemoteError::Transport { url: url.clone(), source })?;
         let status = resp.status();
         if !status.is_success() {
             let message = resp.text().await.unwrap_or_default().trim().to_owned();
@@ -74,7 +86,8 @@ impl Remote {
     /// Submits a build; returns its request id.
     pub async fn submit(&self, submit: &Submit) -> Result<i64, RemoteError> {
         let path = "/api/v1/builds";
-        let v: serde_json::Value = self.send(self.http.post(format!("{}{path}", self.base)).json(submit), path).await?;
+        let v: serde_json::Value =
+            self.send(self.http.post(format!("{}{path}", self.base)).json(submit), path).await?;
         Ok(v["id"].as_i64().unwrap_or_default())
     }
 
@@ -104,7 +117,9 @@ impl Remote {
                 Err(e) => return Err(e),
             };
             if view.status == "error" {
-                return Err(RemoteError::Request(view.error.unwrap_or_else(|| "the request failed".to_owned())));
+                return Err(RemoteError::Request(
+                    view.error.unwrap_or_else(|| "the request failed".to_owned()),
+                ));
             }
             if let (false, Some(commit)) = (shown_revision, &view.commit) {
                 reporter.revision(view.flake.as_deref().unwrap_or(""), &view.requested, commit, &view.inputs);
@@ -113,7 +128,8 @@ impl Remote {
             for v in &view.variants {
                 if phases.get(&v.label) != Some(&v.phase) {
                     phases.insert(v.label.clone(), v.phase.clone());
-                    let phase = if v.done { Phase::Done(v.result.status) } else { Phase::Remote(v.phase.clone()) };
+                    let phase =
+                        if v.done { Phase::Done(v.result.status) } else { Phase::Remote(v.phase.clone()) };
                     reporter.phase(&v.label, phase);
                 }
             }

@@ -250,7 +250,8 @@ impl Server {
                 self.plan_request(id, &submit).await?;
                 continue;
             }
-            let Some(mut snap) = r.get::<Option<String>, _>(5).and_then(|p| serde_json::from_str::<Snapshot>(&p).ok())
+            let Some(mut snap) =
+                r.get::<Option<String>, _>(5).and_then(|p| serde_json::from_str::<Snapshot>(&p).ok())
             else {
                 continue;
             };
@@ -306,15 +307,17 @@ impl Server {
 
     /// The request as the CLI sees it, with live phases from the jobs and builders.
     async fn view(&self, id: i64) -> ApiResult<RequestView> {
-        let Some(r) = sqlx::query("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.state.pool)
-            .await
-            .map_err(|e| self.state.err(e))?
+        let Some(r) =
+            sqlx::query("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.state.pool)
+                .await
+                .map_err(|e| self.state.err(e))?
         else {
             return Err(ApiError(StatusCode::NOT_FOUND, format!("no build request {id}")));
         };
-        let snap: Option<Snapshot> = r.get::<Option<String>, _>(3).and_then(|p| serde_json::from_str(&p).ok());
+        let snap: Option<Snapshot> =
+            r.get::<Option<String>, _>(3).and_then(|p| serde_json::from_str(&p).ok());
         let mut view = RequestView {
             status: r.get(0),
             error: r.get(1),
@@ -351,7 +354,9 @@ fn describe_job(job: &crate::queue::JobView, builders: &[BuilderInfo]) -> String
         "claimed" => {
             let on = job.builder.as_deref().unwrap_or("?");
             match job.phase.as_deref() {
-                Some("pushing") => format!("pushing {} on {on}", crate::report::human_bytes(job.pushed_bytes)),
+                Some("pushing") => {
+                    format!("pushing {} on {on}", crate::report::human_bytes(job.pushed_bytes))
+                }
                 Some(p) => format!("{p} on {on}"),
                 None => format!("claimed by {on}"),
             }
@@ -363,7 +368,10 @@ fn describe_job(job: &crate::queue::JobView, builders: &[BuilderInfo]) -> String
             } else {
                 let features =
                     if job.features.is_empty() { "no features".to_owned() } else { job.features.join(", ") };
-                format!("waiting for a builder of {} with {features} (none registered can take it)", job.system)
+                format!(
+                    "waiting for a builder of {} with {features} (none registered can take it)",
+                    job.system
+                )
             }
         }
         other => other.to_owned(),
@@ -376,7 +384,9 @@ fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
         .iter()
         .map(|j| {
             let (drv_path, out_paths) = match &j.eval {
-                Some(e) => (Some(e.drv_path.to_absolute()), e.outputs.values().map(|p| p.to_absolute()).collect()),
+                Some(e) => {
+                    (Some(e.drv_path.to_absolute()), e.outputs.values().map(|p| p.to_absolute()).collect())
+                }
                 None => (None, Vec::new()),
             };
             Entry {
@@ -445,7 +455,11 @@ pub async fn run(
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string(value).expect("serialises"))
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(value).expect("serialises"),
+    )
         .into_response()
 }
 
@@ -475,14 +489,22 @@ async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
-async fn register(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<Register>) -> ApiResult {
+async fn register(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::Json<Register>,
+) -> ApiResult {
     let name = s.builder_name(&headers)?;
     s.state.register_builder(&name, &body).await?;
     tracing::info!(builder = %name, systems = ?body.systems, features = ?body.features, "builder registered");
     s.work.notify_waiters();
     Ok(json(
         StatusCode::OK,
-        &Registered { name, cache_url: s.config.cache.url.clone(), lease_seconds: s.config.server.lease_seconds },
+        &Registered {
+            name,
+            cache_url: s.config.cache.url.clone(),
+            lease_seconds: s.config.server.lease_seconds,
+        },
     ))
 }
 
@@ -491,7 +513,11 @@ async fn list_builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> 
     Ok(json(StatusCode::OK, &s.state.builders().await?))
 }
 
-async fn claim(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<ClaimRequest>) -> ApiResult {
+async fn claim(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::Json<ClaimRequest>,
+) -> ApiResult {
     let name = s.builder_name(&headers)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
     loop {
@@ -509,7 +535,9 @@ async fn claim(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum:
         }
         // Woken by new work, or look again every second (leases expire, builders leave).
         let wake = tokio::time::Instant::now() + Duration::from_secs(1);
-        if tokio::time::timeout_at(wake.min(deadline), notified).await.is_err() && tokio::time::Instant::now() >= deadline {
+        if tokio::time::timeout_at(wake.min(deadline), notified).await.is_err()
+            && tokio::time::Instant::now() >= deadline
+        {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
@@ -526,7 +554,10 @@ async fn heartbeat(
     body: axum::Json<Heartbeat>,
 ) -> ApiResult {
     s.builder_name(&headers)?;
-    if s.state.heartbeat(id, &body.lease, &body.phase, body.pushed_bytes, s.config.server.lease_seconds).await? {
+    if s.state
+        .heartbeat(id, &body.lease, &body.phase, body.pushed_bytes, s.config.server.lease_seconds)
+        .await?
+    {
         Ok(StatusCode::OK.into_response())
     } else {
         Err(gone())
@@ -607,7 +638,11 @@ struct StatusQuery {
     limit: Option<u32>,
 }
 
-async fn status(AxState(s): AxState<Arc<Server>>, Query(q): Query<StatusQuery>, headers: HeaderMap) -> ApiResult {
+async fn status(
+    AxState(s): AxState<Arc<Server>>,
+    Query(q): Query<StatusQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
     s.api_user(&headers)?;
     Ok(json(StatusCode::OK, &s.state.report(q.limit.unwrap_or(10)).await?))
 }

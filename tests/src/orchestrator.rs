@@ -146,7 +146,6 @@ pub fn collect(mut child: ChildGuard, out: PathBuf, err: PathBuf) -> (i32, BTree
     parse_build(output)
 }
 
-
 impl Default for Setup {
     fn default() -> Self {
         Self::new()

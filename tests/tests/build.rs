@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::nix::{TempStore, command, run};
 use fleetcache_tests::orchestrator::{
     Setup, attempts, collect, out_path, parse_build, spawn_build, status_of, wait_for_file,
 };
-use fleetcache_tests::cache_server::{CacheServer, Options};
-use fleetcache_tests::nix::{TempStore, command, run};
 use nix_formats::StorePath;
 use serde_json::Value;
 

@@ -1,0 +1,311 @@
+//! `orchestrator serve` with real `builder` agents and a real cache-server, all on loopback,
+//! building the stand-in fleet with the real nix.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleetcache_tests::bin;
+use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::garage::Garage;
+use fleetcache_tests::nix::{NIX_CONFIG, TempStore, run};
+use fleetcache_tests::orchestrator::{
+    Setup, collect, out_path, parse_build, spawn_build, status_of, wait_for_file,
+};
+use fleetcache_tests::process::ChildGuard;
+use nix_formats::StorePath;
+use serde_json::Value;
+
+const VARIANTS: &str = r#"
+[[variant]]
+name = "default"
+attr = "inputs.llama-cpp.packages.{system}.default"
+
+[[variant]]
+name = "cuda"
+attr = "inputs.llama-cpp.packages.{system}.cuda"
+features = ["cuda"]
+
+[[variant]]
+name = "vulkan"
+attr = "inputs.llama-cpp.packages.{system}.vulkan"
+"#;
+
+const ROCM: &str = r#"
+[[variant]]
+name = "rocm"
+attr = "inputs.llama-cpp.packages.{system}.default"
+features = ["rocm"]
+"#;
+
+/// A running `orchestrator serve` and what clients need to talk to it.
+struct Orchestrator {
+    child: ChildGuard,
+    url: String,
+    config: PathBuf,
+    api_token: PathBuf,
+    log: PathBuf,
+}
+
+/// Writes tokens and the configuration; the server's cache is `cache`.
+fn configure(s: &Setup, cache: &CacheServer, extra: &str) -> (PathBuf, PathBuf) {
+    let dir = s.home.join("orchestrator");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("builder-tokens"), "builder-a:token-a\nbuilder-b:token-b\n").unwrap();
+    std::fs::write(dir.join("api-tokens"), "cli:api-token\n").unwrap();
+    std::fs::write(dir.join("api-token"), "api-token\n").unwrap();
+    std::fs::write(dir.join("cache-token"), &cache.token).unwrap();
+    let config = dir.join("fleetcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state-dir = "{state}"
+[fleet]
+flake = "{fleet}"
+[cache]
+url = "{cache}"
+token-file = "{dir}/cache-token"
+[server]
+builder-tokens-file = "{dir}/builder-tokens"
+api-tokens-file = "{dir}/api-tokens"
+lease-seconds = 3
+max-attempts = 3
+{VARIANTS}{extra}"#,
+            state = dir.join("state").display(),
+            fleet = s.fleet.fleet.display(),
+            cache = cache.url,
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    (config, dir.join("api-token"))
+}
+
+fn start_orchestrator(s: &Setup, config: &Path, api_token: &Path, listen: &str) -> Orchestrator {
+    let log = s.home.join("orchestrator/serve.log");
+    let mut cmd = s.orchestrator(&["serve", "--config", config.to_str().unwrap(), "--listen", listen]);
+    cmd.stdout(Stdio::piped())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+    let mut child = ChildGuard::spawn("orchestrator serve", &mut cmd);
+    let mut line = String::new();
+    BufReader::new(child.take_stdout()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").map(str::to_owned).unwrap_or_else(|| {
+        panic!("orchestrator serve did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+    });
+    Orchestrator { child, url, config: config.to_owned(), api_token: api_token.to_owned(), log }
+}
+
+impl Orchestrator {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn client_args(&self) -> Vec<String> {
+        vec!["--server".into(), self.url.clone(), "--token-file".into(), self.api_token.display().to_string()]
+    }
+
+    fn status(&self, s: &Setup) -> Vec<Value> {
+        let mut args = vec!["status", "--json"];
+        let client = self.client_args();
+        args.extend(client.iter().map(String::as_str));
+        serde_json::from_str(&run(&mut s.orchestrator(&args))).unwrap()
+    }
+}
+
+/// Starts `builder` named `name` (its token is `token-<letter>`), with `features`.
+fn start_builder(
+    s: &Setup,
+    o: &Orchestrator,
+    name: &str,
+    token: &str,
+    features: &str,
+) -> (ChildGuard, PathBuf) {
+    let dir = s.home.join(format!("builder-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), token).unwrap();
+    let log = dir.join("builder.log");
+    let mut cmd = Command::new(bin("builder"));
+    cmd.args(["--orchestrator", &o.url, "--features", features])
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .arg("--cache-token-file")
+        .arg(s.home.join("orchestrator/cache-token"))
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("HOME", &s.home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    (ChildGuard::spawn(name, &mut cmd), log)
+}
+
+fn attempts_by_builder(status: &[Value], variant: &str) -> Vec<(String, String)> {
+    let v =
+        status[0]["variants"].as_array().unwrap().iter().find(|v| v["variant"] == variant).expect("variant");
+    v["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["owner"].as_str().unwrap().to_owned(), a["status"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_variant() {
+    let s = Setup::new();
+    let garage = Garage::start();
+    let cache = CacheServer::start_with(
+        &garage.store_url(),
+        Options { env: garage.credential_env().to_vec(), ..Options::default() },
+    );
+    let (config, api_token) = configure(&s, &cache, "");
+    let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    let (_a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
+    let (_b, b_log) = start_builder(&s, &o, "builder-b", "token-b", "");
+
+    let mut args = vec!["build", "--json", "--rev", "main"];
+    let client = o.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let out = s.orchestrator(&args).output().unwrap();
+    let (code, results, stderr) = parse_build(out);
+    let logs = || {
+        format!(
+            "{stderr}\nserver:\n{}\nA:\n{}\nB:\n{}",
+            o.log(),
+            std::fs::read_to_string(&a_log).unwrap(),
+            std::fs::read_to_string(&b_log).unwrap()
+        )
+    };
+    assert_eq!(code, 0, "{}", logs());
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
+
+    // Only builder A has the cuda feature.
+    let status = o.status(&s);
+    assert_eq!(
+        attempts_by_builder(&status, "cuda"),
+        [("builder-a".to_owned(), "built".to_owned())],
+        "{}",
+        logs()
+    );
+
+    // The builders as the CLI shows them.
+    let mut args = vec!["builders", "--json"];
+    args.extend(client.iter().map(String::as_str));
+    let builders: Value = serde_json::from_str(&run(&mut s.orchestrator(&args))).unwrap();
+    let features: BTreeMap<&str, &Value> =
+        builders.as_array().unwrap().iter().map(|b| (b["name"].as_str().unwrap(), &b["features"])).collect();
+    assert_eq!(features["builder-a"], &serde_json::json!(["cuda"]));
+    assert_eq!(features["builder-b"], &serde_json::json!([]));
+
+    // A machine trusting only the cache's key substitutes all three from the bucket.
+    let machine = TempStore::new();
+    let outs: Vec<StorePath> = results.values().map(out_path).collect();
+    run(&mut machine.copy_from(&cache.url, &cache.public_key, &outs.iter().collect::<Vec<_>>()));
+    assert!(machine.real_path(&out_path(&results["cuda"])).join("lib/libggml-cuda.so").is_file());
+
+    // Submitting the same revision again is a no-op.
+    let mut args = vec!["build", "--json", "--rev", "main"];
+    args.extend(client.iter().map(String::as_str));
+    let (code, again, _) = parse_build(s.orchestrator(&args).output().unwrap());
+    assert_eq!(code, 0);
+    assert_eq!(
+        status_of(&again),
+        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
+    );
+}
+
+#[test]
+fn a_killed_builder_loses_its_job_to_another_when_the_lease_expires() {
+    let s = Setup::new();
+    let (_dir, cache) = CacheServer::start_local();
+    let (config, api_token) = configure(&s, &cache, "");
+    let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    s.fleet.hold_builds();
+    let (mut a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
+
+    let mut args = vec!["--rev", "main", "--variant", "cuda"];
+    let client = o.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let (cli, out, err) = spawn_build(&s, "cli", &args);
+    wait_for_file(&err, Duration::from_secs(60), "building on builder-a", |t| {
+        t.contains("building on builder-a")
+    });
+    a.kill();
+    let (_b, b_log) = start_builder(&s, &o, "builder-b", "token-b", "cuda");
+    wait_for_file(&err, Duration::from_secs(60), "building on builder-b", |t| {
+        t.contains("building on builder-b")
+    });
+    s.fleet.release_builds();
+    let (code, results, stderr) = collect(cli, out, err);
+    let b = std::fs::read_to_string(&b_log).unwrap();
+    assert_eq!(code, 0, "{stderr}\n{}\nA:{}\nB:{b}", o.log(), std::fs::read_to_string(&a_log).unwrap());
+    assert_eq!(results["cuda"]["status"], "built");
+    let attempts = attempts_by_builder(&o.status(&s), "cuda");
+    assert_eq!(
+        attempts,
+        [("builder-a".to_owned(), "interrupted".to_owned()), ("builder-b".to_owned(), "built".to_owned())]
+    );
+}
+
+#[test]
+fn restarting_the_orchestrator_loses_no_queued_job() {
+    let s = Setup::new();
+    let (_dir, cache) = CacheServer::start_local();
+    let (config, api_token) = configure(&s, &cache, "");
+    let mut o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    let mut args = vec!["--rev", "main"];
+    let client = o.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let (cli, out, err) = spawn_build(&s, "cli", &args);
+    // No builder yet: the jobs wait, and say why.
+    wait_for_file(&err, Duration::from_secs(60), "waiting", |t| t.contains("none registered can take it"));
+    let addr = o.url.trim_start_matches("http://").to_owned();
+    assert!(o.child.stop().is_some_and(|s| s.success()), "SIGTERM stops the server cleanly");
+    let o2 = start_orchestrator(&s, &o.config, &o.api_token, &addr);
+    let (_a, _) = start_builder(&s, &o2, "builder-a", "token-a", "cuda");
+    let (code, results, stderr) = collect(cli, out, err);
+    assert_eq!(code, 0, "{stderr}\n{}", o2.log());
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
+}
+
+#[test]
+fn a_job_no_builder_can_take_is_reported_and_bad_tokens_are_refused() {
+    let s = Setup::new();
+    let (_dir, cache) = CacheServer::start_local();
+    let (config, api_token) = configure(&s, &cache, ROCM);
+    let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    let (_a, _) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
+    let mut args = vec!["--rev", "main", "--variant", "rocm"];
+    let client = o.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let (mut cli, _, err) = spawn_build(&s, "cli", &args);
+    wait_for_file(&err, Duration::from_secs(60), "the capability report", |t| {
+        t.contains("rocm: waiting for a builder of x86_64-linux with rocm (none registered can take it)")
+    });
+    cli.kill();
+
+    // A builder with a token the orchestrator does not know stops at once, saying why.
+    let (mut intruder, log) = start_builder(&s, &o, "intruder", "not-a-token", "cuda");
+    let status = intruder.wait_with_output().status;
+    assert_eq!(status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("refused this builder's token"), "{text}");
+
+    // So does the CLI with a bad API token.
+    let bad = s.home.join("bad-token");
+    std::fs::write(&bad, "nope").unwrap();
+    let out = s
+        .orchestrator(&["build", "--rev", "main", "--server", &o.url, "--token-file", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("unknown API token"), "{err}");
+}
