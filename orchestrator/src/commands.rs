@@ -248,6 +248,66 @@ pub fn status(
     })
 }
 
+/// `orchestrator logs`.
+pub fn logs(
+    config: Option<&Path>,
+    state_dir_flag: Option<PathBuf>,
+    server: Option<(String, PathBuf)>,
+    rev: &str,
+    variant: &str,
+    follow: bool,
+) -> Result<(), CliError> {
+    use std::io::Write as _;
+    runtime()?.block_on(async move {
+        let remote = match &server {
+            Some((url, token)) => Some(Remote::new(url, &read_token(token)?)),
+            None => None,
+        };
+        let local = match &remote {
+            Some(_) => None,
+            None => Some(local_state(config, state_dir_flag).await?),
+        };
+        let mut printed = String::new();
+        loop {
+            let view = match (&remote, &local) {
+                (Some(r), _) => r.log(rev, variant).await?,
+                (None, Some(state)) => {
+                    orchestrator::serve::find_log(state, rev, variant).await?.ok_or_else(|| {
+                        CliError::Error(format!("no build of variant {variant:?} at {rev:?} is recorded"))
+                    })?
+                }
+                (None, None) => unreachable!("one of them is set"),
+            };
+            // The kept log is its tail: print what is new since the last look.
+            let new = match view.log.strip_prefix(printed.as_str()) {
+                Some(rest) => rest.to_owned(),
+                None => view.log.get(overlap(&printed, &view.log)..).unwrap_or_default().to_owned(),
+            };
+            print!("{new}");
+            std::io::stdout().flush()?;
+            printed = view.log;
+            if !follow || !view.running {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// Where `next` continues `printed` when the head of the log was dropped: just after the last
+/// occurrence of `printed`'s final line(s) in `next` (0 when they are gone too).
+fn overlap(printed: &str, next: &str) -> usize {
+    let mut start = printed.len().saturating_sub(256);
+    while !printed.is_char_boundary(start) {
+        start += 1;
+    }
+    let anchor = &printed[start..];
+    match next.rfind(anchor) {
+        Some(at) if !anchor.is_empty() => at + anchor.len(),
+        _ => 0,
+    }
+}
+
 /// `orchestrator builders`.
 pub fn builders(
     config: Option<&Path>,

@@ -86,6 +86,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a variant's build log at a revision; with --follow, keep printing while it builds.
+    Logs {
+        /// The variant.
+        variant: String,
+        /// The revision (a commit or a prefix of one, or the branch or tag that was built).
+        #[arg(long)]
+        rev: String,
+        /// Keep printing until the build ends.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Show the builder agents: systems, features, jobs held, last heartbeat.
     Builders {
         #[command(flatten)]
@@ -288,6 +303,14 @@ fn main() -> ExitCode {
             common.state_dir,
             remote.server.zip(remote.token_file),
             json,
+        ),
+        Command::Logs { variant, rev, follow, common, remote } => commands::logs(
+            common.config.as_deref(),
+            common.state_dir,
+            remote.server.zip(remote.token_file),
+            &rev,
+            &variant,
+            follow,
         ),
         Command::Serve { common, listen } => {
             commands::serve(common.config.as_deref(), common.state_dir, listen)

@@ -407,22 +407,59 @@ impl State {
         Ok(out)
     }
 
-    /// The log of a job so far (while it runs) or of its last attempt.
-    pub async fn job_log(&self, drv_path: &str) -> Result<Option<String>, StateError> {
-        let row = sqlx::query("SELECT status, log, attempt_id FROM jobs WHERE drv_path = ?")
+    /// The log of a derivation's build: so far while a builder runs it (then `true`), else
+    /// that of its last attempt (distributed or embedded).
+    pub async fn job_log(&self, drv_path: &str) -> Result<Option<(String, bool)>, StateError> {
+        let row = sqlx::query("SELECT status, log FROM jobs WHERE drv_path = ?")
             .bind(drv_path)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        let Some(row) = row else { return Ok(None) };
-        let (status, log, attempt): (String, String, Option<i64>) = (row.get(0), row.get(1), row.get(2));
-        if status == "claimed" {
-            return Ok(Some(log));
+        if let Some(row) = row {
+            if row.get::<&str, _>(0) == "claimed" {
+                return Ok(Some((row.get(1), true)));
+            }
         }
-        match attempt {
-            Some(a) => self.attempt_log(a).await,
-            None => Ok(None),
+        let last =
+            sqlx::query("SELECT log, status FROM attempts WHERE drv_path = ? ORDER BY id DESC LIMIT 1")
+                .bind(drv_path)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(last
+            .map(|r| (r.get::<Option<String>, _>(0).unwrap_or_default(), r.get::<&str, _>(1) == "running")))
+    }
+
+    /// The derivation of `variant` in the newest build of `rev` (a commit, a prefix of one, or
+    /// the branch or tag that was asked for), submitted or run here.
+    pub async fn variant_drv(&self, rev: &str, variant: &str) -> Result<Option<String>, StateError> {
+        let plans =
+            sqlx::query("SELECT plan FROM requests WHERE plan IS NOT NULL ORDER BY id DESC LIMIT 200")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        for row in plans {
+            let plan: serde_json::Value = serde_json::from_str(row.get::<&str, _>(0)).unwrap_or_default();
+            let commit = plan["commit"].as_str().unwrap_or_default();
+            if !(plan["requested"] == rev || (rev.len() >= 7 && commit.starts_with(rev))) {
+                continue;
+            }
+            let entries = plan["entries"].as_array().cloned().unwrap_or_default();
+            if let Some(e) = entries.iter().find(|e| e["result"]["variant"] == variant) {
+                return Ok(e["result"]["drv_path"].as_str().map(str::to_owned));
+            }
         }
+        let row = sqlx::query(
+            "SELECT v.drv_path FROM variants v JOIN revisions r ON r.id = v.revision_id
+             WHERE v.variant = ?1 AND (r.requested = ?2 OR (length(?2) >= 7 AND substr(r.rev, 1, length(?2)) = ?2))
+             ORDER BY r.last_run DESC LIMIT 1",
+        )
+        .bind(variant)
+        .bind(rev)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(row.and_then(|r| r.get(0)))
     }
 }
 
@@ -502,7 +539,7 @@ mod tests {
         assert_eq!((again.id, again.lease == got.lease), (b, false));
         assert!(s.append_log(b, &again.lease, "line\n", 100).await.unwrap());
         assert!(s.finish_job(b, &again.lease, AttemptEnd::Built, None, 1.0, 3).await.unwrap());
-        assert_eq!(s.job_log("/nix/store/b.drv").await.unwrap().as_deref(), Some("line\n"));
+        assert_eq!(s.job_log("/nix/store/b.drv").await.unwrap(), Some(("line\n".to_owned(), false)));
         let views = s.jobs_for(&["/nix/store/b.drv".to_owned()]).await.unwrap();
         assert_eq!(
             (views["/nix/store/b.drv"].status.as_str(), views["/nix/store/b.drv"].attempts),

@@ -149,6 +149,22 @@ impl Remote {
         self.get(&format!("/api/v1/status?limit={limit}")).await
     }
 
+    /// A variant's build log.
+    pub async fn log(&self, rev: &str, variant: &str) -> Result<crate::serve::LogView, RemoteError> {
+        let q = |s: &str| {
+            s.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect::<String>()
+        };
+        self.get(&format!("/api/v1/logs?rev={}&variant={}", q(rev), q(variant))).await
+    }
+
     /// The registered builders.
     pub async fn builders(&self) -> Result<Vec<BuilderInfo>, RemoteError> {
         self.get("/api/v1/builders").await

@@ -429,6 +429,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/api/v1/builds", post(submit))
         .route("/api/v1/builds/{id}", get(request))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/logs", get(logs))
         .with_state(server)
 }
 
@@ -631,6 +632,41 @@ async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum
 async fn request(AxState(s): AxState<Arc<Server>>, Path(id): Path<i64>, headers: HeaderMap) -> ApiResult {
     s.api_user(&headers)?;
     Ok(json(StatusCode::OK, &s.view(id).await?))
+}
+
+/// A variant's build log, as `orchestrator logs` reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogView {
+    /// The derivation.
+    pub drv_path: String,
+    /// Whether a build of it is running (the log grows).
+    pub running: bool,
+    /// The log so far (its last `build.max-log-bytes`).
+    pub log: String,
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    rev: String,
+    variant: String,
+}
+
+/// The log of `variant` at `rev`, from the state.
+pub async fn find_log(state: &State, rev: &str, variant: &str) -> Result<Option<LogView>, StateError> {
+    let Some(drv_path) = state.variant_drv(rev, variant).await? else { return Ok(None) };
+    let (log, running) = state.job_log(&drv_path).await?.unwrap_or_default();
+    Ok(Some(LogView { drv_path, running, log }))
+}
+
+async fn logs(AxState(s): AxState<Arc<Server>>, Query(q): Query<LogQuery>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    match find_log(&s.state, &q.rev, &q.variant).await? {
+        Some(view) => Ok(json(StatusCode::OK, &view)),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no build of variant {:?} at {:?}", q.variant, q.rev),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

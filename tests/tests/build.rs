@@ -173,6 +173,10 @@ fn failures_are_recorded_and_the_other_variants_still_publish() {
     assert_eq!(attempts(&status, "broken"), ["failed", "failed"]);
     assert_eq!(attempts(&status, "default"), ["built"]);
 
+    // Its log is recorded.
+    let log = run(&mut s.orchestrator(&["logs", "broken", "--rev", "main", "--config", config]));
+    assert!(log.contains("error: this variant is broken"), "{log}");
+
     // The human output: a table, the error below it.
     let out = s.orchestrator(&["build", "--rev", "main", "--config", config]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);

@@ -164,11 +164,38 @@ fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_varian
     let (_a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
     let (_b, b_log) = start_builder(&s, &o, "builder-b", "token-b", "");
 
-    let mut args = vec!["build", "--json", "--rev", "main"];
+    s.fleet.hold_builds();
+    let mut args = vec!["--rev", "main"];
     let client = o.client_args();
     args.extend(client.iter().map(String::as_str));
-    let out = s.orchestrator(&args).output().unwrap();
-    let (code, results, stderr) = parse_build(out);
+    let (cli, out, err) = spawn_build(&s, "cli", &args);
+    wait_for_file(&err, Duration::from_secs(60), "cuda building on builder-a", |t| {
+        t.contains("cuda: building on builder-a")
+    });
+    // The log streams to the orchestrator while the build runs; --follow keeps printing until
+    // it ends.
+    let mut logs = vec!["logs", "cuda", "--rev", "main"];
+    logs.extend(client.iter().map(String::as_str));
+    let so_far = std::time::Instant::now();
+    let text = loop {
+        let text = run(&mut s.orchestrator(&logs));
+        if text.contains("configuring llama.cpp cuda") || so_far.elapsed() > Duration::from_secs(30) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(text.contains("configuring llama.cpp cuda"), "{text}");
+    logs.push("--follow");
+    let mut follow = s.orchestrator(&logs);
+    let mut follow = ChildGuard::spawn("logs --follow", follow.stdout(Stdio::piped()));
+    s.fleet.release_builds();
+    let (code, results, stderr) = collect(cli, out, err);
+    let followed = follow.wait_with_output();
+    let followed = String::from_utf8_lossy(&followed.stdout);
+    assert!(
+        followed.contains("configuring llama.cpp cuda") && followed.contains("built llama.cpp cuda"),
+        "{followed}"
+    );
     let logs = || {
         format!(
             "{stderr}\nserver:\n{}\nA:\n{}\nB:\n{}",
