@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ClaimRequest, ClaimedJob, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered};
+use crate::api::{
+    ClaimRequest, ClaimedJob, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered, Verification,
+};
 use crate::client::CacheClient;
 use crate::nix_build::{self, BuildEnd};
 use crate::push::{PushOptions, push};
@@ -257,7 +259,7 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
             cancel.cancel();
         })
     };
-    let (outcome, error) = attempt(agent, &job, &progress, &cancel, log_tx).await;
+    let (outcome, error, verification) = attempt(agent, &job, &progress, &cancel, log_tx).await;
     link.abort();
     done.cancel();
     let _ = beat.await;
@@ -269,8 +271,8 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
     } else {
         (outcome, error)
     };
-    let result =
-        JobResult { lease: job.lease.clone(), outcome, error, seconds: started.elapsed().as_secs_f64() };
+    let seconds = started.elapsed().as_secs_f64();
+    let result = JobResult { lease: job.lease.clone(), outcome, error, seconds, verification };
     for _ in 0..10 {
         match agent.call::<()>(&format!("/api/v1/jobs/{}/result", job.id), &result).await {
             Ok(_) | Err(CallError::Gone) => break,
@@ -289,8 +291,8 @@ async fn attempt(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
     log: tokio::sync::mpsc::UnboundedSender<String>,
-) -> (Outcome, Option<String>) {
-    let refuse = |why: String| (Outcome::Refused, Some(why));
+) -> (Outcome, Option<String>, Option<Verification>) {
+    let refuse = |why: String| (Outcome::Refused, Some(why), None);
     let eval = match crate::eval::evaluate(&job.flake_url, &job.attr_path).await {
         Ok(e) => e,
         Err(e) => return refuse(format!("evaluating {}: {e}", job.attr_path.join("."))),
@@ -310,8 +312,16 @@ async fn attempt(
     drop(log);
     match end {
         BuildEnd::Cancelled => return refuse("stopped".to_owned()),
-        BuildEnd::Failed(e) => return (Outcome::Failed, Some(e)),
+        BuildEnd::Failed(e) => return (Outcome::Failed, Some(e), None),
         BuildEnd::Built => {}
+    }
+    let main_output = eval.outputs.get("out").or_else(|| eval.outputs.values().next()).cloned();
+    if let Some(out) = &main_output {
+        let missing = crate::verify::missing_files(out, &job.required_files);
+        if !missing.is_empty() {
+            let why = format!("the output {} lacks {}", out.to_absolute(), missing.join(", "));
+            return (Outcome::Failed, Some(why), None);
+        }
     }
     *progress.phase.lock().expect("phase") = "pushing";
     let outputs: Vec<StorePath> = eval.outputs.values().cloned().collect();
@@ -320,10 +330,10 @@ async fn attempt(
         _ = cancel.cancelled() => return refuse("stopped while pushing".to_owned()),
     };
     match pushed {
-        Err(e) => return (Outcome::PushFailed, Some(format!("push: {e}"))),
+        Err(e) => return (Outcome::PushFailed, Some(format!("push: {e}")), None),
         Ok(s) if !s.failed.is_empty() => {
             let why: Vec<String> = s.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
-            return (Outcome::PushFailed, Some(format!("push refused: {}", why.join("; "))));
+            return (Outcome::PushFailed, Some(format!("push refused: {}", why.join("; "))), None);
         }
         Ok(_) => {}
     }
@@ -332,7 +342,16 @@ async fn attempt(
             tracing::warn!(error = %e, "the build log was not uploaded");
         }
     }
-    (Outcome::Built, None)
+    let verification = match (&job.verify, &main_output) {
+        (Some(spec), Some(out)) => {
+            *progress.phase.lock().expect("phase") = "verifying";
+            let mut have = agent.opts.register.features.clone();
+            have.extend(agent.opts.register.mandatory_features.iter().cloned());
+            Some(crate::verify::verify(out, spec, &have).await)
+        }
+        _ => None,
+    };
+    (Outcome::Built, None, verification)
 }
 
 /// Features this machine has: `cuda` when `nvidia-smi` works, `vulkan` when `vulkaninfo` lists

@@ -61,6 +61,12 @@ pub struct ClaimedJob {
     pub out_paths: Vec<String>,
     /// Seconds the claim lasts without a heartbeat.
     pub lease_seconds: u64,
+    /// Files that must exist in the output (`lib/libggml-cuda.so`); the build fails otherwise.
+    #[serde(default)]
+    pub required_files: Vec<String>,
+    /// A check to run after the build if this builder has its features.
+    #[serde(default)]
+    pub verify: Option<VerifySpec>,
 }
 
 /// Where a claimed job stands, sent at least every third of the lease.
@@ -108,4 +114,42 @@ pub struct JobResult {
     pub error: Option<String>,
     /// Seconds the builder spent.
     pub seconds: f64,
+    /// The verification, when the job asked for one.
+    #[serde(default)]
+    pub verification: Option<Verification>,
+}
+
+/// A check of a built variant on real hardware: on a builder with `features`, `command` is
+/// run in the output (its `bin/` first on `PATH`) and must print `expect`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    /// Features the verifying builder needs (`cuda`).
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// A shell command, run in the output directory (`bin/llama-cli --list-devices`).
+    pub command: String,
+    /// Text its output (stdout and stderr) must contain (`CUDA0`).
+    pub expect: String,
+}
+
+/// How a verification ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyStatus {
+    /// The command printed what was expected.
+    Verified,
+    /// It did not (or could not run).
+    VerifyFailed,
+    /// No builder with the features built it, so it was not run.
+    Unverified,
+}
+
+/// A verification's result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Verification {
+    /// How it ended.
+    pub status: VerifyStatus,
+    /// What it printed (its tail), or why it did not run.
+    pub detail: String,
 }

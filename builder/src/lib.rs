@@ -11,3 +11,4 @@ pub mod nix;
 pub mod nix_build;
 pub mod progress;
 pub mod push;
+pub mod verify;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use builder::api::{Verification, VerifySpec};
 use builder::push::PushOptions;
 use nix_formats::StorePath;
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,9 @@ pub struct VariantResult {
     pub seconds: f64,
     /// What went wrong.
     pub error: Option<String>,
+    /// The check on real hardware, when the variant has one and it was built in this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
 }
 
 /// A run's outcome.
@@ -102,6 +106,8 @@ pub struct BuildOptions {
     pub push: PushOptions,
     /// Log bytes kept per attempt.
     pub max_log_bytes: usize,
+    /// This machine's features, for verifications.
+    pub features: Vec<String>,
 }
 
 /// What a run needs.
@@ -132,6 +138,12 @@ pub struct Job {
     pub attr: String,
     /// Builder features its build needs.
     pub features: Vec<String>,
+    /// Files its output must have.
+    pub files: Vec<String>,
+    /// Its check on real hardware.
+    pub verify: Option<VerifySpec>,
+    /// The check's result.
+    pub verification: Option<Verification>,
     /// What evaluation gave.
     pub eval: Option<Evaluation>,
     /// How it ended, once it has.
@@ -160,7 +172,7 @@ pub struct Plan {
 
 /// How realising one derivation ended.
 enum Realised {
-    Built,
+    Built(Option<Verification>),
     Cached,
     Failed(String),
     Interrupted,
@@ -206,6 +218,9 @@ pub async fn plan(
                 system: system.clone(),
                 attr: v.attr.replace("{system}", system),
                 features: v.features.clone(),
+                files: v.files.clone(),
+                verify: v.verify.clone(),
+                verification: None,
                 eval: None,
                 status: None,
                 error: None,
@@ -286,27 +301,35 @@ async fn build_here(ctx: &Context, plan: &mut Plan) -> Result<(), StateError> {
     let slots = Arc::new(tokio::sync::Semaphore::new(ctx.options.max_jobs));
     let outcomes = futures_util::future::join_all(by_drv.iter().map(|(drv, idx)| {
         let labels: Vec<String> = idx.iter().map(|&i| jobs[i].label.clone()).collect();
+        let first = &jobs[idx[0]];
         let outputs: Vec<StorePath> =
-            jobs[idx[0]].eval.as_ref().expect("evaluated").outputs.values().cloned().collect();
+            first.eval.as_ref().expect("evaluated").outputs.values().cloned().collect();
+        let main_output =
+            first.eval.as_ref().and_then(|e| e.outputs.get("out").or(e.outputs.values().next())).cloned();
+        let mut files: Vec<String> = idx.iter().flat_map(|&i| jobs[i].files.clone()).collect();
+        files.sort();
+        files.dedup();
+        let checks = Checks { main_output, files, verify: first.verify.clone() };
         let slots = slots.clone();
         async move {
             let _slot = tokio::select! {
                 slot = slots.acquire_owned() => slot.expect("semaphore open"),
                 _ = ctx.cancel.cancelled() => return Ok(Realised::Interrupted),
             };
-            realise(ctx, drv, &outputs, &labels).await
+            realise(ctx, drv, &outputs, &labels, &checks).await
         }
     }))
     .await;
     for ((_, idx), outcome) in by_drv.iter().zip(outcomes) {
-        let (status, error) = match outcome? {
-            Realised::Built => (Status::Built, None),
-            Realised::Cached => (Status::Cached, None),
-            Realised::Failed(e) => (Status::Failed, Some(e)),
-            Realised::Interrupted => (Status::Interrupted, Some("interrupted".to_owned())),
+        let (status, error, verification) = match outcome? {
+            Realised::Built(v) => (Status::Built, None, v),
+            Realised::Cached => (Status::Cached, None, None),
+            Realised::Failed(e) => (Status::Failed, Some(e), None),
+            Realised::Interrupted => (Status::Interrupted, Some("interrupted".to_owned()), None),
         };
         for &i in idx {
             plan.finish(i, status, error.clone());
+            plan.jobs[i].verification = verification.clone();
             ctx.reporter.phase(&plan.jobs[i].label, Phase::Done(status));
         }
     }
@@ -362,6 +385,7 @@ impl Plan {
                 status,
                 seconds: job.seconds,
                 error: job.error,
+                verification: job.verification,
             });
         }
         Ok(BuildReport { commit: self.commit, inputs: self.inputs, results })
@@ -398,11 +422,19 @@ async fn missing(ctx: &Context, paths: &[StorePath]) -> Result<Vec<StorePath>, b
 }
 
 /// Builds and publishes one derivation, or waits for the run that holds it.
+/// What to check in a built output.
+struct Checks {
+    main_output: Option<StorePath>,
+    files: Vec<String>,
+    verify: Option<VerifySpec>,
+}
+
 async fn realise(
     ctx: &Context,
     drv: &StorePath,
     outputs: &[StorePath],
     labels: &[String],
+    checks: &Checks,
 ) -> Result<Realised, StateError> {
     let drv_abs = drv.to_absolute();
     let phase = |p: Phase| labels.iter().for_each(|l| ctx.reporter.phase(l, p.clone()));
@@ -453,7 +485,7 @@ async fn realise(
             }
         })
     };
-    let outcome = build_and_push(ctx, drv, outputs, labels, &lost).await;
+    let outcome = build_and_push(ctx, drv, outputs, labels, checks, &lost).await;
     heartbeat.abort();
     outcome
 }
@@ -463,6 +495,7 @@ async fn build_and_push(
     drv: &StorePath,
     outputs: &[StorePath],
     labels: &[String],
+    checks: &Checks,
     lost: &CancellationToken,
 ) -> Result<Realised, StateError> {
     let drv_abs = drv.to_absolute();
@@ -490,6 +523,9 @@ async fn build_and_push(
         BuildEnd::Failed(e) => Err((AttemptEnd::Failed, e)),
         // A push that fails leaves a good build: the attempt failed, the derivation did not
         // (the next run pushes it again without --retry-failed; nix has the outputs already).
+        BuildEnd::Built if missing_files(checks).is_some() => {
+            Err((AttemptEnd::Failed, missing_files(checks).expect("just checked")))
+        }
         BuildEnd::Built => {
             phase(Phase::Pushing(0));
             let progress = Arc::new(PushProgress {
@@ -523,7 +559,14 @@ async fn build_and_push(
             }
             ctx.state.finish_attempt(attempt, AttemptEnd::Built, seconds, None, &log.text()).await?;
             ctx.state.release(&drv_abs, &ctx.owner, DerivationStatus::Built).await?;
-            Ok(Realised::Built)
+            let verification = match (&checks.verify, &checks.main_output) {
+                (Some(spec), Some(out)) => {
+                    phase(Phase::Remote("verifying".to_owned()));
+                    Some(builder::verify::verify(out, spec, &ctx.options.features).await)
+                }
+                _ => None,
+            };
+            Ok(Realised::Built(verification))
         }
         Err((end, error)) => {
             ctx.state.finish_attempt(attempt, end, seconds, Some(&error), &log.text()).await?;
@@ -536,6 +579,13 @@ async fn build_and_push(
             Ok(realised)
         }
     }
+}
+
+/// Why the output fails the file check, if it does.
+fn missing_files(checks: &Checks) -> Option<String> {
+    let out = checks.main_output.as_ref()?;
+    let missing = builder::verify::missing_files(out, &checks.files);
+    (!missing.is_empty()).then(|| format!("the output {} lacks {}", out.to_absolute(), missing.join(", ")))
 }
 
 /// Push progress shown on the variants' lines: NAR bytes read so far.

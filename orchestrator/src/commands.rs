@@ -99,6 +99,7 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
             ..defaults
         },
         max_log_bytes: config.build.max_log_bytes,
+        features: config.build.features.clone().unwrap_or_else(builder::agent::detect_features),
     };
     let tracked = config.fleet.tracked_inputs.clone();
     let reporter: Arc<dyn Reporter> = if std::io::stderr().is_terminal() && !args.print_build_logs {
@@ -176,9 +177,12 @@ fn finish_report(
         }
     }
     let statuses: Vec<Status> = report.results.iter().map(|r| r.status).collect();
+    let verify_failed = report.results.iter().any(|r| {
+        r.verification.as_ref().is_some_and(|v| v.status == builder::api::VerifyStatus::VerifyFailed)
+    });
     if statuses.contains(&Status::Interrupted) || cancelled {
         Err(CliError::Interrupted)
-    } else if statuses.contains(&Status::Failed) {
+    } else if statuses.contains(&Status::Failed) || verify_failed {
         Err(CliError::Failed)
     } else {
         Ok(())

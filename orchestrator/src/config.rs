@@ -124,6 +124,10 @@ pub struct BuildConfig {
     /// beyond it; the cache gets Nix's whole log). Default 4 MiB.
     #[serde(default = "default_max_log_bytes")]
     pub max_log_bytes: usize,
+    /// This machine's features, for verifications of the embedded build. Default: detected
+    /// (`nvidia-smi` -> `cuda`, `vulkaninfo` -> `vulkan`, `/dev/kvm` -> `kvm`).
+    #[serde(default)]
+    pub features: Option<Vec<String>>,
 }
 
 impl Default for BuildConfig {
@@ -133,6 +137,7 @@ impl Default for BuildConfig {
             push_jobs: None,
             zstd_level: default_zstd_level(),
             max_log_bytes: default_max_log_bytes(),
+            features: None,
         }
     }
 }
@@ -200,6 +205,15 @@ pub struct VariantConfig {
     /// builds everything here). Default none.
     #[serde(default)]
     pub features: Vec<String>,
+    /// Files that must exist in the output (`lib/libggml-cuda.so`), checked wherever it is
+    /// built; the build fails (and nothing is published) without them. Default none.
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// A check on real hardware after the build: `{ features = ["cuda"], command =
+    /// "bin/llama-cli --list-devices", expect = "CUDA0" }`, run where the variant was built if
+    /// that machine has the features; recorded as verified, verify-failed or unverified.
+    #[serde(default)]
+    pub verify: Option<builder::api::VerifySpec>,
 }
 
 fn default_tracked_inputs() -> Vec<String> {
@@ -225,6 +239,8 @@ fn default_variants() -> Vec<VariantConfig> {
             attr: format!("inputs.llama-cpp.packages.{{system}}.{name}"),
             systems: default_systems(),
             features: features.iter().map(|f| (*f).to_owned()).collect(),
+            files: Vec::new(),
+            verify: None,
         })
         .collect()
 }
@@ -283,6 +299,12 @@ impl Config {
             }
             for system in &v.systems {
                 attr_path(&v.attr, system).map_err(|e| format!("variant {:?}: {e}", v.name))?;
+            }
+            if let Some(f) = v.files.iter().find(|f| !builder::verify::valid_file(f)) {
+                return Err(format!(
+                    "variant {:?}: file {f:?} must be a relative path inside the output",
+                    v.name
+                ));
             }
         }
         if self.server.lease_seconds < 3 {
@@ -438,6 +460,11 @@ mod tests {
         assert!(bad(&(variant("a") + &variant("b"))).contains("configured twice"));
         assert!(bad("[[variant]]\nname = \"a b\"\nattr = 'x'").contains("variant name"));
         assert!(bad("[build]\nmax-jobs = 0").contains("at least 1"));
+        assert!(
+            bad(&(variant("a") + "files = [\"../etc/passwd\"]\n"))
+                .contains("relative path inside the output")
+        );
+        assert!(bad(&(variant("a") + "verify = { command = \"x\" }\n")).contains("missing field `expect`"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! claimed by a builder that can take it (Nix's rule on systems and features), held by a lease
 //! renewed by heartbeats, back in the queue when the lease runs out.
 
-use builder::api::{ClaimedJob, Register};
+use builder::api::{ClaimedJob, Register, Verification, VerifySpec};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
@@ -62,6 +62,8 @@ pub struct JobView {
     pub attempts: u32,
     /// Why it failed.
     pub error: Option<String>,
+    /// The verification its builder ran.
+    pub verification: Option<Verification>,
 }
 
 /// What a job needs to be queued.
@@ -78,6 +80,10 @@ pub struct NewJob<'a> {
     pub attr_path: &'a [String],
     /// Its outputs.
     pub out_paths: &'a [String],
+    /// Files the output must have.
+    pub required_files: &'a [String],
+    /// The verification its builder runs if it can.
+    pub verify: Option<&'a VerifySpec>,
 }
 
 fn json(v: &impl Serialize) -> String {
@@ -147,10 +153,12 @@ impl State {
     pub async fn enqueue(&self, job: &NewJob<'_>) -> Result<i64, StateError> {
         let now = now();
         let row = sqlx::query(
-            "INSERT INTO jobs (drv_path, system, features, flake_url, attr_path, out_paths, status, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)
-             ON CONFLICT (drv_path) DO UPDATE SET status = 'queued', attempts = 0, error = NULL,
+            "INSERT INTO jobs (drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify,
+               status, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?9, 'queued', ?7, ?7)
+             ON CONFLICT (drv_path) DO UPDATE SET status = 'queued', attempts = 0, error = NULL, verification = NULL,
                features = excluded.features, flake_url = excluded.flake_url, attr_path = excluded.attr_path,
+               required_files = excluded.required_files, verify = excluded.verify,
                updated_at = excluded.updated_at
              WHERE jobs.status IN ('built', 'failed')
              RETURNING id",
@@ -162,6 +170,8 @@ impl State {
         .bind(json(&job.attr_path))
         .bind(json(&job.out_paths))
         .bind(now)
+        .bind(json(&job.required_files))
+        .bind(job.verify.map(json))
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
@@ -193,7 +203,7 @@ impl State {
             return Ok(None);
         }
         let candidates = sqlx::query(
-            "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths FROM jobs
+            "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify FROM jobs
              WHERE status = 'queued' ORDER BY id LIMIT 1000",
         )
         .fetch_all(&self.pool)
@@ -239,6 +249,8 @@ impl State {
                 attr_path: strings(c.get(5)),
                 out_paths: strings(c.get(6)),
                 lease_seconds,
+                required_files: strings(c.get(7)),
+                verify: c.get::<Option<&str>, _>(8).and_then(|v| serde_json::from_str(v).ok()),
             }));
         }
         Ok(None)
@@ -294,12 +306,14 @@ impl State {
     /// Ends a claimed job as its builder reports. A push failure or a refusal puts it back in
     /// the queue until `max_attempts`. False if the lease is no longer held (the result of a
     /// lost lease is ignored).
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish_job(
         &self,
         id: i64,
         lease: &str,
         end: AttemptEnd,
         error: Option<&str>,
+        verification: Option<&Verification>,
         seconds: f64,
         max_attempts: u32,
     ) -> Result<bool, StateError> {
@@ -330,11 +344,12 @@ impl State {
             (_, e) => e.map(str::to_owned),
         };
         let r = sqlx::query(
-            "UPDATE jobs SET status = ?, error = ?, builder = NULL, lease = NULL, lease_until = NULL, phase = NULL,
-               updated_at = ? WHERE id = ? AND lease = ?",
+            "UPDATE jobs SET status = ?, error = ?, verification = ?, builder = NULL, lease = NULL, lease_until = NULL,
+               phase = NULL, updated_at = ? WHERE id = ? AND lease = ?",
         )
         .bind(status)
         .bind(&job_error)
+        .bind(verification.map(json))
         .bind(now())
         .bind(id)
         .bind(lease)
@@ -364,7 +379,10 @@ impl State {
         for row in expired {
             let (id, lease, builder): (i64, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
             let why = format!("lease expired: builder {} stopped answering", builder.unwrap_or_default());
-            if self.finish_job(id, &lease, AttemptEnd::Interrupted, Some(&why), 0.0, max_attempts).await? {
+            if self
+                .finish_job(id, &lease, AttemptEnd::Interrupted, Some(&why), None, 0.0, max_attempts)
+                .await?
+            {
                 n += 1;
             }
         }
@@ -379,7 +397,7 @@ impl State {
         let mut out = std::collections::HashMap::new();
         for drv in drv_paths {
             if let Some(r) = sqlx::query(
-                "SELECT id, drv_path, system, features, status, builder, phase, pushed_bytes, attempts, error
+                "SELECT id, drv_path, system, features, status, builder, phase, pushed_bytes, attempts, error, verification
                  FROM jobs WHERE drv_path = ?",
             )
             .bind(drv)
@@ -400,6 +418,7 @@ impl State {
                         pushed_bytes: r.get::<i64, _>(7) as u64,
                         attempts: r.get::<i64, _>(8) as u32,
                         error: r.get(9),
+                        verification: r.get::<Option<&str>, _>(10).and_then(|v| serde_json::from_str(v).ok()),
                     },
                 );
             }
@@ -516,6 +535,8 @@ mod tests {
                 flake_url: "f",
                 attr_path: &[],
                 out_paths: &[],
+                required_files: &[],
+                verify: None,
             }
         }
         let a = s.enqueue(&new("/nix/store/a.drv", &cuda)).await.unwrap();
@@ -534,11 +555,11 @@ mod tests {
         sqlx::query("UPDATE jobs SET lease_until = 0 WHERE id = ?").bind(b).execute(&s.pool).await.unwrap();
         assert_eq!(s.reap_expired(3).await.unwrap(), 1);
         assert!(!s.heartbeat(b, &got.lease, "building", 0, 30).await.unwrap());
-        assert!(!s.finish_job(b, &got.lease, AttemptEnd::Built, None, 1.0, 3).await.unwrap());
+        assert!(!s.finish_job(b, &got.lease, AttemptEnd::Built, None, None, 1.0, 3).await.unwrap());
         let again = s.claim("plain", 30).await.unwrap().unwrap();
         assert_eq!((again.id, again.lease == got.lease), (b, false));
         assert!(s.append_log(b, &again.lease, "line\n", 100).await.unwrap());
-        assert!(s.finish_job(b, &again.lease, AttemptEnd::Built, None, 1.0, 3).await.unwrap());
+        assert!(s.finish_job(b, &again.lease, AttemptEnd::Built, None, None, 1.0, 3).await.unwrap());
         assert_eq!(s.job_log("/nix/store/b.drv").await.unwrap(), Some(("line\n".to_owned(), false)));
         let views = s.jobs_for(&["/nix/store/b.drv".to_owned()]).await.unwrap();
         assert_eq!(
@@ -547,7 +568,7 @@ mod tests {
         );
 
         // A refused job is retried until the cap, then failed.
-        assert!(s.finish_job(a, &gpu.lease, AttemptEnd::PushFailed, Some("x"), 0.0, 1).await.unwrap());
+        assert!(s.finish_job(a, &gpu.lease, AttemptEnd::PushFailed, Some("x"), None, 0.0, 1).await.unwrap());
         let views = s.jobs_for(&["/nix/store/a.drv".to_owned()]).await.unwrap();
         assert_eq!(views["/nix/store/a.drv"].status, "failed");
         assert!(views["/nix/store/a.drv"].error.as_deref().unwrap().contains("gave up after 1 attempts"));

@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use builder::api::VerifyStatus;
+
 use crate::build::{Status, VariantResult};
 use crate::flake::LockedInput;
 
@@ -233,6 +235,16 @@ pub fn table(results: &[VariantResult]) -> String {
         let error = r.error.as_deref().unwrap_or_default();
         out.push_str(&format!("\n{} ({}): {}\n", r.variant, r.system, error.trim_end()));
     }
+    for r in results {
+        if let Some(v) = &r.verification {
+            let word = match v.status {
+                VerifyStatus::Verified => "verified",
+                VerifyStatus::VerifyFailed => "verify-failed",
+                VerifyStatus::Unverified => "unverified",
+            };
+            out.push_str(&format!("\n{} ({}): {word}: {}\n", r.variant, r.system, v.detail.trim_end()));
+        }
+    }
     out
 }
 
@@ -251,6 +263,7 @@ mod tests {
             status,
             seconds: 1.24,
             error: error.map(str::to_owned),
+            verification: None,
         };
         let t = table(&[r("default", Status::Cached, None), r("cuda", Status::Failed, Some("boom"))]);
         let lines: Vec<&str> = t.lines().collect();

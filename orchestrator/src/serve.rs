@@ -165,6 +165,7 @@ impl Server {
                 max_jobs: 1,
                 push: builder::push::PushOptions::default(),
                 max_log_bytes: self.config.build.max_log_bytes,
+                features: Vec::new(),
             },
         }
     }
@@ -194,6 +195,9 @@ impl Server {
                 f
             };
             let out_paths: Vec<String> = eval.outputs.values().map(|p| p.to_absolute()).collect();
+            let mut files: Vec<String> = idx.iter().flat_map(|&i| planned.jobs[i].files.clone()).collect();
+            files.sort();
+            files.dedup();
             self.state
                 .enqueue(&NewJob {
                     drv_path: &drv.to_absolute(),
@@ -202,6 +206,8 @@ impl Server {
                     flake_url: &builder_url,
                     attr_path: &attr_path,
                     out_paths: &out_paths,
+                    required_files: &files,
+                    verify: job.verify.as_ref(),
                 })
                 .await?;
         }
@@ -268,6 +274,7 @@ impl Server {
                 e.done = true;
                 e.result.status = status;
                 e.result.error = job.error.clone();
+                e.result.verification = job.verification.clone();
                 e.result.seconds = (now() - self.request_created(id).await?) as f64;
                 changed = true;
             }
@@ -401,6 +408,7 @@ fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
                     status: j.status.unwrap_or(Status::Interrupted),
                     seconds: j.seconds,
                     error: j.error.clone(),
+                    verification: None,
                 },
             }
         })
@@ -597,7 +605,8 @@ async fn result(
         (_, e) => e.clone(),
     };
     let max = s.config.server.max_attempts;
-    if s.state.finish_job(id, &body.lease, end, error.as_deref(), body.seconds, max).await? {
+    let verification = body.verification.as_ref();
+    if s.state.finish_job(id, &body.lease, end, error.as_deref(), verification, body.seconds, max).await? {
         tracing::info!(builder = %name, job = id, outcome = ?body.outcome, "job ended");
         s.work.notify_waiters();
         Ok(StatusCode::OK.into_response())

@@ -106,6 +106,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     log TEXT NOT NULL DEFAULT '',
+    required_files TEXT NOT NULL DEFAULT '[]',
+    verify TEXT,
+    verification TEXT,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 );

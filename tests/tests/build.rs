@@ -395,3 +395,63 @@ fn a_cache_that_goes_away_during_the_build_fails_the_push_not_the_derivation() {
     assert_eq!(results["cuda"]["status"], "built");
     assert_eq!(attempts(&s.status(), "cuda"), ["push-failed", "built"]);
 }
+
+#[test]
+fn outputs_are_checked_for_files_and_verified_where_the_hardware_is() {
+    let s = Setup::new();
+    let config = s.write_config(
+        r#"
+[build]
+features = ["cuda"]
+
+[[variant]]
+name = "cuda"
+attr = "inputs.llama-cpp.packages.{system}.cuda"
+files = ["lib/libggml-cuda.so", "bin/llama-cli"]
+verify = { features = ["cuda"], command = "llama-cli", expect = "llama-cli cuda" }
+
+[[variant]]
+name = "vulkan"
+attr = "inputs.llama-cpp.packages.{system}.vulkan"
+verify = { features = ["vulkan"], command = "llama-cli", expect = "llama-cli vulkan" }
+
+[[variant]]
+name = "default"
+attr = "inputs.llama-cpp.packages.{system}.default"
+files = ["lib/libggml-cuda.so"]
+"#,
+    );
+    let config = config.to_str().unwrap();
+    let (code, results, stderr) = s.build(&["--rev", "main", "--config", config, "--max-jobs", "3"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(results["cuda"]["status"], "built");
+    assert_eq!(results["cuda"]["verification"]["status"], "verified", "{:?}", results["cuda"]);
+    assert_eq!(results["vulkan"]["status"], "built");
+    assert_eq!(results["vulkan"]["verification"]["status"], "unverified");
+    assert!(results["vulkan"]["verification"]["detail"].as_str().unwrap().contains("lacks vulkan"));
+    // An output without a required file fails and is not published.
+    assert_eq!(results["default"]["status"], "failed");
+    let error = results["default"]["error"].as_str().unwrap();
+    assert!(error.contains("lacks lib/libggml-cuda.so"), "{error}");
+    let default = out_path(&results["default"]);
+    assert!(!s.cache_dir().join(format!("{}.narinfo", default.hash_part())).exists());
+
+    // A verification that does not see what it expects fails the command.
+    let wrong = s.write_config(
+        r#"
+[build]
+features = ["cuda"]
+
+[[variant]]
+name = "cuda"
+attr = "inputs.llama-cpp.packages.{system}.cuda"
+verify = { features = ["cuda"], command = "llama-cli", expect = "CUDA0" }
+"#,
+    );
+    s.fleet.bump_nixpkgs("2");
+    let (code, results, stderr) = s.build(&["--rev", "main", "--config", wrong.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(results["cuda"]["status"], "built");
+    assert_eq!(results["cuda"]["verification"]["status"], "verify-failed");
+    assert!(results["cuda"]["verification"]["detail"].as_str().unwrap().contains("did not print \"CUDA0\""));
+}

@@ -27,6 +27,8 @@ attr = "inputs.llama-cpp.packages.{system}.default"
 name = "cuda"
 attr = "inputs.llama-cpp.packages.{system}.cuda"
 features = ["cuda"]
+files = ["lib/libggml-cuda.so"]
+verify = { features = ["cuda"], command = "llama-cli", expect = "llama-cli cuda" }
 
 [[variant]]
 name = "vulkan"
@@ -122,12 +124,25 @@ fn start_builder(
     token: &str,
     features: &str,
 ) -> (ChildGuard, PathBuf) {
+    start_builder_with(s, o, name, token, features, &[])
+}
+
+/// [`start_builder`] with more arguments.
+fn start_builder_with(
+    s: &Setup,
+    o: &Orchestrator,
+    name: &str,
+    token: &str,
+    features: &str,
+    extra: &[&str],
+) -> (ChildGuard, PathBuf) {
     let dir = s.home.join(format!("builder-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("token"), token).unwrap();
     let log = dir.join("builder.log");
     let mut cmd = Command::new(bin("builder"));
     cmd.args(["--orchestrator", &o.url, "--features", features])
+        .args(extra)
         .arg("--token-file")
         .arg(dir.join("token"))
         .arg("--cache-token-file")
@@ -161,7 +176,8 @@ fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_varian
     );
     let (config, api_token) = configure(&s, &cache, "");
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
-    let (_a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
+    // A can hold every job at once, so cuda reaches it whatever the others do.
+    let (_a, a_log) = start_builder_with(&s, &o, "builder-a", "token-a", "cuda", &["--max-jobs", "3"]);
     let (_b, b_log) = start_builder(&s, &o, "builder-b", "token-b", "");
 
     s.fleet.hold_builds();
@@ -209,6 +225,10 @@ fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_varian
         status_of(&results),
         BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
     );
+
+    // Builder A, which has the feature, built it and ran the verification.
+    assert_eq!(results["cuda"]["verification"]["status"], "verified", "{}", logs());
+    assert!(results["default"].get("verification").is_none());
 
     // Only builder A has the cuda feature.
     let status = o.status(&s);
