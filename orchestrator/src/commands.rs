@@ -126,7 +126,7 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
         });
     }
     runtime()?.block_on(async move {
-        let state = State::open(&state_dir).await?;
+        let state = open_state(&config, &state_dir).await?;
         let mirrors = state_dir.join("repos");
         let repo = tokio::task::spawn_blocking(move || FleetRepo::open(&flake, &mirrors))
             .await
@@ -195,9 +195,20 @@ fn read_token(path: &Path) -> Result<String, CliError> {
         .map_err(|e| CliError::Error(format!("reading token file {}: {e}", path.display())))
 }
 
+/// The state database the configuration names: PostgreSQL, or SQLite in `dir`.
+async fn open_state(config: &Config, dir: &Path) -> Result<State, CliError> {
+    Ok(match &config.database {
+        Some(url) => State::connect(url).await?,
+        None => State::open(dir).await?,
+    })
+}
+
 /// The local state database, if a build or serve made one.
 async fn local_state(config: Option<&Path>, state_dir_flag: Option<PathBuf>) -> Result<State, CliError> {
     let config = load_config(config)?;
+    if config.database.is_some() {
+        return open_state(&config, Path::new(".")).await;
+    }
     let dir = state_dir(&config, state_dir_flag)?;
     if !dir.join("state.db").exists() {
         return Err(CliError::Error(format!(
@@ -380,7 +391,7 @@ pub fn serve(
         .with_writer(std::io::stderr)
         .init();
     runtime()?.block_on(async move {
-        let state = State::open(&dir).await?;
+        let state = open_state(&config, &dir).await?;
         let mirrors = dir.join("repos");
         let repo = tokio::task::spawn_blocking(move || FleetRepo::open(&flake, &mirrors))
             .await

@@ -52,6 +52,11 @@ pub struct Config {
     /// (`~/.local/state/fleetcache`).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The state database: `postgres://user@host/db` lets several orchestrator replicas share one
+    /// queue (a password is read from `PGPASSWORD` if the URL has none). Default: SQLite,
+    /// `state.db` in the state directory.
+    #[serde(default)]
+    pub database: Option<String>,
     /// Where results are published.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -327,6 +332,14 @@ impl Config {
                 );
             }
             _ => {}
+        }
+        if let Some(db) = &self.database {
+            if !(db.starts_with("postgres://")
+                || db.starts_with("postgresql://")
+                || db.starts_with("sqlite://"))
+            {
+                return Err(format!("database {db:?}: use postgres://… (or sqlite://…)"));
+            }
         }
         if let Some(store) = &self.cache.store {
             cache_server::config::StoreUrl::parse(store).map_err(|e| e.to_string())?;

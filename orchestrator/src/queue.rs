@@ -102,13 +102,13 @@ fn random_lease() -> String {
 impl State {
     /// Records (or updates) a builder's registration.
     pub async fn register_builder(&self, name: &str, r: &Register) -> Result<(), StateError> {
-        sqlx::query(
+        sqlx::query(&self.sql(
             "INSERT INTO builders (name, systems, features, mandatory_features, max_jobs, version, last_seen)
              VALUES (?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET systems = excluded.systems, features = excluded.features,
                mandatory_features = excluded.mandatory_features, max_jobs = excluded.max_jobs,
                version = excluded.version, last_seen = excluded.last_seen",
-        )
+        ))
         .bind(name)
         .bind(json(&r.systems))
         .bind(json(&r.features))
@@ -124,11 +124,11 @@ impl State {
 
     /// Every registered builder, with the jobs it holds.
     pub async fn builders(&self) -> Result<Vec<BuilderInfo>, StateError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&self.sql(
             "SELECT b.name, b.systems, b.features, b.mandatory_features, b.max_jobs, b.version, b.last_seen,
                (SELECT count(*) FROM jobs j WHERE j.builder = b.name AND j.status = 'claimed')
              FROM builders b ORDER BY b.name",
-        )
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
@@ -152,7 +152,7 @@ impl State {
     /// again. Returns the job's id.
     pub async fn enqueue(&self, job: &NewJob<'_>) -> Result<i64, StateError> {
         let now = now();
-        let row = sqlx::query(
+        let row = sqlx::query(&self.sql(
             "INSERT INTO jobs (drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify,
                status, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?9, 'queued', ?7, ?7)
@@ -162,7 +162,7 @@ impl State {
                updated_at = excluded.updated_at
              WHERE jobs.status IN ('built', 'failed')
              RETURNING id",
-        )
+        ))
         .bind(job.drv_path)
         .bind(job.system)
         .bind(json(&job.features))
@@ -177,7 +177,7 @@ impl State {
         .map_err(|e| self.err(e))?;
         match row {
             Some(r) => Ok(r.get(0)),
-            None => Ok(sqlx::query("SELECT id FROM jobs WHERE drv_path = ?")
+            None => Ok(sqlx::query(&self.sql("SELECT id FROM jobs WHERE drv_path = ?"))
                 .bind(job.drv_path)
                 .fetch_one(&self.pool)
                 .await
@@ -190,7 +190,7 @@ impl State {
     /// claims (one orchestrator owns a SQLite queue); the conditional update keeps a job from
     /// being claimed twice even so.
     pub async fn claim(&self, builder: &str, lease_seconds: u64) -> Result<Option<ClaimedJob>, StateError> {
-        sqlx::query("UPDATE builders SET last_seen = ? WHERE name = ?")
+        sqlx::query(&self.sql("UPDATE builders SET last_seen = ? WHERE name = ?"))
             .bind(now())
             .bind(builder)
             .execute(&self.pool)
@@ -202,10 +202,10 @@ impl State {
         if me.running >= me.max_jobs {
             return Ok(None);
         }
-        let candidates = sqlx::query(
+        let candidates = sqlx::query(&self.sql(
             "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify FROM jobs
              WHERE status = 'queued' ORDER BY id LIMIT 1000",
-        )
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
@@ -217,11 +217,11 @@ impl State {
             let (id, drv_path): (i64, String) = (c.get(0), c.get(1));
             let lease = random_lease();
             let now = now();
-            let taken = sqlx::query(
+            let taken = sqlx::query(&self.sql(
                 "UPDATE jobs SET status = 'claimed', builder = ?, lease = ?, lease_until = ?, attempts = attempts + 1,
                    phase = 'claimed', pushed_bytes = 0, log = '', updated_at = ?
                  WHERE id = ? AND status = 'queued'",
-            )
+            ))
             .bind(builder)
             .bind(&lease)
             .bind(now + lease_seconds as i64)
@@ -234,7 +234,7 @@ impl State {
                 continue;
             }
             let attempt = self.start_attempt(&drv_path, builder).await?;
-            sqlx::query("UPDATE jobs SET attempt_id = ? WHERE id = ?")
+            sqlx::query(&self.sql("UPDATE jobs SET attempt_id = ? WHERE id = ?"))
                 .bind(attempt)
                 .bind(id)
                 .execute(&self.pool)
@@ -266,10 +266,10 @@ impl State {
         lease_seconds: u64,
     ) -> Result<bool, StateError> {
         let now = now();
-        let r = sqlx::query(
+        let r = sqlx::query(&self.sql(
             "UPDATE jobs SET lease_until = ?, phase = ?, pushed_bytes = ?, updated_at = ?
              WHERE id = ? AND lease = ? AND status = 'claimed'",
-        )
+        ))
         .bind(now + lease_seconds as i64)
         .bind(phase)
         .bind(pushed as i64)
@@ -290,16 +290,21 @@ impl State {
         text: &str,
         max_bytes: usize,
     ) -> Result<bool, StateError> {
-        let r = sqlx::query(
-            "UPDATE jobs SET log = substr(log || ?1, -?2) WHERE id = ?3 AND lease = ?4 AND status = 'claimed'",
-        )
-        .bind(text)
-        .bind(max_bytes as i64)
-        .bind(id)
-        .bind(lease)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
+        let keep_tail = if self.is_postgres() {
+            "right(log || ?1, CAST(?2 AS INTEGER))"
+        } else {
+            "substr(log || ?1, -?2)"
+        };
+        let sql =
+            format!("UPDATE jobs SET log = {keep_tail} WHERE id = ?3 AND lease = ?4 AND status = 'claimed'");
+        let r = sqlx::query(&self.sql(&sql))
+            .bind(text)
+            .bind(max_bytes as i64)
+            .bind(id)
+            .bind(lease)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -318,7 +323,7 @@ impl State {
         max_attempts: u32,
     ) -> Result<bool, StateError> {
         let Some(row) =
-            sqlx::query("SELECT drv_path, attempt_id, log, attempts FROM jobs WHERE id = ? AND lease = ? AND status = 'claimed'")
+            sqlx::query(&self.sql("SELECT drv_path, attempt_id, log, attempts FROM jobs WHERE id = ? AND lease = ? AND status = 'claimed'"))
                 .bind(id)
                 .bind(lease)
                 .fetch_optional(&self.pool)
@@ -343,10 +348,10 @@ impl State {
             }
             (_, e) => e.map(str::to_owned),
         };
-        let r = sqlx::query(
+        let r = sqlx::query(&self.sql(
             "UPDATE jobs SET status = ?, error = ?, verification = ?, builder = NULL, lease = NULL, lease_until = NULL,
                phase = NULL, updated_at = ? WHERE id = ? AND lease = ?",
-        )
+        ))
         .bind(status)
         .bind(&job_error)
         .bind(verification.map(json))
@@ -369,12 +374,13 @@ impl State {
     /// Puts jobs whose lease ran out back in the queue (or fails them after `max_attempts`);
     /// returns how many were released.
     pub async fn reap_expired(&self, max_attempts: u32) -> Result<u64, StateError> {
-        let expired =
-            sqlx::query("SELECT id, lease, builder FROM jobs WHERE status = 'claimed' AND lease_until < ?")
-                .bind(now())
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
+        let expired = sqlx::query(
+            &self.sql("SELECT id, lease, builder FROM jobs WHERE status = 'claimed' AND lease_until < ?"),
+        )
+        .bind(now())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         let mut n = 0;
         for row in expired {
             let (id, lease, builder): (i64, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
@@ -396,10 +402,10 @@ impl State {
     ) -> Result<std::collections::HashMap<String, JobView>, StateError> {
         let mut out = std::collections::HashMap::new();
         for drv in drv_paths {
-            if let Some(r) = sqlx::query(
+            if let Some(r) = sqlx::query(&self.sql(
                 "SELECT id, drv_path, system, features, status, builder, phase, pushed_bytes, attempts, error, verification
                  FROM jobs WHERE drv_path = ?",
-            )
+            ))
             .bind(drv)
             .fetch_optional(&self.pool)
             .await
@@ -429,7 +435,7 @@ impl State {
     /// The log of a derivation's build: so far while a builder runs it (then `true`), else
     /// that of its last attempt (distributed or embedded).
     pub async fn job_log(&self, drv_path: &str) -> Result<Option<(String, bool)>, StateError> {
-        let row = sqlx::query("SELECT status, log FROM jobs WHERE drv_path = ?")
+        let row = sqlx::query(&self.sql("SELECT status, log FROM jobs WHERE drv_path = ?"))
             .bind(drv_path)
             .fetch_optional(&self.pool)
             .await
@@ -439,12 +445,13 @@ impl State {
                 return Ok(Some((row.get(1), true)));
             }
         }
-        let last =
-            sqlx::query("SELECT log, status FROM attempts WHERE drv_path = ? ORDER BY id DESC LIMIT 1")
-                .bind(drv_path)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
+        let last = sqlx::query(
+            &self.sql("SELECT log, status FROM attempts WHERE drv_path = ? ORDER BY id DESC LIMIT 1"),
+        )
+        .bind(drv_path)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(last
             .map(|r| (r.get::<Option<String>, _>(0).unwrap_or_default(), r.get::<&str, _>(1) == "running")))
     }
@@ -452,11 +459,12 @@ impl State {
     /// The derivation of `variant` in the newest build of `rev` (a commit, a prefix of one, or
     /// the branch or tag that was asked for), submitted or run here.
     pub async fn variant_drv(&self, rev: &str, variant: &str) -> Result<Option<String>, StateError> {
-        let plans =
-            sqlx::query("SELECT plan FROM requests WHERE plan IS NOT NULL ORDER BY id DESC LIMIT 200")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
+        let plans = sqlx::query(
+            &self.sql("SELECT plan FROM requests WHERE plan IS NOT NULL ORDER BY id DESC LIMIT 200"),
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         for row in plans {
             let plan: serde_json::Value = serde_json::from_str(row.get::<&str, _>(0)).unwrap_or_default();
             let commit = plan["commit"].as_str().unwrap_or_default();
@@ -468,13 +476,17 @@ impl State {
                 return Ok(e["result"]["drv_path"].as_str().map(str::to_owned));
             }
         }
-        let row = sqlx::query(
+        // A commit prefix: hex, long enough not to be a branch name by accident.
+        let prefix =
+            (rev.len() >= 7 && rev.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("{rev}%"));
+        let row = sqlx::query(&self.sql(
             "SELECT v.drv_path FROM variants v JOIN revisions r ON r.id = v.revision_id
-             WHERE v.variant = ?1 AND (r.requested = ?2 OR (length(?2) >= 7 AND substr(r.rev, 1, length(?2)) = ?2))
+             WHERE v.variant = ?1 AND (r.requested = ?2 OR r.rev LIKE ?3)
              ORDER BY r.last_run DESC LIMIT 1",
-        )
+        ))
         .bind(variant)
         .bind(rev)
+        .bind(prefix.unwrap_or_default())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
@@ -552,7 +564,11 @@ mod tests {
 
         // A lease that runs out goes back to the queue; the late result is ignored.
         assert!(s.heartbeat(b, &got.lease, "building", 0, 30).await.unwrap());
-        sqlx::query("UPDATE jobs SET lease_until = 0 WHERE id = ?").bind(b).execute(&s.pool).await.unwrap();
+        sqlx::query(&s.sql("UPDATE jobs SET lease_until = 0 WHERE id = ?"))
+            .bind(b)
+            .execute(&s.pool)
+            .await
+            .unwrap();
         assert_eq!(s.reap_expired(3).await.unwrap(), 1);
         assert!(!s.heartbeat(b, &got.lease, "building", 0, 30).await.unwrap());
         assert!(!s.finish_job(b, &got.lease, AttemptEnd::Built, None, None, 1.0, 3).await.unwrap());

@@ -88,7 +88,7 @@ struct Entry {
 /// A request as the CLI follows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestView {
-    /// `pending` (not planned yet), `running`, `done` or `error`.
+    /// `pending` (not planned yet), `planning`, `running`, `done` or `error`.
     pub status: String,
     /// Why it could not be planned.
     pub error: Option<String>,
@@ -223,7 +223,7 @@ impl Server {
         snapshot: Option<&Snapshot>,
         error: Option<&str>,
     ) -> Result<(), StateError> {
-        sqlx::query("UPDATE requests SET status = ?, plan = coalesce(?, plan), error = ?, updated_at = ? WHERE id = ?")
+        sqlx::query(&self.state.sql("UPDATE requests SET status = ?, plan = coalesce(?, plan), error = ?, updated_at = ? WHERE id = ?"))
             .bind(status)
             .bind(snapshot.map(|s| serde_json::to_string(s).expect("serialises")))
             .bind(error)
@@ -241,13 +241,35 @@ impl Server {
         if self.state.reap_expired(max_attempts).await? > 0 {
             self.work.notify_waiters();
         }
-        let rows = sqlx::query("SELECT id, status, requested, variants, retry_failed, plan FROM requests WHERE status IN ('pending', 'running') ORDER BY id")
+        // A replica that died while planning leaves its request to the others.
+        sqlx::query(
+            &self
+                .state
+                .sql("UPDATE requests SET status = 'pending' WHERE status = 'planning' AND updated_at < ?"),
+        )
+        .bind(now() - 600)
+        .execute(&self.state.pool)
+        .await
+        .map_err(|e| self.state.err(e))?;
+        let rows = sqlx::query(&self.state.sql("SELECT id, status, requested, variants, retry_failed, plan FROM requests WHERE status IN ('pending', 'running') ORDER BY id"))
             .fetch_all(&self.state.pool)
             .await
             .map_err(|e| self.state.err(e))?;
         for r in rows {
             let (id, status): (i64, String) = (r.get(0), r.get(1));
             if status == "pending" {
+                // One replica plans it: whoever moves it out of `pending` first.
+                let mine = sqlx::query(&self.state.sql(
+                    "UPDATE requests SET status = 'planning', updated_at = ? WHERE id = ? AND status = 'pending'",
+                ))
+                .bind(now())
+                .bind(id)
+                .execute(&self.state.pool)
+                .await
+                .map_err(|e| self.state.err(e))?;
+                if mine.rows_affected() != 1 {
+                    continue;
+                }
                 let submit = Submit {
                     rev: r.get(2),
                     variants: serde_json::from_str(r.get::<&str, _>(3)).unwrap_or_default(),
@@ -304,7 +326,7 @@ impl Server {
     }
 
     async fn request_created(&self, id: i64) -> Result<i64, StateError> {
-        Ok(sqlx::query("SELECT created_at FROM requests WHERE id = ?")
+        Ok(sqlx::query(&self.state.sql("SELECT created_at FROM requests WHERE id = ?"))
             .bind(id)
             .fetch_one(&self.state.pool)
             .await
@@ -314,12 +336,13 @@ impl Server {
 
     /// The request as the CLI sees it, with live phases from the jobs and builders.
     async fn view(&self, id: i64) -> ApiResult<RequestView> {
-        let Some(r) =
-            sqlx::query("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.state.pool)
-                .await
-                .map_err(|e| self.state.err(e))?
+        let Some(r) = sqlx::query(
+            &self.state.sql("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?"),
+        )
+        .bind(id)
+        .fetch_optional(&self.state.pool)
+        .await
+        .map_err(|e| self.state.err(e))?
         else {
             return Err(ApiError(StatusCode::NOT_FOUND, format!("no build request {id}")));
         };
@@ -476,7 +499,7 @@ async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
     let mut out = String::new();
     out.push_str("# TYPE fleetcache_jobs gauge\n");
     for status in ["queued", "claimed", "built", "failed"] {
-        let n: i64 = sqlx::query("SELECT count(*) FROM jobs WHERE status = ?")
+        let n: i64 = sqlx::query(&s.state.sql("SELECT count(*) FROM jobs WHERE status = ?"))
             .bind(status)
             .fetch_one(&s.state.pool)
             .await
@@ -622,10 +645,10 @@ async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum
         return Err(ApiError(StatusCode::BAD_REQUEST, e));
     }
     let now = now();
-    let id: i64 = sqlx::query(
+    let id: i64 = sqlx::query(&s.state.sql(
         "INSERT INTO requests (requested, variants, retry_failed, status, created_at, updated_at)
          VALUES (?, ?, ?, 'pending', ?, ?) RETURNING id",
-    )
+    ))
     .bind(&body.rev)
     .bind(serde_json::to_string(&body.variants).expect("serialises"))
     .bind(body.retry_failed as i64)

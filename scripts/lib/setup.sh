@@ -44,6 +44,16 @@ ensure_debian_packages() {
     fi
 }
 
+# PostgreSQL (Debian's package) for the replicated-orchestrator tests; each test starts its own
+# throw-away cluster, so the package's own service need not run.
+ensure_postgres() {
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        step "installing Debian packages: postgresql"
+        apt_install postgresql
+    fi
+    command -v setpriv >/dev/null || apt_install util-linux
+}
+
 # Garage, the S3 server the tests run against, built from crates.io once per version and kept
 # under $FLEETCACHE_CACHE_DIR (outside the clone). It is AGPL: run as a program, never linked.
 ensure_garage() {

@@ -14,6 +14,7 @@ use fleetcache_tests::nix::{NIX_CONFIG, TempStore, run};
 use fleetcache_tests::orchestrator::{
     Setup, collect, out_path, parse_build, spawn_build, status_of, wait_for_file,
 };
+use fleetcache_tests::postgres::Postgres;
 use fleetcache_tests::process::ChildGuard;
 use nix_formats::StorePath;
 use serde_json::Value;
@@ -51,8 +52,13 @@ struct Orchestrator {
     log: PathBuf,
 }
 
-/// Writes tokens and the configuration; the server's cache is `cache`.
+/// Writes tokens and the configuration; the server's cache is `cache`. `top` goes before the
+/// tables (e.g. `database = …`), `extra` after the variants.
 fn configure(s: &Setup, cache: &CacheServer, extra: &str) -> (PathBuf, PathBuf) {
+    configure_with(s, cache, "", extra)
+}
+
+fn configure_with(s: &Setup, cache: &CacheServer, top: &str, extra: &str) -> (PathBuf, PathBuf) {
     let dir = s.home.join("orchestrator");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("builder-tokens"), "builder-a:token-a\nbuilder-b:token-b\n").unwrap();
@@ -64,6 +70,7 @@ fn configure(s: &Setup, cache: &CacheServer, extra: &str) -> (PathBuf, PathBuf) 
         &config,
         format!(
             r#"state-dir = "{state}"
+{top}
 [fleet]
 flake = "{fleet}"
 [cache]
@@ -355,4 +362,33 @@ fn a_job_no_builder_can_take_is_reported_and_bad_tokens_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") && err.contains("unknown API token"), "{err}");
+}
+
+#[test]
+fn two_orchestrator_replicas_share_one_postgresql_queue() {
+    let s = Setup::new();
+    let pg = Postgres::start();
+    let (_dir, cache) = CacheServer::start_local();
+    let (config, api_token) = configure_with(&s, &cache, &format!("database = \"{}\"", pg.url()), "");
+    let one = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    let two = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    // Each builder talks to its own replica; the jobs are in one queue.
+    let (_a, _) = start_builder_with(&s, &one, "builder-a", "token-a", "cuda", &["--max-jobs", "2"]);
+    let (_b, _) = start_builder_with(&s, &two, "builder-b", "token-b", "cuda", &["--max-jobs", "2"]);
+    let mut args = vec!["build", "--json", "--rev", "main"];
+    let client = one.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let (code, results, stderr) = parse_build(s.orchestrator(&args).output().unwrap());
+    assert_eq!(code, 0, "{stderr}\none:\n{}\ntwo:\n{}", one.log(), two.log());
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+    );
+    // The other replica sees the same record, and every job was claimed once.
+    let status = two.status(&s);
+    for v in ["default", "cuda", "vulkan"] {
+        let attempts = attempts_by_builder(&status, v);
+        assert_eq!(attempts.len(), 1, "{v}: {attempts:?}");
+        assert_eq!(attempts[0].1, "built");
+    }
 }
