@@ -68,6 +68,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (token, cache_token) = match (read(&cli.token_file), read(&cli.cache_token_file)) {
         (Ok(t), Ok(c)) => (t, c),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use builder::api::{Verification, VerifySpec};
 use builder::push::PushOptions;
+use futures_util::StreamExt as _;
 use nix_formats::StorePath;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -231,15 +232,21 @@ pub async fn plan(
 
     // Evaluate everything at once: each is a separate `nix eval`, so one error names one variant.
     let flake_url = repo.flake_url_at(&commit);
-    let evaluations = futures_util::future::join_all(jobs.iter().map(|job| {
-        let flake_url = flake_url.clone();
-        async move {
-            ctx.reporter.phase(&job.label, Phase::Evaluating);
-            let path = attr_path(&job.attr, &job.system).map_err(|e| e.to_string())?;
-            evaluate(&flake_url, &path).await.map_err(|e| e.to_string())
-        }
-    }))
-    .await;
+    // A few at a time: each `nix eval` is a process with its own evaluator in memory.
+    let pending: Vec<_> = jobs
+        .iter()
+        .map(|job| {
+            let (flake_url, label) = (flake_url.clone(), job.label.clone());
+            let path = attr_path(&job.attr, &job.system);
+            let reporter = ctx.reporter.clone();
+            async move {
+                reporter.phase(&label, Phase::Evaluating);
+                evaluate(&flake_url, &path?).await.map_err(|e| e.to_string())
+            }
+        })
+        .collect();
+    let evaluations: Vec<Result<Evaluation, String>> =
+        futures_util::stream::iter(pending).buffered(eval_concurrency()).collect().await;
     for (job, result) in jobs.iter_mut().zip(evaluations) {
         match result {
             Ok(eval) if eval.system != job.system => {
@@ -390,6 +397,11 @@ impl Plan {
         }
         Ok(BuildReport { commit: self.commit, inputs: self.inputs, results })
     }
+}
+
+/// Evaluations run at once: the number of cores, between 2 and 8.
+fn eval_concurrency() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8)
 }
 
 impl Job {

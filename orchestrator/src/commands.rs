@@ -389,6 +389,7 @@ pub fn serve(
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     runtime()?.block_on(async move {
         let state = open_state(&config, &dir).await?;

@@ -93,6 +93,19 @@ fn strings(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
 }
 
+fn builder_info(r: &sqlx::any::AnyRow) -> BuilderInfo {
+    BuilderInfo {
+        name: r.get(0),
+        systems: strings(r.get(1)),
+        features: strings(r.get(2)),
+        mandatory_features: strings(r.get(3)),
+        max_jobs: r.get::<i64, _>(4) as u32,
+        version: r.get(5),
+        last_seen: r.get(6),
+        running: r.get::<i64, _>(7) as u32,
+    }
+}
+
 fn random_lease() -> String {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("randomness");
@@ -132,19 +145,21 @@ impl State {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| BuilderInfo {
-                name: r.get(0),
-                systems: strings(r.get(1)),
-                features: strings(r.get(2)),
-                mandatory_features: strings(r.get(3)),
-                max_jobs: r.get::<i64, _>(4) as u32,
-                version: r.get(5),
-                last_seen: r.get(6),
-                running: r.get::<i64, _>(7) as u32,
-            })
-            .collect())
+        Ok(rows.iter().map(builder_info).collect())
+    }
+
+    /// One builder, with the jobs it holds.
+    async fn builder(&self, name: &str) -> Result<Option<BuilderInfo>, StateError> {
+        let row = sqlx::query(&self.sql(
+            "SELECT b.name, b.systems, b.features, b.mandatory_features, b.max_jobs, b.version, b.last_seen,
+               (SELECT count(*) FROM jobs j WHERE j.builder = b.name AND j.status = 'claimed')
+             FROM builders b WHERE b.name = ?",
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(row.map(|r| builder_info(&r)))
     }
 
     /// Queues a job for a derivation. A derivation already queued or running is not queued
@@ -196,64 +211,81 @@ impl State {
             .execute(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        let Some(me) = self.builders().await?.into_iter().find(|b| b.name == builder) else {
-            return Ok(None);
-        };
+        let Some(me) = self.builder(builder).await? else { return Ok(None) };
         if me.running >= me.max_jobs {
             return Ok(None);
         }
-        let candidates = sqlx::query(&self.sql(
-            "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify FROM jobs
-             WHERE status = 'queued' ORDER BY id LIMIT 1000",
+        // The oldest queued jobs first, a page at a time: most claims take one of the first.
+        let mut after = 0i64;
+        loop {
+            let page = sqlx::query(&self.sql(
+                "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify
+                 FROM jobs WHERE status = 'queued' AND id > ? ORDER BY id LIMIT 32",
+            ))
+            .bind(after)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+            let Some(last) = page.last() else { return Ok(None) };
+            after = last.get(0);
+            for c in page {
+                if let Some(job) = self.try_take(&me, &c, lease_seconds).await? {
+                    return Ok(Some(job));
+                }
+            }
+        }
+    }
+
+    /// Claims the job in row `c` for `me` if it can take it and nobody took it meanwhile.
+    async fn try_take(
+        &self,
+        me: &BuilderInfo,
+        c: &sqlx::any::AnyRow,
+        lease_seconds: u64,
+    ) -> Result<Option<ClaimedJob>, StateError> {
+        let builder = me.name.as_str();
+        let (system, features): (String, Vec<String>) = (c.get(2), strings(c.get(3)));
+        if !me.can_take(&system, &features) {
+            return Ok(None);
+        }
+        let (id, drv_path): (i64, String) = (c.get(0), c.get(1));
+        let lease = random_lease();
+        let now = now();
+        let taken = sqlx::query(&self.sql(
+            "UPDATE jobs SET status = 'claimed', builder = ?, lease = ?, lease_until = ?, attempts = attempts + 1,
+               phase = 'claimed', pushed_bytes = 0, log = '', updated_at = ?
+             WHERE id = ? AND status = 'queued'",
         ))
-        .fetch_all(&self.pool)
+        .bind(builder)
+        .bind(&lease)
+        .bind(now + lease_seconds as i64)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
-        for c in candidates {
-            let (system, features): (String, Vec<String>) = (c.get(2), strings(c.get(3)));
-            if !me.can_take(&system, &features) {
-                continue;
-            }
-            let (id, drv_path): (i64, String) = (c.get(0), c.get(1));
-            let lease = random_lease();
-            let now = now();
-            let taken = sqlx::query(&self.sql(
-                "UPDATE jobs SET status = 'claimed', builder = ?, lease = ?, lease_until = ?, attempts = attempts + 1,
-                   phase = 'claimed', pushed_bytes = 0, log = '', updated_at = ?
-                 WHERE id = ? AND status = 'queued'",
-            ))
-            .bind(builder)
-            .bind(&lease)
-            .bind(now + lease_seconds as i64)
-            .bind(now)
+        if taken.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let attempt = self.start_attempt(&drv_path, builder).await?;
+        sqlx::query(&self.sql("UPDATE jobs SET attempt_id = ? WHERE id = ?"))
+            .bind(attempt)
             .bind(id)
             .execute(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-            if taken.rows_affected() != 1 {
-                continue;
-            }
-            let attempt = self.start_attempt(&drv_path, builder).await?;
-            sqlx::query(&self.sql("UPDATE jobs SET attempt_id = ? WHERE id = ?"))
-                .bind(attempt)
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
-            return Ok(Some(ClaimedJob {
-                id,
-                lease,
-                drv_path,
-                system,
-                flake_url: c.get(4),
-                attr_path: strings(c.get(5)),
-                out_paths: strings(c.get(6)),
-                lease_seconds,
-                required_files: strings(c.get(7)),
-                verify: c.get::<Option<&str>, _>(8).and_then(|v| serde_json::from_str(v).ok()),
-            }));
-        }
-        Ok(None)
+        Ok(Some(ClaimedJob {
+            id,
+            lease,
+            drv_path,
+            system,
+            flake_url: c.get(4),
+            attr_path: strings(c.get(5)),
+            out_paths: strings(c.get(6)),
+            lease_seconds,
+            required_files: strings(c.get(7)),
+            verify: c.get::<Option<&str>, _>(8).and_then(|v| serde_json::from_str(v).ok()),
+        }))
     }
 
     /// Renews a lease and records the builder's phase; false if the lease is no longer held.

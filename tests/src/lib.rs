@@ -7,6 +7,7 @@
 //!   polling that notices a child that died.
 //! - [`fleet`]: an offline stand-in fleet (nixpkgs, llama.cpp and fleet flakes in local git).
 //! - [`orchestrator`]: the real `orchestrator` with its own home, and its output parsed.
+//! - [`serve`]: `orchestrator serve` and `builder` agents as processes.
 //! - [`postgres`]: a throw-away PostgreSQL cluster (Debian's package).
 //! - [`cache_server`]: the real `cache-server` on a free port with a fresh key and token.
 //! - [`bin`]: where the workspace's binaries are.
@@ -18,6 +19,7 @@ pub mod nix;
 pub mod orchestrator;
 pub mod postgres;
 pub mod process;
+pub mod serve;
 
 use std::path::PathBuf;
 

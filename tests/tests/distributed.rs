@@ -2,20 +2,20 @@
 //! building the stand-in fleet with the real nix.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use fleetcache_tests::bin;
 use fleetcache_tests::cache_server::{CacheServer, Options};
 use fleetcache_tests::garage::Garage;
-use fleetcache_tests::nix::{NIX_CONFIG, TempStore, run};
+use fleetcache_tests::nix::{TempStore, run};
 use fleetcache_tests::orchestrator::{
     Setup, collect, out_path, parse_build, spawn_build, status_of, wait_for_file,
 };
 use fleetcache_tests::postgres::Postgres;
 use fleetcache_tests::process::ChildGuard;
+use fleetcache_tests::serve::{
+    attempts_by_builder, configure, start_builder, start_builder_with, start_orchestrator,
+};
 use nix_formats::StorePath;
 use serde_json::Value;
 
@@ -43,136 +43,6 @@ attr = "inputs.llama-cpp.packages.{system}.default"
 features = ["rocm"]
 "#;
 
-/// A running `orchestrator serve` and what clients need to talk to it.
-struct Orchestrator {
-    child: ChildGuard,
-    url: String,
-    config: PathBuf,
-    api_token: PathBuf,
-    log: PathBuf,
-}
-
-/// Writes tokens and the configuration; the server's cache is `cache`. `top` goes before the
-/// tables (e.g. `database = …`), `extra` after the variants.
-fn configure(s: &Setup, cache: &CacheServer, extra: &str) -> (PathBuf, PathBuf) {
-    configure_with(s, cache, "", extra)
-}
-
-fn configure_with(s: &Setup, cache: &CacheServer, top: &str, extra: &str) -> (PathBuf, PathBuf) {
-    let dir = s.home.join("orchestrator");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("builder-tokens"), "builder-a:token-a\nbuilder-b:token-b\n").unwrap();
-    std::fs::write(dir.join("api-tokens"), "cli:api-token\n").unwrap();
-    std::fs::write(dir.join("api-token"), "api-token\n").unwrap();
-    std::fs::write(dir.join("cache-token"), &cache.token).unwrap();
-    let config = dir.join("fleetcache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"state-dir = "{state}"
-{top}
-[fleet]
-flake = "{fleet}"
-[cache]
-url = "{cache}"
-token-file = "{dir}/cache-token"
-[server]
-builder-tokens-file = "{dir}/builder-tokens"
-api-tokens-file = "{dir}/api-tokens"
-lease-seconds = 3
-max-attempts = 3
-{VARIANTS}{extra}"#,
-            state = dir.join("state").display(),
-            fleet = s.fleet.fleet.display(),
-            cache = cache.url,
-            dir = dir.display(),
-        ),
-    )
-    .unwrap();
-    (config, dir.join("api-token"))
-}
-
-fn start_orchestrator(s: &Setup, config: &Path, api_token: &Path, listen: &str) -> Orchestrator {
-    let log = s.home.join("orchestrator/serve.log");
-    let mut cmd = s.orchestrator(&["serve", "--config", config.to_str().unwrap(), "--listen", listen]);
-    cmd.stdout(Stdio::piped())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
-    let mut child = ChildGuard::spawn("orchestrator serve", &mut cmd);
-    let mut line = String::new();
-    BufReader::new(child.take_stdout()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").map(str::to_owned).unwrap_or_else(|| {
-        panic!("orchestrator serve did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-    });
-    Orchestrator { child, url, config: config.to_owned(), api_token: api_token.to_owned(), log }
-}
-
-impl Orchestrator {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn client_args(&self) -> Vec<String> {
-        vec!["--server".into(), self.url.clone(), "--token-file".into(), self.api_token.display().to_string()]
-    }
-
-    fn status(&self, s: &Setup) -> Vec<Value> {
-        let mut args = vec!["status", "--json"];
-        let client = self.client_args();
-        args.extend(client.iter().map(String::as_str));
-        serde_json::from_str(&run(&mut s.orchestrator(&args))).unwrap()
-    }
-}
-
-/// Starts `builder` named `name` (its token is `token-<letter>`), with `features`.
-fn start_builder(
-    s: &Setup,
-    o: &Orchestrator,
-    name: &str,
-    token: &str,
-    features: &str,
-) -> (ChildGuard, PathBuf) {
-    start_builder_with(s, o, name, token, features, &[])
-}
-
-/// [`start_builder`] with more arguments.
-fn start_builder_with(
-    s: &Setup,
-    o: &Orchestrator,
-    name: &str,
-    token: &str,
-    features: &str,
-    extra: &[&str],
-) -> (ChildGuard, PathBuf) {
-    let dir = s.home.join(format!("builder-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), token).unwrap();
-    let log = dir.join("builder.log");
-    let mut cmd = Command::new(bin("builder"));
-    cmd.args(["--orchestrator", &o.url, "--features", features])
-        .args(extra)
-        .arg("--token-file")
-        .arg(dir.join("token"))
-        .arg("--cache-token-file")
-        .arg(s.home.join("orchestrator/cache-token"))
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("HOME", &s.home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    (ChildGuard::spawn(name, &mut cmd), log)
-}
-
-fn attempts_by_builder(status: &[Value], variant: &str) -> Vec<(String, String)> {
-    let v =
-        status[0]["variants"].as_array().unwrap().iter().find(|v| v["variant"] == variant).expect("variant");
-    v["attempts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| (a["owner"].as_str().unwrap().to_owned(), a["status"].as_str().unwrap().to_owned()))
-        .collect()
-}
-
 #[test]
 fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_variant() {
     let s = Setup::new();
@@ -181,7 +51,7 @@ fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_varian
         &garage.store_url(),
         Options { env: garage.credential_env().to_vec(), ..Options::default() },
     );
-    let (config, api_token) = configure(&s, &cache, "");
+    let (config, api_token) = configure(&s, &cache, "", VARIANTS);
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     // A can hold every job at once, so cuda reaches it whatever the others do.
     let (_a, a_log) = start_builder_with(&s, &o, "builder-a", "token-a", "cuda", &["--max-jobs", "3"]);
@@ -276,7 +146,7 @@ fn builders_take_only_what_they_can_and_a_fresh_machine_substitutes_every_varian
 fn a_killed_builder_loses_its_job_to_another_when_the_lease_expires() {
     let s = Setup::new();
     let (_dir, cache) = CacheServer::start_local();
-    let (config, api_token) = configure(&s, &cache, "");
+    let (config, api_token) = configure(&s, &cache, "", VARIANTS);
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     s.fleet.hold_builds();
     let (mut a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
@@ -309,7 +179,7 @@ fn a_killed_builder_loses_its_job_to_another_when_the_lease_expires() {
 fn restarting_the_orchestrator_loses_no_queued_job() {
     let s = Setup::new();
     let (_dir, cache) = CacheServer::start_local();
-    let (config, api_token) = configure(&s, &cache, "");
+    let (config, api_token) = configure(&s, &cache, "", VARIANTS);
     let mut o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     let mut args = vec!["--rev", "main"];
     let client = o.client_args();
@@ -333,7 +203,7 @@ fn restarting_the_orchestrator_loses_no_queued_job() {
 fn a_job_no_builder_can_take_is_reported_and_bad_tokens_are_refused() {
     let s = Setup::new();
     let (_dir, cache) = CacheServer::start_local();
-    let (config, api_token) = configure(&s, &cache, ROCM);
+    let (config, api_token) = configure(&s, &cache, "", &format!("{VARIANTS}{ROCM}"));
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     let (_a, _) = start_builder(&s, &o, "builder-a", "token-a", "cuda");
     let mut args = vec!["--rev", "main", "--variant", "rocm"];
@@ -369,7 +239,7 @@ fn two_orchestrator_replicas_share_one_postgresql_queue() {
     let s = Setup::new();
     let pg = Postgres::start();
     let (_dir, cache) = CacheServer::start_local();
-    let (config, api_token) = configure_with(&s, &cache, &format!("database = \"{}\"", pg.url()), "");
+    let (config, api_token) = configure(&s, &cache, &format!("database = \"{}\"", pg.url()), VARIANTS);
     let one = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     let two = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     // Each builder talks to its own replica; the jobs are in one queue.
