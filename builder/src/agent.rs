@@ -14,7 +14,8 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    ClaimRequest, ClaimedJob, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered, Verification,
+    ClaimRequest, ClaimedJob, Heartbeat, JobKind, JobResult, LogChunk, Outcome, Register, Registered,
+    Verification,
 };
 use crate::client::CacheClient;
 use crate::nix_build::{self, BuildEnd};
@@ -67,6 +68,8 @@ struct Agent {
     http: reqwest::Client,
     opts: AgentOptions,
     cache: CacheClient,
+    cache_url: String,
+    name: String,
 }
 
 impl Agent {
@@ -108,8 +111,13 @@ pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), Agen
     let http = reqwest::Client::new();
     let mut delay = Duration::from_millis(250);
     let registered: Registered = loop {
-        let probe =
-            Agent { http: http.clone(), opts: opts.clone(), cache: CacheClient::new("http://unused", "") };
+        let probe = Agent {
+            http: http.clone(),
+            opts: opts.clone(),
+            cache: CacheClient::new("http://unused", ""),
+            cache_url: String::new(),
+            name: String::new(),
+        };
         match probe.call::<Registered>("/api/v1/builders/register", &opts.register).await {
             Ok(Some(r)) => break r,
             Err(CallError::Status { status, message }) if status == reqwest::StatusCode::UNAUTHORIZED => {
@@ -131,7 +139,13 @@ pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), Agen
     };
     let cache_url = opts.cache_url.clone().or(registered.cache_url.clone()).ok_or(AgentError::NoCache)?;
     tracing::info!(name = %registered.name, cache = %cache_url, "registered");
-    let agent = Arc::new(Agent { http, cache: CacheClient::new(&cache_url, &opts.cache_token), opts });
+    let agent = Arc::new(Agent {
+        http,
+        cache: CacheClient::new(&cache_url, &opts.cache_token),
+        opts,
+        cache_url,
+        name: registered.name.clone(),
+    });
     let workers: Vec<_> = (0..agent.opts.register.max_jobs.max(1))
         .map(|_| {
             let (agent, stop) = (agent.clone(), stop.clone());
@@ -293,6 +307,9 @@ async fn attempt(
     log: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> (Outcome, Option<String>, Option<Verification>) {
     let refuse = |why: String| (Outcome::Refused, Some(why), None);
+    if job.kind == JobKind::Verify {
+        return verify_built(agent, job, progress).await;
+    }
     let eval = match crate::eval::evaluate(&job.flake_url, &job.attr_path).await {
         Ok(e) => e,
         Err(e) => return refuse(format!("evaluating {}: {e}", job.attr_path.join("."))),
@@ -347,11 +364,49 @@ async fn attempt(
             *progress.phase.lock().expect("phase") = "verifying";
             let mut have = agent.opts.register.features.clone();
             have.extend(agent.opts.register.mandatory_features.iter().cloned());
-            Some(crate::verify::verify(out, spec, &have).await)
+            let mut v = crate::verify::verify(out, spec, &have).await;
+            v.by = agent.name.clone();
+            Some(v)
         }
         _ => None,
     };
     (Outcome::Built, None, verification)
+}
+
+/// A verify job: fetch the output from the cache (this builder trusts the cache it pushes to)
+/// and run the check.
+async fn verify_built(
+    agent: &Agent,
+    job: &ClaimedJob,
+    progress: &Arc<Progress>,
+) -> (Outcome, Option<String>, Option<Verification>) {
+    let (Some(output), Some(spec)) = (job.out_paths.first(), &job.verify) else {
+        return (Outcome::Refused, Some("a verify job without an output or a check".to_owned()), None);
+    };
+    let out = match StorePath::from_absolute(output) {
+        Ok(p) => p,
+        Err(e) => return (Outcome::Refused, Some(format!("{output}: {e}")), None),
+    };
+    *progress.phase.lock().expect("phase") = "fetching";
+    let fetched = tokio::process::Command::new("nix")
+        .args(["copy", "--no-check-sigs", "--from", &agent.cache_url, output])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match fetched {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            return (Outcome::Refused, Some(format!("fetching {output} from the cache: {why}")), None);
+        }
+        Err(e) => return (Outcome::Refused, Some(format!("running nix copy: {e}")), None),
+    }
+    *progress.phase.lock().expect("phase") = "verifying";
+    let mut have = agent.opts.register.features.clone();
+    have.extend(agent.opts.register.mandatory_features.iter().cloned());
+    let mut v = crate::verify::verify(&out, spec, &have).await;
+    v.by = agent.name.clone();
+    (Outcome::Built, None, Some(v))
 }
 
 /// Features this machine has: `cuda` when `nvidia-smi` works, `vulkan` when `vulkaninfo` lists

@@ -42,11 +42,25 @@ pub struct ClaimRequest {
     pub wait_seconds: u64,
 }
 
+/// What a job asks of a builder.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Evaluate, build, push.
+    #[default]
+    Build,
+    /// Fetch the built output from the cache and run the variant's verification.
+    Verify,
+}
+
 /// A job given to a builder.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClaimedJob {
     /// The job.
     pub id: i64,
+    /// Build it, or verify what was built.
+    #[serde(default)]
+    pub kind: JobKind,
     /// This claim; heartbeats and the result name it.
     pub lease: String,
     /// The derivation the orchestrator evaluated; the builder must get the same.
@@ -152,4 +166,7 @@ pub struct Verification {
     pub status: VerifyStatus,
     /// What it printed (its tail), or why it did not run.
     pub detail: String,
+    /// The builder that ran it.
+    #[serde(default)]
+    pub by: String,
 }

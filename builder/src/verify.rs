@@ -29,6 +29,7 @@ pub async fn verify(out: &StorePath, spec: &VerifySpec, features: &[String]) -> 
         return Verification {
             status: VerifyStatus::Unverified,
             detail: format!("not run: the machine that built it lacks {}", lacking.join(", ")),
+            by: String::new(),
         };
     }
     let dir = out.to_absolute();
@@ -50,14 +51,14 @@ pub async fn verify(out: &StorePath, spec: &VerifySpec, features: &[String]) -> 
     let tail: Vec<&str> = text.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
     let tail = tail.join("\n");
     if text.contains(&spec.expect) {
-        Verification { status: VerifyStatus::Verified, detail: tail }
+        Verification { status: VerifyStatus::Verified, detail: tail, by: String::new() }
     } else {
         failed(format!("{:?} ({}) did not print {:?}:\n{tail}", spec.command, output.status, spec.expect))
     }
 }
 
 fn failed(detail: String) -> Verification {
-    Verification { status: VerifyStatus::VerifyFailed, detail }
+    Verification { status: VerifyStatus::VerifyFailed, detail, by: String::new() }
 }
 
 #[cfg(test)]

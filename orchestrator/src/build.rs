@@ -574,7 +574,9 @@ async fn build_and_push(
             let verification = match (&checks.verify, &checks.main_output) {
                 (Some(spec), Some(out)) => {
                     phase(Phase::Remote("verifying".to_owned()));
-                    Some(builder::verify::verify(out, spec, &ctx.options.features).await)
+                    let mut v = builder::verify::verify(out, spec, &ctx.options.features).await;
+                    v.by = crate::state::hostname();
+                    Some(v)
                 }
                 _ => None,
             };

@@ -2,7 +2,7 @@
 //! claimed by a builder that can take it (Nix's rule on systems and features), held by a lease
 //! renewed by heartbeats, back in the queue when the lease runs out.
 
-use builder::api::{ClaimedJob, Register, Verification, VerifySpec};
+use builder::api::{ClaimedJob, JobKind, Register, Verification, VerifySpec};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
@@ -171,7 +171,7 @@ impl State {
             "INSERT INTO jobs (drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify,
                status, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?9, 'queued', ?7, ?7)
-             ON CONFLICT (drv_path) DO UPDATE SET status = 'queued', attempts = 0, error = NULL, verification = NULL,
+             ON CONFLICT (drv_path, kind) DO UPDATE SET status = 'queued', attempts = 0, error = NULL, verification = NULL,
                features = excluded.features, flake_url = excluded.flake_url, attr_path = excluded.attr_path,
                required_files = excluded.required_files, verify = excluded.verify,
                updated_at = excluded.updated_at
@@ -192,13 +192,46 @@ impl State {
         .map_err(|e| self.err(e))?;
         match row {
             Some(r) => Ok(r.get(0)),
-            None => Ok(sqlx::query(&self.sql("SELECT id FROM jobs WHERE drv_path = ?"))
+            None => Ok(sqlx::query(&self.sql("SELECT id FROM jobs WHERE drv_path = ? AND kind = 'build'"))
                 .bind(job.drv_path)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(|e| self.err(e))?
                 .get(0)),
         }
+    }
+
+    /// Queues the verification of a built derivation's output on a builder with the spec's
+    /// features (once per derivation). Returns the job's id.
+    pub async fn enqueue_verification(
+        &self,
+        drv_path: &str,
+        system: &str,
+        output: &str,
+        spec: &VerifySpec,
+    ) -> Result<i64, StateError> {
+        let now = now();
+        sqlx::query(&self.sql(
+            "INSERT INTO jobs (drv_path, kind, system, features, flake_url, attr_path, out_paths, verify, status,
+               created_at, updated_at)
+             VALUES (?1, 'verify', ?2, ?3, '', '[]', ?4, ?5, 'queued', ?6, ?6)
+             ON CONFLICT (drv_path, kind) DO NOTHING",
+        ))
+        .bind(drv_path)
+        .bind(system)
+        .bind(json(&spec.features))
+        .bind(json(&[output]))
+        .bind(json(spec))
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(sqlx::query(&self.sql("SELECT id FROM jobs WHERE drv_path = ? AND kind = 'verify'"))
+            .bind(drv_path)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?
+            .get(0))
     }
 
     /// Gives `builder` the oldest queued job it can take, if it has room. Callers serialise
@@ -219,7 +252,7 @@ impl State {
         let mut after = 0i64;
         loop {
             let page = sqlx::query(&self.sql(
-                "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify
+                "SELECT id, drv_path, system, features, flake_url, attr_path, out_paths, required_files, verify, kind
                  FROM jobs WHERE status = 'queued' AND id > ? ORDER BY id LIMIT 32",
             ))
             .bind(after)
@@ -267,15 +300,20 @@ impl State {
         if taken.rows_affected() != 1 {
             return Ok(None);
         }
-        let attempt = self.start_attempt(&drv_path, builder).await?;
-        sqlx::query(&self.sql("UPDATE jobs SET attempt_id = ? WHERE id = ?"))
-            .bind(attempt)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let kind = if c.get::<&str, _>(9) == "verify" { JobKind::Verify } else { JobKind::Build };
+        // Build attempts are the derivation's history; verifications are recorded on the job.
+        if kind == JobKind::Build {
+            let attempt = self.start_attempt(&drv_path, builder).await?;
+            sqlx::query(&self.sql("UPDATE jobs SET attempt_id = ? WHERE id = ?"))
+                .bind(attempt)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         Ok(Some(ClaimedJob {
             id,
+            kind,
             lease,
             drv_path,
             system,
@@ -355,7 +393,7 @@ impl State {
         max_attempts: u32,
     ) -> Result<bool, StateError> {
         let Some(row) =
-            sqlx::query(&self.sql("SELECT drv_path, attempt_id, log, attempts FROM jobs WHERE id = ? AND lease = ? AND status = 'claimed'"))
+            sqlx::query(&self.sql("SELECT drv_path, attempt_id, log, attempts, kind FROM jobs WHERE id = ? AND lease = ? AND status = 'claimed'"))
                 .bind(id)
                 .bind(lease)
                 .fetch_optional(&self.pool)
@@ -366,6 +404,7 @@ impl State {
         };
         let (drv, attempt, log, attempts): (String, Option<i64>, String, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
+        let is_build = row.get::<&str, _>(4) == "build";
         let (status, drv_status) = match end {
             AttemptEnd::Built => ("built", DerivationStatus::Built),
             AttemptEnd::Failed => ("failed", DerivationStatus::Failed),
@@ -399,7 +438,9 @@ impl State {
         if let Some(attempt) = attempt {
             self.finish_attempt(attempt, end, seconds, error, &log).await?;
         }
-        self.set_derivation_status(&drv, drv_status).await?;
+        if is_build {
+            self.set_derivation_status(&drv, drv_status).await?;
+        }
         Ok(true)
     }
 
@@ -427,18 +468,21 @@ impl State {
         Ok(n)
     }
 
-    /// The jobs of these derivations, by derivation.
+    /// The build (or verify) jobs of these derivations, by derivation.
     pub async fn jobs_for(
         &self,
         drv_paths: &[String],
+        kind: JobKind,
     ) -> Result<std::collections::HashMap<String, JobView>, StateError> {
+        let kind = if kind == JobKind::Verify { "verify" } else { "build" };
         let mut out = std::collections::HashMap::new();
         for drv in drv_paths {
             if let Some(r) = sqlx::query(&self.sql(
                 "SELECT id, drv_path, system, features, status, builder, phase, pushed_bytes, attempts, error, verification
-                 FROM jobs WHERE drv_path = ?",
+                 FROM jobs WHERE drv_path = ? AND kind = ?",
             ))
             .bind(drv)
+            .bind(kind)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.err(e))?
@@ -467,11 +511,12 @@ impl State {
     /// The log of a derivation's build: so far while a builder runs it (then `true`), else
     /// that of its last attempt (distributed or embedded).
     pub async fn job_log(&self, drv_path: &str) -> Result<Option<(String, bool)>, StateError> {
-        let row = sqlx::query(&self.sql("SELECT status, log FROM jobs WHERE drv_path = ?"))
-            .bind(drv_path)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let row =
+            sqlx::query(&self.sql("SELECT status, log FROM jobs WHERE drv_path = ? AND kind = 'build'"))
+                .bind(drv_path)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
         if let Some(row) = row {
             if row.get::<&str, _>(0) == "claimed" {
                 return Ok(Some((row.get(1), true)));
@@ -609,7 +654,7 @@ mod tests {
         assert!(s.append_log(b, &again.lease, "line\n", 100).await.unwrap());
         assert!(s.finish_job(b, &again.lease, AttemptEnd::Built, None, None, 1.0, 3).await.unwrap());
         assert_eq!(s.job_log("/nix/store/b.drv").await.unwrap(), Some(("line\n".to_owned(), false)));
-        let views = s.jobs_for(&["/nix/store/b.drv".to_owned()]).await.unwrap();
+        let views = s.jobs_for(&["/nix/store/b.drv".to_owned()], JobKind::Build).await.unwrap();
         assert_eq!(
             (views["/nix/store/b.drv"].status.as_str(), views["/nix/store/b.drv"].attempts),
             ("built", 2)
@@ -617,7 +662,7 @@ mod tests {
 
         // A refused job is retried until the cap, then failed.
         assert!(s.finish_job(a, &gpu.lease, AttemptEnd::PushFailed, Some("x"), None, 0.0, 1).await.unwrap());
-        let views = s.jobs_for(&["/nix/store/a.drv".to_owned()]).await.unwrap();
+        let views = s.jobs_for(&["/nix/store/a.drv".to_owned()], JobKind::Build).await.unwrap();
         assert_eq!(views["/nix/store/a.drv"].status, "failed");
         assert!(views["/nix/store/a.drv"].error.as_deref().unwrap().contains("gave up after 1 attempts"));
     }

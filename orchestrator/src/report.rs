@@ -242,7 +242,8 @@ pub fn table(results: &[VariantResult]) -> String {
                 VerifyStatus::VerifyFailed => "verify-failed",
                 VerifyStatus::Unverified => "unverified",
             };
-            out.push_str(&format!("\n{} ({}): {word}: {}\n", r.variant, r.system, v.detail.trim_end()));
+            let on = if v.by.is_empty() { String::new() } else { format!(" on {}", v.by) };
+            out.push_str(&format!("\n{} ({}): {word}{on}: {}\n", r.variant, r.system, v.detail.trim_end()));
         }
     }
     out

@@ -13,7 +13,10 @@ use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use builder::api::{ClaimRequest, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered};
+use builder::api::{
+    ClaimRequest, Heartbeat, JobKind, JobResult, LogChunk, Outcome, Register, Registered, Verification,
+    VerifySpec, VerifyStatus,
+};
 use cache_server::auth::{Tokens, presented_token};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
@@ -83,6 +86,14 @@ struct Entry {
     label: String,
     result: VariantResult,
     done: bool,
+    #[serde(default)]
+    verify: Option<VerifySpec>,
+    #[serde(default)]
+    main_output: Option<String>,
+}
+
+fn unverified(detail: String) -> Verification {
+    Verification { status: VerifyStatus::Unverified, detail, by: String::new() }
 }
 
 /// A request as the CLI follows it.
@@ -284,19 +295,62 @@ impl Server {
                 continue;
             };
             let drvs: Vec<String> = snap.entries.iter().filter_map(|e| e.result.drv_path.clone()).collect();
-            let jobs = self.state.jobs_for(&drvs).await?;
+            let jobs = self.state.jobs_for(&drvs, JobKind::Build).await?;
+            let checks = self.state.jobs_for(&drvs, JobKind::Verify).await?;
+            let mut builders = None;
             let mut changed = false;
             for e in snap.entries.iter_mut().filter(|e| !e.done) {
-                let Some(job) = e.result.drv_path.as_ref().and_then(|d| jobs.get(d)) else { continue };
+                let Some(drv) = e.result.drv_path.clone() else { continue };
+                let Some(job) = jobs.get(&drv) else { continue };
                 let status = match job.status.as_str() {
                     "built" => Status::Built,
                     "failed" => Status::Failed,
                     _ => continue,
                 };
+                let mut verification = job.verification.clone();
+                // Built where the verification could not run: a builder with its features runs it.
+                let settled = |v: &Option<Verification>| {
+                    v.as_ref().is_some_and(|v| v.status != VerifyStatus::Unverified)
+                };
+                if let (Status::Built, Some(spec), Some(output)) = (status, &e.verify, &e.main_output) {
+                    if !settled(&verification) {
+                        match checks.get(&drv) {
+                            Some(check) if check.status == "built" => {
+                                verification = check.verification.clone()
+                            }
+                            Some(check) if check.status == "failed" => {
+                                verification = Some(unverified(format!(
+                                    "the verification could not run: {}",
+                                    check.error.as_deref().unwrap_or("?")
+                                )));
+                            }
+                            Some(_) => continue,
+                            None => {
+                                if builders.is_none() {
+                                    builders = Some(self.state.builders().await?);
+                                }
+                                let alive = builders
+                                    .as_deref()
+                                    .unwrap_or_default()
+                                    .iter()
+                                    .filter(|b| now() - b.last_seen < BUILDER_ALIVE);
+                                if alive.clone().any(|b| b.can_take(&job.system, &spec.features)) {
+                                    self.state.enqueue_verification(&drv, &job.system, output, spec).await?;
+                                    self.work.notify_waiters();
+                                    continue;
+                                }
+                                verification = Some(unverified(format!(
+                                    "no registered builder has {} to verify it",
+                                    spec.features.join(", ")
+                                )));
+                            }
+                        }
+                    }
+                }
                 e.done = true;
                 e.result.status = status;
                 e.result.error = job.error.clone();
-                e.result.verification = job.verification.clone();
+                e.result.verification = verification;
                 e.result.seconds = (now() - self.request_created(id).await?) as f64;
                 changed = true;
             }
@@ -360,7 +414,8 @@ impl Server {
         let Some(snap) = snap else { return Ok(view) };
         let created: i64 = r.get(4);
         let drvs: Vec<String> = snap.entries.iter().filter_map(|e| e.result.drv_path.clone()).collect();
-        let jobs = self.state.jobs_for(&drvs).await?;
+        let jobs = self.state.jobs_for(&drvs, JobKind::Build).await?;
+        let checks = self.state.jobs_for(&drvs, JobKind::Verify).await?;
         let builders = self.state.builders().await?;
         for e in snap.entries {
             let mut result = e.result.clone();
@@ -368,9 +423,14 @@ impl Server {
                 result.status.as_str().to_owned()
             } else {
                 result.seconds = (now() - created) as f64;
-                match e.result.drv_path.as_ref().and_then(|d| jobs.get(d)) {
-                    None => "queued".to_owned(),
-                    Some(job) => describe_job(job, &builders),
+                let drv = e.result.drv_path.as_ref();
+                match (drv.and_then(|d| jobs.get(d)), drv.and_then(|d| checks.get(d))) {
+                    (None, _) => "queued".to_owned(),
+                    (Some(job), Some(check)) if job.status == "built" => {
+                        format!("built; verification {}", describe_job(check, &builders))
+                    }
+                    (Some(job), _) if job.status == "built" => "built; verifying".to_owned(),
+                    (Some(job), _) => describe_job(job, &builders),
                 }
             };
             view.variants.push(VariantView { label: e.label, phase, done: e.done, result });
@@ -419,9 +479,13 @@ fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
                 }
                 None => (None, Vec::new()),
             };
+            let main_output =
+                j.eval.as_ref().and_then(|e| e.outputs.get("out").or(e.outputs.values().next()));
             Entry {
                 label: j.label.clone(),
                 done: j.status.is_some(),
+                verify: j.verify.clone(),
+                main_output: main_output.map(|p| p.to_absolute()),
                 result: VariantResult {
                     variant: j.variant.clone(),
                     system: j.system.clone(),

@@ -95,7 +95,8 @@ CREATE TABLE IF NOT EXISTS builders (
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
-    drv_path TEXT NOT NULL UNIQUE,
+    drv_path TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'build',
     system TEXT NOT NULL,
     features TEXT NOT NULL,
     flake_url TEXT NOT NULL,
@@ -115,7 +116,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     verify TEXT,
     verification TEXT,
     created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    UNIQUE (drv_path, kind)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE TABLE IF NOT EXISTS requests (

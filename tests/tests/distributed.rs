@@ -262,3 +262,45 @@ fn two_orchestrator_replicas_share_one_postgresql_queue() {
         assert_eq!(attempts[0].1, "built");
     }
 }
+
+#[test]
+fn a_variant_built_without_its_hardware_is_verified_by_a_builder_that_has_it() {
+    let s = Setup::new();
+    let (_dir, cache) = CacheServer::start_local();
+    let variants = r#"
+[[variant]]
+name = "vulkan"
+attr = "inputs.llama-cpp.packages.{system}.vulkan"
+verify = { features = ["vulkan"], command = "llama-cli", expect = "llama-cli vulkan" }
+
+[[variant]]
+name = "rocm"
+attr = "inputs.llama-cpp.packages.{system}.default"
+verify = { features = ["rocm"], command = "llama-cli", expect = "rocm" }
+"#;
+    let (config, api_token) = configure(&s, &cache, "", variants);
+    let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    // A builds anything; the GPU box takes only jobs that need vulkan: the verification.
+    let (_a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "");
+    let (_gpu, gpu_log) =
+        start_builder_with(&s, &o, "builder-b", "token-b", "", &["--mandatory-features", "vulkan"]);
+    let mut args = vec!["build", "--json", "--rev", "main"];
+    let client = o.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let (code, results, stderr) = parse_build(s.orchestrator(&args).output().unwrap());
+    let logs = || {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        format!("{stderr}\nserver:\n{}\nA:\n{}\nB:\n{}", o.log(), read(&a_log), read(&gpu_log))
+    };
+    assert_eq!(code, 0, "{}", logs());
+    assert_eq!(status_of(&results), BTreeMap::from([("rocm", "built"), ("vulkan", "built")]));
+    let vulkan = &results["vulkan"]["verification"];
+    assert_eq!(vulkan["status"], "verified", "{}", logs());
+    assert_eq!(vulkan["by"], "builder-b");
+    let rocm = &results["rocm"]["verification"];
+    assert_eq!(rocm["status"], "unverified");
+    assert!(rocm["detail"].as_str().unwrap().contains("no registered builder has rocm"), "{rocm}");
+    // Builder A built both; the verification is not a build attempt.
+    let status = o.status(&s);
+    assert_eq!(attempts_by_builder(&status, "vulkan"), [("builder-a".to_owned(), "built".to_owned())]);
+}
