@@ -366,7 +366,7 @@ pub fn serve(
     state_dir_flag: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<(), CliError> {
-    use cache_server::auth::Tokens;
+    use orchestrator::tokens::TokenFile;
     let config = load_config(config_path)?;
     let need = |what: &str| CliError::Error(format!("orchestrator serve needs {what} in the configuration"));
     if config.cache.url.is_none() {
@@ -374,10 +374,10 @@ pub fn serve(
     }
     let builder_tokens =
         config.server.builder_tokens_file.as_deref().ok_or_else(|| need("server.builder-tokens-file"))?;
-    let builder_tokens = Tokens::load(builder_tokens)?;
+    let builder_tokens = TokenFile::load(builder_tokens)?;
     let api_tokens =
         config.server.api_tokens_file.as_deref().ok_or_else(|| need("server.api-tokens-file"))?;
-    let api_tokens = Tokens::load(api_tokens)?;
+    let api_tokens = TokenFile::load(api_tokens)?;
     let dir = state_dir(&config, state_dir_flag)?;
     let flake = match config.fleet.flake.clone() {
         Some(f) => f,

@@ -17,7 +17,7 @@ use builder::api::{
     ClaimRequest, Heartbeat, JobKind, JobResult, LogChunk, Outcome, Register, Registered, Verification,
     VerifySpec, VerifyStatus,
 };
-use cache_server::auth::{Tokens, presented_token};
+use cache_server::auth::presented_token;
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,7 @@ use crate::flake::{FleetRepo, LockedInput};
 use crate::queue::{BuilderInfo, NewJob};
 use crate::report::Quiet;
 use crate::state::{AttemptEnd, State, StateError, now};
+use crate::tokens::TokenFile;
 
 /// Builders not heard from for this long do not count as able to take a job.
 const BUILDER_ALIVE: i64 = 120;
@@ -44,9 +45,9 @@ pub struct Server {
     /// The cache (remote), asked what it lacks.
     pub cache: Arc<CacheTarget>,
     /// Builder tokens.
-    pub builder_tokens: Tokens,
+    pub builder_tokens: TokenFile,
     /// CLI tokens.
-    pub api_tokens: Tokens,
+    pub api_tokens: TokenFile,
     /// Woken when jobs are queued or released.
     pub work: tokio::sync::Notify,
     /// Claims are serialised (one server owns a SQLite queue).
@@ -147,7 +148,7 @@ type ApiResult<T = Response> = Result<T, ApiError>;
 
 impl Server {
     fn builder_name(&self, headers: &HeaderMap) -> ApiResult<String> {
-        let name = presented_token(headers).and_then(|t| self.builder_tokens.check(&t).map(str::to_owned));
+        let name = presented_token(headers).and_then(|t| self.builder_tokens.check(&t));
         name.ok_or_else(|| {
             self.refused.fetch_add(1, Ordering::Relaxed);
             ApiError(StatusCode::UNAUTHORIZED, "unknown builder token".to_owned())
@@ -224,6 +225,24 @@ impl Server {
         }
         self.work.notify_waiters();
         let snapshot = snapshot_of(&planned, &self.repo.reference, &submit.rev);
+        // `status` shows the variants while they are queued, not only once they ended.
+        for e in &snapshot.entries {
+            let r = &e.result;
+            let status = if e.done { r.status.as_str() } else { "queued" };
+            self.state
+                .record_variant(
+                    snapshot.revision_id,
+                    &r.variant,
+                    &r.system,
+                    &r.attr,
+                    r.drv_path.as_deref(),
+                    &r.out_paths,
+                    status,
+                    r.error.as_deref(),
+                    Some(r.seconds),
+                )
+                .await?;
+        }
         self.set_request(id, "running", Some(&snapshot), None).await
     }
 
@@ -617,6 +636,8 @@ async fn claim(
     let name = s.builder_name(&headers)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
     loop {
+        // A token revoked while its builder waits stops working at once.
+        s.builder_name(&headers)?;
         let notified = s.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();

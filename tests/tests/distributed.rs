@@ -187,6 +187,11 @@ fn restarting_the_orchestrator_loses_no_queued_job() {
     let (cli, out, err) = spawn_build(&s, "cli", &args);
     // No builder yet: the jobs wait, and say why.
     wait_for_file(&err, Duration::from_secs(60), "waiting", |t| t.contains("none registered can take it"));
+    // The queue shows in the status while it waits.
+    let queued = o.status(&s);
+    let statuses: Vec<&str> =
+        queued[0]["variants"].as_array().unwrap().iter().map(|v| v["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["queued", "queued", "queued"]);
     let addr = o.url.trim_start_matches("http://").to_owned();
     assert!(o.child.stop().is_some_and(|s| s.success()), "SIGTERM stops the server cleanly");
     let o2 = start_orchestrator(&s, &o.config, &o.api_token, &addr);
@@ -220,6 +225,22 @@ fn a_job_no_builder_can_take_is_reported_and_bad_tokens_are_refused() {
     let status = intruder.wait_with_output().status;
     assert_eq!(status.code(), Some(1));
     let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("refused this builder's token"), "{text}");
+
+    // Removing a builder's line revokes it at once, without restarting the orchestrator.
+    let (mut b, b_log) = start_builder(&s, &o, "builder-b", "token-b", "");
+    wait_for_file(&b_log, Duration::from_secs(30), "builder-b registered", |t| t.contains("registered"));
+    let tokens = s.home.join("orchestrator/builder-tokens");
+    let kept: String = std::fs::read_to_string(&tokens)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("builder-b:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&tokens, kept).unwrap();
+    let status = b.wait_with_output().status;
+    assert_eq!(status.code(), Some(1));
+    let text = std::fs::read_to_string(&b_log).unwrap();
     assert!(text.contains("refused this builder's token"), "{text}");
 
     // So does the CLI with a bad API token.
