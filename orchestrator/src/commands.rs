@@ -414,6 +414,7 @@ pub fn serve(
             claim_lock: tokio::sync::Mutex::new(()),
             claims: Default::default(),
             refused: Default::default(),
+            hooks: Default::default(),
         });
         tracing::info!(fleet = %server.repo.reference, state = %dir.display(), "serving");
         println!("listening on http://{addr}");

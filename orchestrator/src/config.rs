@@ -66,6 +66,9 @@ pub struct Config {
     /// `orchestrator serve`: the scheduler for builder agents.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Forge webhooks on `orchestrator serve`: a push that changes `flake.lock` builds.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
     /// The variants to build. Default: `default`, `cuda` and `vulkan` at
     /// `inputs.llama-cpp.packages.{system}.<name>` for this machine's system.
     #[serde(default = "default_variants", rename = "variant")]
@@ -194,6 +197,59 @@ fn default_max_attempts() -> u32 {
     3
 }
 
+/// Forge webhooks. An endpoint whose secret is not configured is off (404), never open.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WebhooksConfig {
+    /// The fleet repository as the forge names it: its full name (`ops/fleet`) or a clone or web
+    /// URL. Pushes from any other repository are acknowledged and ignored. Required for hooks.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// The branch whose pushes build. Default `main`.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// File with the GitHub webhook secret (`POST /hooks/github`, `X-Hub-Signature-256`).
+    #[serde(default)]
+    pub github_secret_file: Option<PathBuf>,
+    /// File with the Gitea/Forgejo webhook secret (`POST /hooks/gitea`).
+    #[serde(default)]
+    pub gitea_secret_file: Option<PathBuf>,
+    /// File with the GitLab secret token (`POST /hooks/gitlab`, `X-Gitlab-Token`).
+    #[serde(default)]
+    pub gitlab_token_file: Option<PathBuf>,
+    /// Largest body accepted, in bytes (GitHub's own maximum). Default 25 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Seconds a push waits before it is looked at, so a burst of pushes builds only the newest
+    /// head (the older ones are recorded as superseded). Default 5.
+    #[serde(default = "default_debounce")]
+    pub debounce_seconds: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            repository: None,
+            branch: default_branch(),
+            github_secret_file: None,
+            gitea_secret_file: None,
+            gitlab_token_file: None,
+            max_body_bytes: default_max_body(),
+            debounce_seconds: default_debounce(),
+        }
+    }
+}
+
+fn default_branch() -> String {
+    "main".to_owned()
+}
+fn default_max_body() -> usize {
+    25 << 20
+}
+fn default_debounce() -> u64 {
+    5
+}
+
 /// One variant: a package attribute of the fleet flake, built for some systems.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -311,6 +367,12 @@ impl Config {
                     v.name
                 ));
             }
+        }
+        let w = &self.webhooks;
+        let any_secret =
+            w.github_secret_file.is_some() || w.gitea_secret_file.is_some() || w.gitlab_token_file.is_some();
+        if any_secret && w.repository.is_none() {
+            return Err("webhooks need webhooks.repository (which repository's pushes count)".to_owned());
         }
         if self.server.lease_seconds < 3 {
             return Err("server.lease-seconds must be at least 3".to_owned());
@@ -446,6 +508,7 @@ mod tests {
         let c = Config::parse(example, Path::new("fleetcache.example.toml")).unwrap();
         assert_eq!(c.build, BuildConfig::default());
         assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.webhooks, WebhooksConfig::default());
         assert_eq!(c.fleet.tracked_inputs, default_tracked_inputs());
         let names: Vec<&str> = c.variants.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["default", "cuda", "vulkan"]);

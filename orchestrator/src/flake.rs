@@ -206,6 +206,33 @@ impl FleetRepo {
         url
     }
 
+    /// Brings a mirror up to date with its remote (a local checkout needs nothing).
+    pub fn fetch(&self) -> Result<(), FlakeError> {
+        if self.mirrored {
+            git(&self.git_dir, &["fetch", "--quiet", "--prune", "origin"], || {
+                format!("fetching {}", self.reference)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether `flake.lock` differs between two commits (as data: formatting does not count).
+    /// A `before` that is all zeros (a new branch) or unknown here (history rewritten) counts
+    /// as changed, and so does a lock that appears or disappears.
+    pub fn lock_changed(&self, before: &str, after: &str) -> Result<bool, FlakeError> {
+        let after = self.resolve(after)?;
+        let Ok(before) = self.resolve(before) else { return Ok(true) };
+        let read = |commit: &str| -> Option<serde_json::Value> {
+            let file = match &self.subdir {
+                Some(d) => format!("{commit}:{}/flake.lock", d.trim_end_matches('/')),
+                None => format!("{commit}:flake.lock"),
+            };
+            let text = git(&self.git_dir, &["show", &file], String::new).ok()?;
+            serde_json::from_str(&text).ok()
+        };
+        Ok(read(&before) != read(&after))
+    }
+
     /// The root inputs `flake.lock` pins at `commit`, by name.
     pub fn locked_inputs(&self, commit: &str) -> Result<BTreeMap<String, LockedInput>, FlakeError> {
         let file = match &self.subdir {

@@ -16,3 +16,4 @@ pub mod report;
 pub mod serve;
 pub mod state;
 pub mod tokens;
+pub mod webhooks;

@@ -56,6 +56,8 @@ pub struct Server {
     pub claims: AtomicU64,
     /// Requests refused for a bad token.
     pub refused: AtomicU64,
+    /// Webhook deliveries by forge and outcome.
+    pub hooks: crate::webhooks::HookMetrics,
 }
 
 /// A submitted build, as the CLI sends it.
@@ -267,6 +269,7 @@ impl Server {
 
     /// Moves every request along: plans pending ones, ends running ones whose jobs ended.
     async fn tick(&self) -> Result<(), StateError> {
+        crate::webhooks::process_pushes(self).await?;
         let max_attempts = self.config.server.max_attempts;
         if self.state.reap_expired(max_attempts).await? > 0 {
             self.work.notify_waiters();
@@ -544,6 +547,10 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/api/v1/builds/{id}", get(request))
         .route("/api/v1/status", get(status))
         .route("/api/v1/logs", get(logs))
+        .route("/api/v1/pushes", get(list_pushes))
+        .route("/hooks/github", post(hook_github))
+        .route("/hooks/gitea", post(hook_gitea))
+        .route("/hooks/gitlab", post(hook_gitlab))
         .with_state(server)
 }
 
@@ -601,6 +608,7 @@ async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
         "# TYPE fleetcache_refused_requests_total counter\nfleetcache_refused_requests_total {}\n",
         s.refused.load(Ordering::Relaxed)
     ));
+    out.push_str(&s.hooks.render());
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
@@ -729,21 +737,60 @@ async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum
     if let Err(e) = s.config.select_variants(&body.variants) {
         return Err(ApiError(StatusCode::BAD_REQUEST, e));
     }
+    let id = submit_request(&s.state, &body.rev, &body.variants, body.retry_failed).await?;
+    Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id })))
+}
+
+/// Records a build request for `rev`; the server plans it on its next round. Returns its id.
+pub async fn submit_request(
+    state: &State,
+    rev: &str,
+    variants: &[String],
+    retry_failed: bool,
+) -> Result<i64, StateError> {
     let now = now();
-    let id: i64 = sqlx::query(&s.state.sql(
+    Ok(sqlx::query(&state.sql(
         "INSERT INTO requests (requested, variants, retry_failed, status, created_at, updated_at)
          VALUES (?, ?, ?, 'pending', ?, ?) RETURNING id",
     ))
-    .bind(&body.rev)
-    .bind(serde_json::to_string(&body.variants).expect("serialises"))
-    .bind(body.retry_failed as i64)
+    .bind(rev)
+    .bind(serde_json::to_string(variants).expect("serialises"))
+    .bind(retry_failed as i64)
     .bind(now)
     .bind(now)
-    .fetch_one(&s.state.pool)
+    .fetch_one(&state.pool)
     .await
-    .map_err(|e| ApiError::from(s.state.err(e)))?
-    .get(0);
-    Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id })))
+    .map_err(|e| state.err(e))?
+    .get(0))
+}
+
+async fn list_pushes(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &crate::webhooks::pushes(&s.state).await?))
+}
+
+async fn hook_github(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    crate::webhooks::deliver(s, crate::webhooks::Forge::GitHub, headers, body).await
+}
+
+async fn hook_gitea(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    crate::webhooks::deliver(s, crate::webhooks::Forge::Gitea, headers, body).await
+}
+
+async fn hook_gitlab(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    crate::webhooks::deliver(s, crate::webhooks::Forge::GitLab, headers, body).await
 }
 
 async fn request(AxState(s): AxState<Arc<Server>>, Path(id): Path<i64>, headers: HeaderMap) -> ApiResult {
