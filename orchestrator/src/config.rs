@@ -224,6 +224,31 @@ pub struct WebhooksConfig {
     /// head (the older ones are recorded as superseded). Default 5.
     #[serde(default = "default_debounce")]
     pub debounce_seconds: u64,
+    /// Report builds started by a push back to the forge as a commit status. Default off.
+    #[serde(default)]
+    pub status: Option<CommitStatusConfig>,
+}
+
+/// Where commit statuses go.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CommitStatusConfig {
+    /// `github`, `gitea` (Gitea and Forgejo) or `gitlab`.
+    pub forge: String,
+    /// The API's base URL: `https://api.github.com`, or the instance (`https://git.example.org`).
+    pub api_url: String,
+    /// `owner/name` (the project path on GitLab). Default: `webhooks.repository`.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// File with a token allowed to set commit statuses.
+    pub token_file: PathBuf,
+    /// The status's name on the commit. Default `fleetcache`.
+    #[serde(default = "default_status_context")]
+    pub context: String,
+}
+
+fn default_status_context() -> String {
+    "fleetcache".to_owned()
 }
 
 impl Default for WebhooksConfig {
@@ -236,6 +261,7 @@ impl Default for WebhooksConfig {
             gitlab_token_file: None,
             max_body_bytes: default_max_body(),
             debounce_seconds: default_debounce(),
+            status: None,
         }
     }
 }
@@ -373,6 +399,14 @@ impl Config {
             w.github_secret_file.is_some() || w.gitea_secret_file.is_some() || w.gitlab_token_file.is_some();
         if any_secret && w.repository.is_none() {
             return Err("webhooks need webhooks.repository (which repository's pushes count)".to_owned());
+        }
+        if let Some(st) = &w.status {
+            if !matches!(st.forge.as_str(), "github" | "gitea" | "gitlab") {
+                return Err(format!("webhooks.status.forge {:?}: use github, gitea or gitlab", st.forge));
+            }
+            if st.repository.is_none() && w.repository.is_none() {
+                return Err("webhooks.status needs a repository (or webhooks.repository)".to_owned());
+            }
         }
         if self.server.lease_seconds < 3 {
             return Err("server.lease-seconds must be at least 3".to_owned());

@@ -9,6 +9,7 @@ pub mod build;
 pub mod cache;
 pub mod config;
 pub mod flake;
+pub mod forge_status;
 pub mod keys;
 pub mod queue;
 pub mod remote;

@@ -394,6 +394,23 @@ impl Server {
                         .await?;
                 }
                 self.set_request(id, "done", Some(&snap), None).await?;
+                if let Some(sha) = crate::webhooks::pushed_commit(&self.state, id).await? {
+                    let failed: Vec<&str> = snap
+                        .entries
+                        .iter()
+                        .filter(|e| e.result.status == Status::Failed)
+                        .map(|e| e.label.as_str())
+                        .collect();
+                    let (state, text) = if failed.is_empty() {
+                        (
+                            crate::forge_status::CommitState::Success,
+                            format!("{} variants cached or built", snap.entries.len()),
+                        )
+                    } else {
+                        (crate::forge_status::CommitState::Failure, format!("failed: {}", failed.join(", ")))
+                    };
+                    crate::webhooks::report_status(self, &sha, state, &text).await;
+                }
             } else if changed {
                 self.set_request(id, "running", Some(&snap), None).await?;
             }

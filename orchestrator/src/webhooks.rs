@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row as _;
 
+use crate::forge_status::CommitState;
 use crate::serve::Server;
 use crate::state::{StateError, now};
 
@@ -357,6 +358,7 @@ pub async fn process_pushes(server: &Server) -> Result<(), StateError> {
                 let request = crate::serve::submit_request(state, &after, &[], false).await?;
                 decide(state, id, "queued", Some(request)).await?;
                 tracing::info!(after = %after, request, "flake.lock changed: build queued");
+                report_status(server, &after, CommitState::Pending, "building the variants").await;
             }
             Ok(false) => {
                 decide(state, id, "unchanged", None).await?;
@@ -369,6 +371,26 @@ pub async fn process_pushes(server: &Server) -> Result<(), StateError> {
         }
     }
     Ok(())
+}
+
+/// Reports a commit status if configured; a forge that refuses is logged, not fatal.
+pub async fn report_status(server: &Server, sha: &str, state: CommitState, description: &str) {
+    let Some(cfg) = &server.config.webhooks.status else { return };
+    let fallback = server.config.webhooks.repository.as_deref();
+    let http = reqwest::Client::new();
+    if let Err(e) = crate::forge_status::report(&http, cfg, fallback, sha, state, description).await {
+        tracing::warn!(sha, error = %e, "could not set the commit status");
+    }
+}
+
+/// The commit a build request was queued for by a push, if it was.
+pub async fn pushed_commit(state: &crate::state::State, request: i64) -> Result<Option<String>, StateError> {
+    let row = sqlx::query(&state.sql("SELECT after_rev FROM pushes WHERE request_id = ?"))
+        .bind(request)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(|e| state.err(e))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 async fn decide(

@@ -108,6 +108,62 @@ fn gitlab_push(before: &str, after: &str) -> Value {
     })
 }
 
+/// The forge's commit-status API as far as we use it: records each request, answers 201. (The
+/// forges themselves cannot run here; the payload shapes are checked by the assertions.)
+struct FakeForge {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+}
+
+impl FakeForge {
+    fn start() -> Self {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap_or(0);
+                let (mut length, mut auth) = (0usize, String::new());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let (name, value) = line.split_once(':').unwrap_or((&line, ""));
+                    match name.to_ascii_lowercase().as_str() {
+                        "content-length" => length = value.trim().parse().unwrap_or(0),
+                        "authorization" => auth = value.trim().to_owned(),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap_or(());
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                record.lock().unwrap().push((path, auth, String::from_utf8_lossy(&body).into_owned()));
+                let mut conn = conn;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+            }
+        });
+        FakeForge { url, seen }
+    }
+
+    /// The statuses set on `sha` so far.
+    fn states(&self, sha: &str) -> Vec<(String, Value)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(path, _, _)| path.ends_with(&format!("/statuses/{sha}")))
+            .map(|(_, auth, body)| (auth.clone(), serde_json::from_str(body).unwrap_or(Value::Null)))
+            .collect()
+    }
+}
+
 struct Hooks {
     http: reqwest::Client,
     url: String,
@@ -188,10 +244,14 @@ async fn pushes_that_change_the_lock_build_and_everything_else_is_refused_or_ign
     for (f, v) in [("github", "gh-secret"), ("gitea", "gt-secret"), ("gitlab", "gl-token")] {
         std::fs::write(secrets.join(f), format!("{v}\n")).unwrap();
     }
+    let forge = FakeForge::start();
+    std::fs::write(secrets.join("status-token"), "status-token\n").unwrap();
     let webhooks = format!(
         "\n[webhooks]\nrepository = \"ops/fleet\"\nbranch = \"main\"\ndebounce-seconds = 1\n\
-         github-secret-file = \"{0}/github\"\ngitea-secret-file = \"{0}/gitea\"\ngitlab-token-file = \"{0}/gitlab\"\n",
-        secrets.display()
+         github-secret-file = \"{0}/github\"\ngitea-secret-file = \"{0}/gitea\"\ngitlab-token-file = \"{0}/gitlab\"\n\
+         [webhooks.status]\nforge = \"github\"\napi-url = \"{1}\"\ntoken-file = \"{0}/status-token\"\n",
+        secrets.display(),
+        forge.url
     );
     let (config, api_token) = configure(&s, &cache, "", &format!("{VARIANTS}{webhooks}"));
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
@@ -220,6 +280,16 @@ async fn pushes_that_change_the_lock_build_and_everything_else_is_refused_or_ign
     let machine = TempStore::new();
     run(&mut machine.copy_from(&cache.url, &cache.public_key, &outs.iter().collect::<Vec<_>>()));
     assert!(outs.iter().all(|o| machine.has(o)));
+
+    // The commit shows the build: pending, then success, with the configured token.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while forge.states(&after).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let states = forge.states(&after);
+    let words: Vec<&str> = states.iter().map(|(_, b)| b["state"].as_str().unwrap_or("?")).collect();
+    assert_eq!(words, ["pending", "success"], "{states:?}");
+    assert!(states.iter().all(|(auth, b)| auth == "Bearer status-token" && b["context"] == "fleetcache"));
 
     // The same delivery again queues nothing new.
     let (code, answer) = hooks.github("d-1", "push", &push, "gh-secret").await;
