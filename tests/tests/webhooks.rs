@@ -424,6 +424,24 @@ async fn pushes_that_change_the_lock_build_and_everything_else_is_refused_or_ign
     assert_eq!(p["decision"], "queued");
     finished(&o, p["request_id"].as_i64().unwrap());
 
+    // A new branch (before is all zeros) and a force-push (before is gone from history) cannot
+    // be compared: they build, which here finds everything cached.
+    for (delivery, before) in [("z-1", "0".repeat(40)), ("f-1", "deadbeef".repeat(5))] {
+        let (code, _) = hooks
+            .github(
+                delivery,
+                "push",
+                &github_push("refs/heads/main", &before, &last, "ops/fleet"),
+                "gh-secret",
+            )
+            .await;
+        assert_eq!(code, 202);
+        let p = decision(&o, delivery);
+        assert_eq!(p["decision"], "queued", "{delivery}: {p}");
+        let variants = finished(&o, p["request_id"].as_i64().unwrap());
+        assert!(variants.iter().all(|v| v["result"]["status"] == "cached"), "{variants:?}");
+    }
+
     // Every rejection is counted.
     let metrics = reqwest::get(format!("{}/metrics", o.url)).await.unwrap().text().await.unwrap();
     for line in [
