@@ -12,3 +12,24 @@ pub mod nix_build;
 pub mod progress;
 pub mod push;
 pub mod verify;
+
+/// This machine's Nix system name (`x86_64-linux`).
+pub fn local_system() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86" => "i686",
+        other => other,
+    };
+    format!("{arch}-{}", std::env::consts::OS)
+}
+
+/// Logs to standard error at `RUST_LOG` (default `info`), in colour only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -52,24 +52,9 @@ fn read(path: &PathBuf) -> Result<String, String> {
         .map_err(|e| format!("reading {}: {e}", path.display()))
 }
 
-fn local_system() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86" => "i686",
-        other => other,
-    };
-    format!("{arch}-{}", std::env::consts::OS)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    builder::init_logging();
     let (token, cache_token) = match (read(&cli.token_file), read(&cli.cache_token_file)) {
         (Ok(t), Ok(c)) => (t, c),
         (Err(e), _) | (_, Err(e)) => {
@@ -84,7 +69,7 @@ fn main() -> ExitCode {
         orchestrator: cli.orchestrator,
         token,
         register: Register {
-            systems: clean(cli.systems.unwrap_or_else(|| vec![local_system()])),
+            systems: clean(cli.systems.unwrap_or_else(|| vec![builder::local_system()])),
             features,
             mandatory_features: clean(cli.mandatory_features),
             max_jobs: cli.max_jobs.max(1),

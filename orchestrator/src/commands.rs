@@ -383,14 +383,7 @@ pub fn serve(
         Some(f) => f,
         None => std::env::current_dir()?.display().to_string(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    builder::init_logging();
     runtime()?.block_on(async move {
         let state = open_state(&config, &dir).await?;
         let mirrors = dir.join("repos");

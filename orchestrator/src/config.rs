@@ -332,14 +332,7 @@ fn default_variants() -> Vec<VariantConfig> {
         .collect()
 }
 
-/// This machine's Nix system name.
-pub fn local_system() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86" => "i686",
-        other => other,
-    };
-    format!("{arch}-{}", std::env::consts::OS)
-}
+pub use builder::local_system;
 
 impl Default for FleetConfig {
     fn default() -> Self {

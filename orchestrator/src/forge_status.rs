@@ -70,8 +70,8 @@ pub async fn report(
     }
 }
 
-/// Percent-encodes everything but unreserved characters.
-fn encode(s: &str) -> String {
+/// Percent-encodes everything but unreserved characters (for paths and query strings).
+pub(crate) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -151,17 +151,7 @@ impl Remote {
 
     /// A variant's build log.
     pub async fn log(&self, rev: &str, variant: &str) -> Result<crate::serve::LogView, RemoteError> {
-        let q = |s: &str| {
-            s.bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect::<String>()
-        };
+        let q = crate::forge_status::encode;
         self.get(&format!("/api/v1/logs?rev={}&variant={}", q(rev), q(variant))).await
     }
 

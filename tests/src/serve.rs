@@ -13,6 +13,18 @@ use crate::nix::{NIX_CONFIG, run};
 use crate::orchestrator::Setup;
 use crate::process::ChildGuard;
 
+/// The stand-in fleet's `default` and `cuda` variants, `cuda` requiring the `cuda` feature.
+pub const DEFAULT_AND_CUDA: &str = r#"
+[[variant]]
+name = "default"
+attr = "inputs.llama-cpp.packages.{system}.default"
+
+[[variant]]
+name = "cuda"
+attr = "inputs.llama-cpp.packages.{system}.cuda"
+features = ["cuda"]
+"#;
+
 /// A running `orchestrator serve` and what clients need to talk to it.
 pub struct Orchestrator {
     /// The process.

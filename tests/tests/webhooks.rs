@@ -6,20 +6,12 @@ use std::time::{Duration, Instant};
 use fleetcache_tests::cache_server::CacheServer;
 use fleetcache_tests::nix::{TempStore, run};
 use fleetcache_tests::orchestrator::Setup;
-use fleetcache_tests::serve::{Orchestrator, configure, start_builder, start_orchestrator};
+use fleetcache_tests::serve::{DEFAULT_AND_CUDA, Orchestrator, configure, start_builder, start_orchestrator};
 use hmac::{Hmac, Mac};
 use nix_formats::StorePath;
 use serde_json::{Value, json};
 
-const VARIANTS: &str = r#"
-[[variant]]
-name = "default"
-attr = "inputs.llama-cpp.packages.{system}.default"
-
-[[variant]]
-name = "cuda"
-attr = "inputs.llama-cpp.packages.{system}.cuda"
-"#;
+const VARIANTS: &str = DEFAULT_AND_CUDA;
 
 fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
