@@ -62,15 +62,7 @@ impl Garage {
     /// see our bucket). Ports are drawn at random; when another test's server holds one of them
     /// (Garage keeps running when it cannot bind its S3 port), it starts over on new ports.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("fleetcache-garage-").tempdir().expect("tempdir");
-        let mut g = Garage {
-            dir,
-            child: None,
-            s3_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            bucket: "fleetcache-test".to_owned(),
-            access_key_id: format!("GK{}", random_hex(12)),
-            secret_access_key: random_hex(32),
-        };
+        let mut g = Self::unstarted();
         let mut failures = Vec::new();
         for _ in 0..5 {
             match g.start_on(free_port(), free_port()) {
@@ -83,16 +75,21 @@ impl Garage {
 
     /// Starts a fresh Garage on the given ports, or says why its S3 API does not answer as it.
     pub fn try_start_on(s3_port: u16, rpc_port: u16) -> Result<Self, String> {
+        let mut g = Self::unstarted();
+        g.start_on(s3_port, rpc_port).map(|()| g)
+    }
+
+    /// A directory, a bucket name and a key; no process yet.
+    fn unstarted() -> Self {
         let dir = tempfile::Builder::new().prefix("fleetcache-garage-").tempdir().expect("tempdir");
-        let mut g = Garage {
+        Garage {
             dir,
             child: None,
             s3_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             bucket: "fleetcache-test".to_owned(),
             access_key_id: format!("GK{}", random_hex(12)),
             secret_access_key: random_hex(32),
-        };
-        g.start_on(s3_port, rpc_port).map(|()| g)
+        }
     }
 
     fn start_on(&mut self, s3_port: u16, rpc_port: u16) -> Result<(), String> {
