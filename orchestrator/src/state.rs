@@ -138,7 +138,7 @@ CREATE TABLE IF NOT EXISTS pushes (
     ref_name TEXT NOT NULL,
     before_rev TEXT NOT NULL,
     after_rev TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
     decision TEXT NOT NULL,
     request_id INTEGER,
     UNIQUE (forge, delivery)

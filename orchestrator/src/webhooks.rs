@@ -19,7 +19,7 @@ use sqlx::Row as _;
 
 use crate::forge_status::CommitState;
 use crate::serve::Server;
-use crate::state::{StateError, now};
+use crate::state::StateError;
 
 /// A forge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,11 +249,19 @@ pub async fn deliver(server: Arc<Server>, forge: Forge, headers: HeaderMap, body
     }
 }
 
+/// Unix milliseconds: the debounce is shorter than a second in tests.
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Records a push once per delivery; false for a redelivery.
 async fn record(server: &Server, forge: Forge, delivery: &str, push: &Push) -> Result<bool, StateError> {
     let state = &server.state;
     let r = sqlx::query(&state.sql(
-        "INSERT INTO pushes (forge, delivery, ref_name, before_rev, after_rev, received_at, decision)
+        "INSERT INTO pushes (forge, delivery, ref_name, before_rev, after_rev, received_ms, decision)
          VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (forge, delivery) DO NOTHING",
     ))
     .bind(forge.name())
@@ -261,7 +269,7 @@ async fn record(server: &Server, forge: Forge, delivery: &str, push: &Push) -> R
     .bind(&push.ref_name)
     .bind(&push.before)
     .bind(&push.after)
-    .bind(now())
+    .bind(now_millis())
     .execute(&state.pool)
     .await
     .map_err(|e| state.err(e))?;
@@ -314,15 +322,15 @@ pub async fn pushes(state: &crate::state::State) -> Result<Vec<PushRecord>, Stat
 /// are superseded; a build is queued if `flake.lock` changed.
 pub async fn process_pushes(server: &Server) -> Result<(), StateError> {
     let state = &server.state;
-    let debounce = server.config.webhooks.debounce_seconds as i64;
+    let debounce = server.config.webhooks.debounce_seconds as i64 * 1000;
     let rows = sqlx::query(&state.sql(
-        "SELECT id, ref_name, before_rev, after_rev, received_at FROM pushes WHERE decision = 'pending' ORDER BY id",
+        "SELECT id, ref_name, before_rev, after_rev, received_ms FROM pushes WHERE decision = 'pending' ORDER BY id",
     ))
     .fetch_all(&state.pool)
     .await
     .map_err(|e| state.err(e))?;
     let newest_received = rows.iter().map(|r| r.get::<i64, _>(4)).max().unwrap_or(0);
-    if rows.is_empty() || now() - newest_received < debounce {
+    if rows.is_empty() || now_millis() - newest_received < debounce {
         return Ok(());
     }
     let mut newest_per_ref: std::collections::BTreeMap<String, (i64, String, String)> = Default::default();

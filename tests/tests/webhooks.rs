@@ -354,12 +354,13 @@ async fn pushes_that_change_the_lock_build_and_everything_else_is_refused_or_ign
 
     // A burst of three pushes: only the newest head builds; the others are recorded superseded.
     let mut heads = vec![docs.clone()];
-    for (i, version) in ["3", "4", "5"].iter().enumerate() {
-        let head = s.fleet.bump_nixpkgs(version);
-        let push = github_push("refs/heads/main", heads.last().unwrap(), &head, "ops/fleet");
+    for version in ["3", "4", "5"] {
+        heads.push(s.fleet.bump_nixpkgs(version));
+    }
+    for i in 0..3 {
+        let push = github_push("refs/heads/main", &heads[i], &heads[i + 1], "ops/fleet");
         let (code, _) = hooks.github(&format!("b-{i}"), "push", &push, "gh-secret").await;
         assert_eq!(code, 202);
-        heads.push(head);
     }
     let newest = decision(&o, "b-2");
     assert_eq!(newest["decision"], "queued");

@@ -5,19 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Path, Query, State as AxState};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use builder::api::{
-    ClaimRequest, Heartbeat, JobKind, JobResult, LogChunk, Outcome, Register, Registered, Verification,
-    VerifySpec, VerifyStatus,
-};
-use cache_server::auth::presented_token;
+use builder::api::{JobKind, Verification, VerifySpec, VerifyStatus};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
@@ -28,8 +19,12 @@ use crate::config::Config;
 use crate::flake::{FleetRepo, LockedInput};
 use crate::queue::{BuilderInfo, NewJob};
 use crate::report::Quiet;
-use crate::state::{AttemptEnd, State, StateError, now};
+use crate::state::{State, StateError, now};
 use crate::tokens::TokenFile;
+
+mod http;
+
+pub use http::router;
 
 /// Builders not heard from for this long do not count as able to take a job.
 const BUILDER_ALIVE: i64 = 120;
@@ -131,42 +126,7 @@ pub struct VariantView {
     pub result: VariantResult,
 }
 
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, format!("{}\n", self.1)).into_response()
-    }
-}
-
-impl From<StateError> for ApiError {
-    fn from(e: StateError) -> Self {
-        tracing::error!(error = %e, "state");
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the state database failed; retry later".to_owned())
-    }
-}
-
-type ApiResult<T = Response> = Result<T, ApiError>;
-
 impl Server {
-    fn builder_name(&self, headers: &HeaderMap) -> ApiResult<String> {
-        let name = presented_token(headers).and_then(|t| self.builder_tokens.check(&t));
-        name.ok_or_else(|| {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            ApiError(StatusCode::UNAUTHORIZED, "unknown builder token".to_owned())
-        })
-    }
-
-    fn api_user(&self, headers: &HeaderMap) -> ApiResult<()> {
-        match presented_token(headers).and_then(|t| self.api_tokens.check(&t).map(drop)) {
-            Some(()) => Ok(()),
-            None => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError(StatusCode::UNAUTHORIZED, "unknown API token".to_owned()))
-            }
-        }
-    }
-
     fn context(&self, retry_failed: bool) -> Context {
         Context {
             state: self.state.clone(),
@@ -428,7 +388,8 @@ impl Server {
     }
 
     /// The request as the CLI sees it, with live phases from the jobs and builders.
-    async fn view(&self, id: i64) -> ApiResult<RequestView> {
+    /// The request as the CLI sees it, or None if there is no such request.
+    async fn view(&self, id: i64) -> Result<Option<RequestView>, StateError> {
         let Some(r) = sqlx::query(
             &self.state.sql("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?"),
         )
@@ -437,7 +398,7 @@ impl Server {
         .await
         .map_err(|e| self.state.err(e))?
         else {
-            return Err(ApiError(StatusCode::NOT_FOUND, format!("no build request {id}")));
+            return Ok(None);
         };
         let snap: Option<Snapshot> =
             r.get::<Option<String>, _>(3).and_then(|p| serde_json::from_str(&p).ok());
@@ -450,7 +411,7 @@ impl Server {
             inputs: snap.as_ref().map(|s| s.inputs.clone()).unwrap_or_default(),
             variants: Vec::new(),
         };
-        let Some(snap) = snap else { return Ok(view) };
+        let Some(snap) = snap else { return Ok(Some(view)) };
         let created: i64 = r.get(4);
         let drvs: Vec<String> = snap.entries.iter().filter_map(|e| e.result.drv_path.clone()).collect();
         let jobs = self.state.jobs_for(&drvs, JobKind::Build).await?;
@@ -474,7 +435,7 @@ impl Server {
             };
             view.variants.push(VariantView { label: e.label, phase, done: e.done, result });
         }
-        Ok(view)
+        Ok(Some(view))
     }
 }
 
@@ -549,28 +510,6 @@ fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
     }
 }
 
-/// The router.
-pub fn router(server: Arc<Server>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/builders/register", post(register))
-        .route("/api/v1/builders", get(list_builders))
-        .route("/api/v1/jobs/claim", post(claim))
-        .route("/api/v1/jobs/{id}/heartbeat", post(heartbeat))
-        .route("/api/v1/jobs/{id}/log", post(log))
-        .route("/api/v1/jobs/{id}/result", post(result))
-        .route("/api/v1/builds", post(submit))
-        .route("/api/v1/builds/{id}", get(request))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/logs", get(logs))
-        .route("/api/v1/pushes", get(list_pushes))
-        .route("/hooks/github", post(hook_github))
-        .route("/hooks/gitea", post(hook_gitea))
-        .route("/hooks/gitlab", post(hook_gitlab))
-        .with_state(server)
-}
-
 /// Serves until `shutdown`, moving requests along in the background.
 pub async fn run(
     listener: tokio::net::TcpListener,
@@ -591,171 +530,6 @@ pub async fn run(
     let served = axum::serve(listener, router(server)).with_graceful_shutdown(shutdown).await;
     ticker.abort();
     served
-}
-
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string(value).expect("serialises"),
-    )
-        .into_response()
-}
-
-async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
-    let mut out = String::new();
-    out.push_str("# TYPE fleetcache_jobs gauge\n");
-    for status in ["queued", "claimed", "built", "failed"] {
-        let n: i64 = sqlx::query(&s.state.sql("SELECT count(*) FROM jobs WHERE status = ?"))
-            .bind(status)
-            .fetch_one(&s.state.pool)
-            .await
-            .map_err(|e| ApiError::from(s.state.err(e)))?
-            .get(0);
-        out.push_str(&format!("fleetcache_jobs{{status=\"{status}\"}} {n}\n"));
-    }
-    let builders = s.state.builders().await?;
-    let alive = builders.iter().filter(|b| now() - b.last_seen < BUILDER_ALIVE).count();
-    out.push_str(&format!("# TYPE fleetcache_builders_alive gauge\nfleetcache_builders_alive {alive}\n"));
-    out.push_str(&format!(
-        "# TYPE fleetcache_claims_total counter\nfleetcache_claims_total {}\n",
-        s.claims.load(Ordering::Relaxed)
-    ));
-    out.push_str(&format!(
-        "# TYPE fleetcache_refused_requests_total counter\nfleetcache_refused_requests_total {}\n",
-        s.refused.load(Ordering::Relaxed)
-    ));
-    out.push_str(&s.hooks.render());
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
-}
-
-async fn register(
-    AxState(s): AxState<Arc<Server>>,
-    headers: HeaderMap,
-    body: axum::Json<Register>,
-) -> ApiResult {
-    let name = s.builder_name(&headers)?;
-    s.state.register_builder(&name, &body).await?;
-    tracing::info!(builder = %name, systems = ?body.systems, features = ?body.features, "builder registered");
-    s.work.notify_waiters();
-    Ok(json(
-        StatusCode::OK,
-        &Registered {
-            name,
-            cache_url: s.config.cache.url.clone(),
-            lease_seconds: s.config.server.lease_seconds,
-        },
-    ))
-}
-
-async fn list_builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
-    s.api_user(&headers)?;
-    Ok(json(StatusCode::OK, &s.state.builders().await?))
-}
-
-async fn claim(
-    AxState(s): AxState<Arc<Server>>,
-    headers: HeaderMap,
-    body: axum::Json<ClaimRequest>,
-) -> ApiResult {
-    let name = s.builder_name(&headers)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
-    loop {
-        // A token revoked while its builder waits stops working at once.
-        s.builder_name(&headers)?;
-        let notified = s.work.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let got = {
-            let _one_at_a_time = s.claim_lock.lock().await;
-            s.state.claim(&name, s.config.server.lease_seconds).await?
-        };
-        if let Some(job) = got {
-            s.claims.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(builder = %name, job = job.id, drv = %job.drv_path, "claimed");
-            return Ok(json(StatusCode::OK, &job));
-        }
-        // Woken by new work, or look again every second (leases expire, builders leave).
-        let wake = tokio::time::Instant::now() + Duration::from_secs(1);
-        if tokio::time::timeout_at(wake.min(deadline), notified).await.is_err()
-            && tokio::time::Instant::now() >= deadline
-        {
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        }
-    }
-}
-
-fn gone() -> ApiError {
-    ApiError(StatusCode::GONE, "this lease is no longer yours: the job went back to the queue".to_owned())
-}
-
-async fn heartbeat(
-    AxState(s): AxState<Arc<Server>>,
-    Path(id): Path<i64>,
-    headers: HeaderMap,
-    body: axum::Json<Heartbeat>,
-) -> ApiResult {
-    s.builder_name(&headers)?;
-    if s.state
-        .heartbeat(id, &body.lease, &body.phase, body.pushed_bytes, s.config.server.lease_seconds)
-        .await?
-    {
-        Ok(StatusCode::OK.into_response())
-    } else {
-        Err(gone())
-    }
-}
-
-async fn log(
-    AxState(s): AxState<Arc<Server>>,
-    Path(id): Path<i64>,
-    headers: HeaderMap,
-    body: axum::Json<LogChunk>,
-) -> ApiResult {
-    s.builder_name(&headers)?;
-    if s.state.append_log(id, &body.lease, &body.text, s.config.build.max_log_bytes).await? {
-        Ok(StatusCode::OK.into_response())
-    } else {
-        Err(gone())
-    }
-}
-
-async fn result(
-    AxState(s): AxState<Arc<Server>>,
-    Path(id): Path<i64>,
-    headers: HeaderMap,
-    body: axum::Json<JobResult>,
-) -> ApiResult {
-    let name = s.builder_name(&headers)?;
-    let end = match body.outcome {
-        Outcome::Built => AttemptEnd::Built,
-        Outcome::Failed => AttemptEnd::Failed,
-        Outcome::PushFailed => AttemptEnd::PushFailed,
-        Outcome::Refused => AttemptEnd::Interrupted,
-    };
-    let error = match (body.outcome, &body.error) {
-        (Outcome::Refused, Some(e)) => Some(format!("refused by {name}: {e}")),
-        (_, e) => e.clone(),
-    };
-    let max = s.config.server.max_attempts;
-    let verification = body.verification.as_ref();
-    if s.state.finish_job(id, &body.lease, end, error.as_deref(), verification, body.seconds, max).await? {
-        tracing::info!(builder = %name, job = id, outcome = ?body.outcome, "job ended");
-        s.work.notify_waiters();
-        Ok(StatusCode::OK.into_response())
-    } else {
-        tracing::info!(builder = %name, job = id, "late result ignored");
-        Err(gone())
-    }
-}
-
-async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<Submit>) -> ApiResult {
-    s.api_user(&headers)?;
-    if let Err(e) = s.config.select_variants(&body.variants) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, e));
-    }
-    let id = submit_request(&s.state, &body.rev, &body.variants, body.retry_failed).await?;
-    Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id })))
 }
 
 /// Records a build request for `rev`; the server plans it on its next round. Returns its id.
@@ -781,40 +555,6 @@ pub async fn submit_request(
     .get(0))
 }
 
-async fn list_pushes(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
-    s.api_user(&headers)?;
-    Ok(json(StatusCode::OK, &crate::webhooks::pushes(&s.state).await?))
-}
-
-async fn hook_github(
-    AxState(s): AxState<Arc<Server>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    crate::webhooks::deliver(s, crate::webhooks::Forge::GitHub, headers, body).await
-}
-
-async fn hook_gitea(
-    AxState(s): AxState<Arc<Server>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    crate::webhooks::deliver(s, crate::webhooks::Forge::Gitea, headers, body).await
-}
-
-async fn hook_gitlab(
-    AxState(s): AxState<Arc<Server>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    crate::webhooks::deliver(s, crate::webhooks::Forge::GitLab, headers, body).await
-}
-
-async fn request(AxState(s): AxState<Arc<Server>>, Path(id): Path<i64>, headers: HeaderMap) -> ApiResult {
-    s.api_user(&headers)?;
-    Ok(json(StatusCode::OK, &s.view(id).await?))
-}
-
 /// A variant's build log, as `orchestrator logs` reads it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogView {
@@ -826,40 +566,9 @@ pub struct LogView {
     pub log: String,
 }
 
-#[derive(Deserialize)]
-struct LogQuery {
-    rev: String,
-    variant: String,
-}
-
 /// The log of `variant` at `rev`, from the state.
 pub async fn find_log(state: &State, rev: &str, variant: &str) -> Result<Option<LogView>, StateError> {
     let Some(drv_path) = state.variant_drv(rev, variant).await? else { return Ok(None) };
     let (log, running) = state.job_log(&drv_path).await?.unwrap_or_default();
     Ok(Some(LogView { drv_path, running, log }))
-}
-
-async fn logs(AxState(s): AxState<Arc<Server>>, Query(q): Query<LogQuery>, headers: HeaderMap) -> ApiResult {
-    s.api_user(&headers)?;
-    match find_log(&s.state, &q.rev, &q.variant).await? {
-        Some(view) => Ok(json(StatusCode::OK, &view)),
-        None => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no build of variant {:?} at {:?}", q.variant, q.rev),
-        )),
-    }
-}
-
-#[derive(Deserialize)]
-struct StatusQuery {
-    limit: Option<u32>,
-}
-
-async fn status(
-    AxState(s): AxState<Arc<Server>>,
-    Query(q): Query<StatusQuery>,
-    headers: HeaderMap,
-) -> ApiResult {
-    s.api_user(&headers)?;
-    Ok(json(StatusCode::OK, &s.state.report(q.limit.unwrap_or(10)).await?))
 }

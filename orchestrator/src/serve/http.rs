@@ -1,0 +1,311 @@
+//! The HTTP edge of `orchestrator serve`: routes, authentication, and the handlers of the
+//! builder API, the CLI API and the forge webhooks.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use builder::api::{ClaimRequest, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered};
+use cache_server::auth::presented_token;
+use serde::{Deserialize, Serialize};
+use sqlx::Row as _;
+
+use super::{BUILDER_ALIVE, Server, Submit, find_log, submit_request};
+use crate::state::{AttemptEnd, StateError, now};
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, format!("{}\n", self.1)).into_response()
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        tracing::error!(error = %e, "state");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the state database failed; retry later".to_owned())
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+impl Server {
+    fn builder_name(&self, headers: &HeaderMap) -> ApiResult<String> {
+        let name = presented_token(headers).and_then(|t| self.builder_tokens.check(&t));
+        name.ok_or_else(|| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            ApiError(StatusCode::UNAUTHORIZED, "unknown builder token".to_owned())
+        })
+    }
+
+    fn api_user(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match presented_token(headers).and_then(|t| self.api_tokens.check(&t).map(drop)) {
+            Some(()) => Ok(()),
+            None => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError(StatusCode::UNAUTHORIZED, "unknown API token".to_owned()))
+            }
+        }
+    }
+}
+
+/// The router.
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/builders/register", post(register))
+        .route("/api/v1/builders", get(list_builders))
+        .route("/api/v1/jobs/claim", post(claim))
+        .route("/api/v1/jobs/{id}/heartbeat", post(heartbeat))
+        .route("/api/v1/jobs/{id}/log", post(log))
+        .route("/api/v1/jobs/{id}/result", post(result))
+        .route("/api/v1/builds", post(submit))
+        .route("/api/v1/builds/{id}", get(request))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/logs", get(logs))
+        .route("/api/v1/pushes", get(list_pushes))
+        .route("/hooks/github", post(hook_github))
+        .route("/hooks/gitea", post(hook_gitea))
+        .route("/hooks/gitlab", post(hook_gitlab))
+        .with_state(server)
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(value).expect("serialises"),
+    )
+        .into_response()
+}
+
+async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
+    let mut out = String::new();
+    out.push_str("# TYPE fleetcache_jobs gauge\n");
+    for status in ["queued", "claimed", "built", "failed"] {
+        let n: i64 = sqlx::query(&s.state.sql("SELECT count(*) FROM jobs WHERE status = ?"))
+            .bind(status)
+            .fetch_one(&s.state.pool)
+            .await
+            .map_err(|e| ApiError::from(s.state.err(e)))?
+            .get(0);
+        out.push_str(&format!("fleetcache_jobs{{status=\"{status}\"}} {n}\n"));
+    }
+    let builders = s.state.builders().await?;
+    let alive = builders.iter().filter(|b| now() - b.last_seen < BUILDER_ALIVE).count();
+    out.push_str(&format!("# TYPE fleetcache_builders_alive gauge\nfleetcache_builders_alive {alive}\n"));
+    out.push_str(&format!(
+        "# TYPE fleetcache_claims_total counter\nfleetcache_claims_total {}\n",
+        s.claims.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# TYPE fleetcache_refused_requests_total counter\nfleetcache_refused_requests_total {}\n",
+        s.refused.load(Ordering::Relaxed)
+    ));
+    out.push_str(&s.hooks.render());
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+async fn register(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::Json<Register>,
+) -> ApiResult {
+    let name = s.builder_name(&headers)?;
+    s.state.register_builder(&name, &body).await?;
+    tracing::info!(builder = %name, systems = ?body.systems, features = ?body.features, "builder registered");
+    s.work.notify_waiters();
+    Ok(json(
+        StatusCode::OK,
+        &Registered {
+            name,
+            cache_url: s.config.cache.url.clone(),
+            lease_seconds: s.config.server.lease_seconds,
+        },
+    ))
+}
+
+async fn list_builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &s.state.builders().await?))
+}
+
+async fn claim(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::Json<ClaimRequest>,
+) -> ApiResult {
+    let name = s.builder_name(&headers)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
+    loop {
+        // A token revoked while its builder waits stops working at once.
+        s.builder_name(&headers)?;
+        let notified = s.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let got = {
+            let _one_at_a_time = s.claim_lock.lock().await;
+            s.state.claim(&name, s.config.server.lease_seconds).await?
+        };
+        if let Some(job) = got {
+            s.claims.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(builder = %name, job = job.id, drv = %job.drv_path, "claimed");
+            return Ok(json(StatusCode::OK, &job));
+        }
+        // Woken by new work, or look again every second (leases expire, builders leave).
+        let wake = tokio::time::Instant::now() + Duration::from_secs(1);
+        if tokio::time::timeout_at(wake.min(deadline), notified).await.is_err()
+            && tokio::time::Instant::now() >= deadline
+        {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+fn gone() -> ApiError {
+    ApiError(StatusCode::GONE, "this lease is no longer yours: the job went back to the queue".to_owned())
+}
+
+async fn heartbeat(
+    AxState(s): AxState<Arc<Server>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: axum::Json<Heartbeat>,
+) -> ApiResult {
+    s.builder_name(&headers)?;
+    if s.state
+        .heartbeat(id, &body.lease, &body.phase, body.pushed_bytes, s.config.server.lease_seconds)
+        .await?
+    {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(gone())
+    }
+}
+
+async fn log(
+    AxState(s): AxState<Arc<Server>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: axum::Json<LogChunk>,
+) -> ApiResult {
+    s.builder_name(&headers)?;
+    if s.state.append_log(id, &body.lease, &body.text, s.config.build.max_log_bytes).await? {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(gone())
+    }
+}
+
+async fn result(
+    AxState(s): AxState<Arc<Server>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: axum::Json<JobResult>,
+) -> ApiResult {
+    let name = s.builder_name(&headers)?;
+    let end = match body.outcome {
+        Outcome::Built => AttemptEnd::Built,
+        Outcome::Failed => AttemptEnd::Failed,
+        Outcome::PushFailed => AttemptEnd::PushFailed,
+        Outcome::Refused => AttemptEnd::Interrupted,
+    };
+    let error = match (body.outcome, &body.error) {
+        (Outcome::Refused, Some(e)) => Some(format!("refused by {name}: {e}")),
+        (_, e) => e.clone(),
+    };
+    let max = s.config.server.max_attempts;
+    let verification = body.verification.as_ref();
+    if s.state.finish_job(id, &body.lease, end, error.as_deref(), verification, body.seconds, max).await? {
+        tracing::info!(builder = %name, job = id, outcome = ?body.outcome, "job ended");
+        s.work.notify_waiters();
+        Ok(StatusCode::OK.into_response())
+    } else {
+        tracing::info!(builder = %name, job = id, "late result ignored");
+        Err(gone())
+    }
+}
+
+async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<Submit>) -> ApiResult {
+    s.api_user(&headers)?;
+    if let Err(e) = s.config.select_variants(&body.variants) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, e));
+    }
+    let id = submit_request(&s.state, &body.rev, &body.variants, body.retry_failed).await?;
+    Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id })))
+}
+
+async fn list_pushes(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &crate::webhooks::pushes(&s.state).await?))
+}
+
+async fn hook_github(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    crate::webhooks::deliver(s, crate::webhooks::Forge::GitHub, headers, body).await
+}
+
+async fn hook_gitea(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    crate::webhooks::deliver(s, crate::webhooks::Forge::Gitea, headers, body).await
+}
+
+async fn hook_gitlab(
+    AxState(s): AxState<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    crate::webhooks::deliver(s, crate::webhooks::Forge::GitLab, headers, body).await
+}
+
+async fn request(AxState(s): AxState<Arc<Server>>, Path(id): Path<i64>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    match s.view(id).await? {
+        Some(view) => Ok(json(StatusCode::OK, &view)),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no build request {id}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    rev: String,
+    variant: String,
+}
+
+async fn logs(AxState(s): AxState<Arc<Server>>, Query(q): Query<LogQuery>, headers: HeaderMap) -> ApiResult {
+    s.api_user(&headers)?;
+    match find_log(&s.state, &q.rev, &q.variant).await? {
+        Some(view) => Ok(json(StatusCode::OK, &view)),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no build of variant {:?} at {:?}", q.variant, q.rev),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    limit: Option<u32>,
+}
+
+async fn status(
+    AxState(s): AxState<Arc<Server>>,
+    Query(q): Query<StatusQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    s.api_user(&headers)?;
+    Ok(json(StatusCode::OK, &s.state.report(q.limit.unwrap_or(10)).await?))
+}
