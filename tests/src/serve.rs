@@ -103,6 +103,24 @@ impl Orchestrator {
         vec!["--server".into(), self.url.clone(), "--token-file".into(), self.api_token.display().to_string()]
     }
 
+    /// Waits until `names` are all registered.
+    pub fn wait_for_builders(&self, s: &Setup, names: &[&str]) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let mut args = vec!["builders", "--json"];
+            let client = self.client_args();
+            args.extend(client.iter().map(String::as_str));
+            let listed: Value = serde_json::from_str(&run(&mut s.orchestrator(&args))).unwrap();
+            let have: Vec<&str> =
+                listed.as_array().unwrap().iter().filter_map(|b| b["name"].as_str()).collect();
+            if names.iter().all(|n| have.contains(n)) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "builders {names:?} did not register: {have:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// `orchestrator status --json --server …`.
     pub fn status(&self, s: &Setup) -> Vec<Value> {
         let mut args = vec!["status", "--json"];

@@ -305,6 +305,8 @@ verify = { features = ["rocm"], command = "llama-cli", expect = "rocm" }
     let (_a, a_log) = start_builder(&s, &o, "builder-a", "token-a", "");
     let (_gpu, gpu_log) =
         start_builder_with(&s, &o, "builder-b", "token-b", "", &["--mandatory-features", "vulkan"]);
+    // The verify job is queued only if a capable builder is registered when the build ends.
+    o.wait_for_builders(&s, &["builder-a", "builder-b"]);
     let mut args = vec!["build", "--json", "--rev", "main"];
     let client = o.client_args();
     args.extend(client.iter().map(String::as_str));
