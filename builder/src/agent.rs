@@ -73,6 +73,15 @@ struct Agent {
 }
 
 impl Agent {
+    /// Runs a verification with every feature this builder has (mandatory ones included).
+    async fn verify(&self, out: &StorePath, spec: &crate::api::VerifySpec) -> Verification {
+        let mut have = self.opts.register.features.clone();
+        have.extend(self.opts.register.mandatory_features.iter().cloned());
+        let mut v = crate::verify::verify(out, spec, &have).await;
+        v.by = self.name.clone();
+        v
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -332,13 +341,9 @@ async fn attempt(
         BuildEnd::Failed(e) => return (Outcome::Failed, Some(e), None),
         BuildEnd::Built => {}
     }
-    let main_output = eval.outputs.get("out").or_else(|| eval.outputs.values().next()).cloned();
-    if let Some(out) = &main_output {
-        let missing = crate::verify::missing_files(out, &job.required_files);
-        if !missing.is_empty() {
-            let why = format!("the output {} lacks {}", out.to_absolute(), missing.join(", "));
-            return (Outcome::Failed, Some(why), None);
-        }
+    let main_output = eval.main_output().cloned();
+    if let Some(why) = main_output.as_ref().and_then(|out| crate::verify::lacking(out, &job.required_files)) {
+        return (Outcome::Failed, Some(why), None);
     }
     *progress.phase.lock().expect("phase") = "pushing";
     let outputs: Vec<StorePath> = eval.outputs.values().cloned().collect();
@@ -348,25 +353,19 @@ async fn attempt(
     };
     match pushed {
         Err(e) => return (Outcome::PushFailed, Some(format!("push: {e}")), None),
-        Ok(s) if !s.failed.is_empty() => {
-            let why: Vec<String> = s.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
-            return (Outcome::PushFailed, Some(format!("push refused: {}", why.join("; "))), None);
+        Ok(s) => {
+            if let Some(why) = s.refusal() {
+                return (Outcome::PushFailed, Some(why), None);
+            }
         }
-        Ok(_) => {}
     }
-    if let Some(text) = nix_build::stored_log(&eval.drv_path).await {
-        if let Err(e) = agent.cache.upload_log(&eval.drv_path, text.into()).await {
-            tracing::warn!(error = %e, "the build log was not uploaded");
-        }
+    if let Err(e) = nix_build::upload_stored_log(&agent.cache, &eval.drv_path).await {
+        tracing::warn!(error = %e, "the build log was not uploaded");
     }
     let verification = match (&job.verify, &main_output) {
         (Some(spec), Some(out)) => {
             *progress.phase.lock().expect("phase") = "verifying";
-            let mut have = agent.opts.register.features.clone();
-            have.extend(agent.opts.register.mandatory_features.iter().cloned());
-            let mut v = crate::verify::verify(out, spec, &have).await;
-            v.by = agent.name.clone();
-            Some(v)
+            Some(agent.verify(out, spec).await)
         }
         _ => None,
     };
@@ -402,11 +401,7 @@ async fn verify_built(
         Err(e) => return (Outcome::Refused, Some(format!("running nix copy: {e}")), None),
     }
     *progress.phase.lock().expect("phase") = "verifying";
-    let mut have = agent.opts.register.features.clone();
-    have.extend(agent.opts.register.mandatory_features.iter().cloned());
-    let mut v = crate::verify::verify(&out, spec, &have).await;
-    v.by = agent.name.clone();
-    (Outcome::Built, None, Some(v))
+    (Outcome::Built, None, Some(agent.verify(&out, spec).await))
 }
 
 /// Features this machine has: `cuda` when `nvidia-smi` works, `vulkan` when `vulkaninfo` lists

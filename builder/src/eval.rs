@@ -32,6 +32,13 @@ pub struct Evaluation {
     pub outputs: BTreeMap<String, StorePath>,
 }
 
+impl Evaluation {
+    /// The output checks and verifications look at: `out`, else the first by name.
+    pub fn main_output(&self) -> Option<&StorePath> {
+        self.outputs.get("out").or_else(|| self.outputs.values().next())
+    }
+}
+
 /// The expression: the flake and attribute path come in through the environment, so nothing the
 /// user writes is ever spliced into Nix code. `toJSON` forces everything before printing.
 const EXPR: &str = r#"

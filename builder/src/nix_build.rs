@@ -140,6 +140,17 @@ pub async fn stored_log(drv: &StorePath) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+/// Uploads the log Nix keeps for `drv` to the cache's `log/`; nothing to do if Nix kept none.
+pub async fn upload_stored_log(
+    cache: &crate::client::CacheClient,
+    drv: &StorePath,
+) -> Result<(), crate::client::ClientError> {
+    match stored_log(drv).await {
+        Some(text) => cache.upload_log(drv, text.into()).await,
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

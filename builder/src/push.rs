@@ -80,6 +80,17 @@ pub struct PushSummary {
     pub failed: Vec<FailedPath>,
 }
 
+impl PushSummary {
+    /// `push refused: <path>: <reason>; …` when the cache refused some path.
+    pub fn refusal(&self) -> Option<String> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let why: Vec<String> = self.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
+        Some(format!("push refused: {}", why.join("; ")))
+    }
+}
+
 /// A path that could not be pushed.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailedPath {

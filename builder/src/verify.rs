@@ -16,6 +16,12 @@ pub fn missing_files(out: &StorePath, required: &[String]) -> Vec<String> {
     required.iter().filter(|f| std::fs::symlink_metadata(root.join(f)).is_err()).cloned().collect()
 }
 
+/// Why `out` fails the file check (`the output … lacks …`), if it does.
+pub fn lacking(out: &StorePath, required: &[String]) -> Option<String> {
+    let missing = missing_files(out, required);
+    (!missing.is_empty()).then(|| format!("the output {} lacks {}", out.to_absolute(), missing.join(", ")))
+}
+
 /// Whether a required file is a plain relative path inside the output.
 pub fn valid_file(f: &str) -> bool {
     !f.is_empty() && !f.starts_with('/') && !f.split('/').any(|c| c == ".." || c.is_empty())

@@ -311,12 +311,8 @@ async fn build_here(ctx: &Context, plan: &mut Plan) -> Result<(), StateError> {
         let first = &jobs[idx[0]];
         let outputs: Vec<StorePath> =
             first.eval.as_ref().expect("evaluated").outputs.values().cloned().collect();
-        let main_output =
-            first.eval.as_ref().and_then(|e| e.outputs.get("out").or(e.outputs.values().next())).cloned();
-        let mut files: Vec<String> = idx.iter().flat_map(|&i| jobs[i].files.clone()).collect();
-        files.sort();
-        files.dedup();
-        let checks = Checks { main_output, files, verify: first.verify.clone() };
+        let main_output = first.eval.as_ref().and_then(|e| e.main_output()).cloned();
+        let checks = Checks { main_output, files: plan.files_of(idx), verify: first.verify.clone() };
         let slots = slots.clone();
         async move {
             let _slot = tokio::select! {
@@ -351,6 +347,14 @@ impl Plan {
             by_drv.entry(job.eval.as_ref().expect("evaluated").drv_path.clone()).or_default().push(i);
         }
         by_drv
+    }
+
+    /// Files the output of the derivation wanted by jobs `idx` must have: all they name.
+    pub fn files_of(&self, idx: &[usize]) -> Vec<String> {
+        let mut files: Vec<String> = idx.iter().flat_map(|&i| self.jobs[i].files.clone()).collect();
+        files.sort();
+        files.dedup();
+        files
     }
 
     /// Marks job `i` ended now.
@@ -530,15 +534,20 @@ async fn build_and_push(
     let interrupted = |why: &str| {
         if lost.is_cancelled() { format!("lost the claim on {drv_abs} ({why})") } else { why.to_owned() }
     };
-    let result = match end {
-        BuildEnd::Cancelled => Err((AttemptEnd::Interrupted, interrupted("stopped while building"))),
-        BuildEnd::Failed(e) => Err((AttemptEnd::Failed, e)),
+    // Only a finished build has an output to check.
+    let lacking = match end {
+        BuildEnd::Built => {
+            checks.main_output.as_ref().and_then(|out| builder::verify::lacking(out, &checks.files))
+        }
+        _ => None,
+    };
+    let result = match (end, lacking) {
+        (BuildEnd::Cancelled, _) => Err((AttemptEnd::Interrupted, interrupted("stopped while building"))),
+        (BuildEnd::Failed(e), _) => Err((AttemptEnd::Failed, e)),
+        (BuildEnd::Built, Some(why)) => Err((AttemptEnd::Failed, why)),
         // A push that fails leaves a good build: the attempt failed, the derivation did not
         // (the next run pushes it again without --retry-failed; nix has the outputs already).
-        BuildEnd::Built if missing_files(checks).is_some() => {
-            Err((AttemptEnd::Failed, missing_files(checks).expect("just checked")))
-        }
-        BuildEnd::Built => {
+        (BuildEnd::Built, None) => {
             phase(Phase::Pushing(0));
             let progress = Arc::new(PushProgress {
                 reporter: ctx.reporter.clone(),
@@ -552,22 +561,17 @@ async fn build_and_push(
             match pushed {
                 None => Err((AttemptEnd::Interrupted, interrupted("stopped while pushing"))),
                 Some(Err(e)) => Err((AttemptEnd::PushFailed, format!("push: {e}"))),
-                Some(Ok(summary)) if !summary.failed.is_empty() => {
-                    let why: Vec<String> =
-                        summary.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
-                    Err((AttemptEnd::PushFailed, format!("push refused: {}", why.join("; "))))
+                Some(Ok(summary)) => {
+                    summary.refusal().map_or(Ok(()), |why| Err((AttemptEnd::PushFailed, why)))
                 }
-                Some(Ok(_)) => Ok(()),
             }
         }
     };
     let seconds = started.elapsed().as_secs_f64();
     match result {
         Ok(()) => {
-            if let Some(text) = nix_build::stored_log(drv).await {
-                if let Err(e) = ctx.cache.client.upload_log(drv, text.into()).await {
-                    ctx.reporter.note(&format!("{drv_abs}: the build log was not uploaded: {e}"));
-                }
+            if let Err(e) = nix_build::upload_stored_log(&ctx.cache.client, drv).await {
+                ctx.reporter.note(&format!("{drv_abs}: the build log was not uploaded: {e}"));
             }
             ctx.state.finish_attempt(attempt, AttemptEnd::Built, seconds, None, &log.text()).await?;
             ctx.state.release(&drv_abs, &ctx.owner, DerivationStatus::Built).await?;
@@ -593,13 +597,6 @@ async fn build_and_push(
             Ok(realised)
         }
     }
-}
-
-/// Why the output fails the file check, if it does.
-fn missing_files(checks: &Checks) -> Option<String> {
-    let out = checks.main_output.as_ref()?;
-    let missing = builder::verify::missing_files(out, &checks.files);
-    (!missing.is_empty()).then(|| format!("the output {} lacks {}", out.to_absolute(), missing.join(", ")))
 }
 
 /// Push progress shown on the variants' lines: NAR bytes read so far.

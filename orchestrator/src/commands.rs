@@ -189,7 +189,8 @@ fn finish_report(
     }
 }
 
-fn read_token(path: &Path) -> Result<String, CliError> {
+/// A token file's token, trimmed.
+pub(crate) fn read_token(path: &Path) -> Result<String, CliError> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_owned())
         .map_err(|e| CliError::Error(format!("reading token file {}: {e}", path.display())))

@@ -212,8 +212,7 @@ fn push(
     use std::io::IsTerminal as _;
     use std::sync::Arc;
 
-    let token = std::fs::read_to_string(token_file)
-        .map_err(|e| CliError::Error(format!("reading token file {}: {e}", token_file.display())))?;
+    let token = commands::read_token(token_file)?;
     let mut roots = Vec::new();
     for p in paths {
         let resolved =
@@ -225,7 +224,7 @@ fn push(
             roots.push(path);
         }
     }
-    let client = builder::client::CacheClient::new(cache, token.trim());
+    let client = builder::client::CacheClient::new(cache, &token);
     let progress: Arc<dyn builder::push::Progress> = if std::io::stderr().is_terminal() {
         Arc::new(builder::progress::Bars::new())
     } else {

@@ -142,11 +142,10 @@ async fn claim(
     headers: HeaderMap,
     body: axum::Json<ClaimRequest>,
 ) -> ApiResult {
-    let name = s.builder_name(&headers)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
     loop {
-        // A token revoked while its builder waits stops working at once.
-        s.builder_name(&headers)?;
+        // Checked on every round: a token revoked while its builder waits stops working at once.
+        let name = s.builder_name(&headers)?;
         let notified = s.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();

@@ -169,9 +169,7 @@ impl Server {
                 f
             };
             let out_paths: Vec<String> = eval.outputs.values().map(|p| p.to_absolute()).collect();
-            let mut files: Vec<String> = idx.iter().flat_map(|&i| planned.jobs[i].files.clone()).collect();
-            files.sort();
-            files.dedup();
+            let files = planned.files_of(&idx);
             self.state
                 .enqueue(&NewJob {
                     drv_path: &drv.to_absolute(),
@@ -188,12 +186,18 @@ impl Server {
         self.work.notify_waiters();
         let snapshot = snapshot_of(&planned, &self.repo.reference, &submit.rev);
         // `status` shows the variants while they are queued, not only once they ended.
-        for e in &snapshot.entries {
+        self.record_variants(&snapshot).await?;
+        self.set_request(id, "running", Some(&snapshot), None).await
+    }
+
+    /// Records every variant of a request: its result once it ended, else `queued`.
+    async fn record_variants(&self, snap: &Snapshot) -> Result<(), StateError> {
+        for e in &snap.entries {
             let r = &e.result;
             let status = if e.done { r.status.as_str() } else { "queued" };
             self.state
                 .record_variant(
-                    snapshot.revision_id,
+                    snap.revision_id,
                     &r.variant,
                     &r.system,
                     &r.attr,
@@ -205,7 +209,7 @@ impl Server {
                 )
                 .await?;
         }
-        self.set_request(id, "running", Some(&snapshot), None).await
+        Ok(())
     }
 
     async fn set_request(
@@ -244,12 +248,12 @@ impl Server {
         .execute(&self.state.pool)
         .await
         .map_err(|e| self.state.err(e))?;
-        let rows = sqlx::query(&self.state.sql("SELECT id, status, requested, variants, retry_failed, plan FROM requests WHERE status IN ('pending', 'running') ORDER BY id"))
+        let rows = sqlx::query(&self.state.sql("SELECT id, status, requested, variants, retry_failed, plan, created_at FROM requests WHERE status IN ('pending', 'running') ORDER BY id"))
             .fetch_all(&self.state.pool)
             .await
             .map_err(|e| self.state.err(e))?;
         for r in rows {
-            let (id, status): (i64, String) = (r.get(0), r.get(1));
+            let (id, status, created): (i64, String, i64) = (r.get(0), r.get(1), r.get(6));
             if status == "pending" {
                 // One replica plans it: whoever moves it out of `pending` first.
                 let mine = sqlx::query(&self.state.sql(
@@ -333,26 +337,11 @@ impl Server {
                 e.result.status = status;
                 e.result.error = job.error.clone();
                 e.result.verification = verification;
-                e.result.seconds = (now() - self.request_created(id).await?) as f64;
+                e.result.seconds = (now() - created) as f64;
                 changed = true;
             }
             if snap.entries.iter().all(|e| e.done) {
-                for e in &snap.entries {
-                    let r = &e.result;
-                    self.state
-                        .record_variant(
-                            snap.revision_id,
-                            &r.variant,
-                            &r.system,
-                            &r.attr,
-                            r.drv_path.as_deref(),
-                            &r.out_paths,
-                            r.status.as_str(),
-                            r.error.as_deref(),
-                            Some(r.seconds),
-                        )
-                        .await?;
-                }
+                self.record_variants(&snap).await?;
                 self.set_request(id, "done", Some(&snap), None).await?;
                 if let Some(sha) = crate::webhooks::pushed_commit(&self.state, id).await? {
                     let failed: Vec<&str> = snap
@@ -378,17 +367,8 @@ impl Server {
         Ok(())
     }
 
-    async fn request_created(&self, id: i64) -> Result<i64, StateError> {
-        Ok(sqlx::query(&self.state.sql("SELECT created_at FROM requests WHERE id = ?"))
-            .bind(id)
-            .fetch_one(&self.state.pool)
-            .await
-            .map_err(|e| self.state.err(e))?
-            .get(0))
-    }
-
-    /// The request as the CLI sees it, with live phases from the jobs and builders.
-    /// The request as the CLI sees it, or None if there is no such request.
+    /// The request as the CLI sees it, with live phases from the jobs and builders; None if
+    /// there is no such request.
     async fn view(&self, id: i64) -> Result<Option<RequestView>, StateError> {
         let Some(r) = sqlx::query(
             &self.state.sql("SELECT status, error, requested, plan, created_at FROM requests WHERE id = ?"),
@@ -479,8 +459,7 @@ fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
                 }
                 None => (None, Vec::new()),
             };
-            let main_output =
-                j.eval.as_ref().and_then(|e| e.outputs.get("out").or(e.outputs.values().next()));
+            let main_output = j.eval.as_ref().and_then(|e| e.main_output());
             Entry {
                 label: j.label.clone(),
                 done: j.status.is_some(),
