@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod eval;
 pub mod nix;
 pub mod nix_build;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use builder::agent::{AgentOptions, detect_features, run};
 use builder::api::Register;
+use builder::config::{Config, Settings};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -18,23 +19,26 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
+    /// TOML configuration file (see builder.example.toml); the flags below win over it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
     /// The orchestrator, e.g. `http://orchestrator:8090`.
     #[arg(long)]
-    orchestrator: String,
+    orchestrator: Option<String>,
     /// File holding this builder's token (a line of the orchestrator's builder-tokens-file).
     #[arg(long)]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
     /// Features this machine supports, comma-separated; replaces detection (nvidia-smi -> cuda,
     /// vulkaninfo -> vulkan, /dev/kvm -> kvm). `--features ''` for none.
     #[arg(long, value_delimiter = ',')]
     features: Option<Vec<String>>,
     /// Features a job must require for this builder to take it (e.g. a GPU box that should only
     /// build GPU variants).
-    #[arg(long, value_delimiter = ',', default_value = "")]
-    mandatory_features: Vec<String>,
-    /// Jobs built at once.
-    #[arg(long, default_value_t = 1)]
-    max_jobs: u32,
+    #[arg(long, value_delimiter = ',')]
+    mandatory_features: Option<Vec<String>>,
+    /// Jobs built at once (default 1).
+    #[arg(long)]
+    max_jobs: Option<u32>,
     /// Systems this machine builds for, comma-separated (default: its own).
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<String>>,
@@ -43,39 +47,81 @@ struct Cli {
     cache: Option<String>,
     /// File holding an upload token of the cache-server.
     #[arg(long)]
-    cache_token_file: PathBuf,
+    cache_token_file: Option<PathBuf>,
+    /// Check the configuration (settings, and that the token files are readable) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// With --check-config: check the settings only, without reading the token files (for
+    /// checks at build time, such as the NixOS module's, where those files do not exist yet).
+    #[arg(long, requires = "check_config")]
+    settings_only: bool,
 }
 
 fn read(path: &PathBuf) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map(|t| t.trim().to_owned())
-        .map_err(|e| format!("reading {}: {e}", path.display()))
+    let token = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(token)
+}
+
+fn settings(cli: Cli) -> Result<(Settings, bool, bool), String> {
+    let file = match &cli.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let flags = Config {
+        orchestrator: cli.orchestrator,
+        token_file: cli.token_file,
+        cache_token_file: cli.cache_token_file,
+        cache: cli.cache,
+        features: cli.features,
+        mandatory_features: cli.mandatory_features,
+        max_jobs: cli.max_jobs,
+        systems: cli.systems,
+    };
+    let settings = file.merge(flags).map_err(|e| e.to_string())?;
+    Ok((settings, cli.check_config, cli.settings_only))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    builder::init_logging();
-    let (token, cache_token) = match (read(&cli.token_file), read(&cli.cache_token_file)) {
+    let (settings, check_config, settings_only) = match settings(cli) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if check_config && settings_only {
+        println!("configuration OK (settings only: token files not read)");
+        return ExitCode::SUCCESS;
+    }
+    let (token, cache_token) = match (read(&settings.token_file), read(&settings.cache_token_file)) {
         (Ok(t), Ok(c)) => (t, c),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let clean =
-        |v: Vec<String>| v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
-    let features: Vec<String> = clean(cli.features.unwrap_or_else(detect_features));
+    if check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    builder::init_logging();
+    let features = settings.features.unwrap_or_else(detect_features);
     let opts = AgentOptions {
-        orchestrator: cli.orchestrator,
+        orchestrator: settings.orchestrator,
         token,
         register: Register {
-            systems: clean(cli.systems.unwrap_or_else(|| vec![builder::local_system()])),
+            systems: settings.systems.unwrap_or_else(|| vec![builder::local_system()]),
             features,
-            mandatory_features: clean(cli.mandatory_features),
-            max_jobs: cli.max_jobs.max(1),
+            mandatory_features: settings.mandatory_features,
+            max_jobs: settings.max_jobs,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
-        cache_url: cli.cache,
+        cache_url: settings.cache,
         cache_token,
         push: builder::push::PushOptions::default(),
         max_log_bytes: 4 << 20,

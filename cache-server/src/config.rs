@@ -58,6 +58,11 @@ pub struct Config {
     /// File of `name:token` lines allowed to read. Default none: reads are public.
     #[serde(default)]
     pub read_tokens_file: Option<PathBuf>,
+    /// File of `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines (the format of a
+    /// systemd `EnvironmentFile`) for an s3:// store. Default none: the credentials come from
+    /// those environment variables.
+    #[serde(default)]
+    pub s3_credentials_file: Option<PathBuf>,
     /// Substituter priority advertised in `nix-cache-info` (lower wins; cache.nixos.org is 40).
     /// Default 30.
     #[serde(default = "default_priority")]

@@ -45,6 +45,14 @@ pub enum SetupError {
     /// A tokens file could not be read or parsed.
     #[error(transparent)]
     Tokens(#[from] TokenFileError),
+    /// The S3 credentials file could not be read or lacks a key.
+    #[error("S3 credentials file {path}: {message}")]
+    S3CredentialsFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// S3 credentials are missing.
     #[error(transparent)]
     S3(#[from] storage::MissingCredentials),
@@ -74,7 +82,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
                 bucket,
                 endpoint,
                 region,
-                credentials: None,
+                credentials: config.s3_credentials_file.as_deref().map(s3_credentials).transpose()?,
                 checksums_when_required,
             })?)
         }
@@ -90,6 +98,26 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         narinfo_cache: NarinfoCache::new(Duration::from_secs(config.narinfo_cache_seconds), 100_000),
         metrics,
     })
+}
+
+/// Reads an access key id and secret from `KEY=value` lines (`#` comments, optional quotes).
+fn s3_credentials(path: &std::path::Path) -> Result<(String, String), SetupError> {
+    let err = |message: String| SetupError::S3CredentialsFile { path: path.to_owned(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (key, value) = line.split_once('=').ok_or_else(|| err("expected KEY=value lines".into()))?;
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'').to_owned();
+        match key.trim().trim_start_matches("export ") {
+            "AWS_ACCESS_KEY_ID" => id = Some(value),
+            "AWS_SECRET_ACCESS_KEY" => secret = Some(value),
+            _ => {}
+        }
+    }
+    match (id, secret) {
+        (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => Ok((id, secret)),
+        _ => Err(err("needs both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into())),
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight.

@@ -38,6 +38,11 @@ struct Cli {
     /// Check the configuration (files readable, keys and tokens valid) and exit.
     #[arg(long)]
     check_config: bool,
+    /// With --check-config: check the settings only, without reading the key, token and
+    /// credential files they name (for checks at build time, such as the NixOS module's, where
+    /// those files do not exist yet).
+    #[arg(long, requires = "check_config")]
+    settings_only: bool,
 }
 
 fn config(cli: &Cli) -> anyhow::Result<Config> {
@@ -76,6 +81,11 @@ async fn shutdown_signal() {
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let config = config(&cli)?;
+    if cli.settings_only {
+        cache_server::config::StoreUrl::parse(&config.store)?;
+        println!("configuration OK (settings only: key, token and credential files not read)");
+        return Ok(());
+    }
     let state = cache_server::setup(&config).await?;
     if cli.check_config {
         println!(

@@ -31,6 +31,8 @@ pub struct Options {
     pub read_token: Option<String>,
     /// Extra environment (S3 credentials).
     pub env: Vec<(&'static str, String)>,
+    /// A configuration file's text, passed with --config (the flags above still win).
+    pub config: Option<String>,
 }
 
 impl CacheServer {
@@ -63,6 +65,10 @@ impl CacheServer {
         if let Some(t) = &opts.read_token {
             std::fs::write(dir.path().join("read-tokens"), format!("reader:{t}\n")).expect("write tokens");
             cmd.arg("--read-tokens-file").arg(dir.path().join("read-tokens"));
+        }
+        if let Some(text) = &opts.config {
+            std::fs::write(dir.path().join("config.toml"), text).expect("write config");
+            cmd.arg("--config").arg(dir.path().join("config.toml"));
         }
         let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
         cmd.envs(opts.env.iter().map(|(k, v)| (*k, v.as_str())))

@@ -75,4 +75,28 @@ fn check_config_accepts_good_files_and_names_what_is_wrong() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("AWS_ACCESS_KEY_ID"));
+
+    // A credentials file that lacks the secret is named, with what it lacks.
+    std::fs::write(d("s3-creds"), "AWS_ACCESS_KEY_ID=GK1\n").unwrap();
+    let s3 = format!(
+        "store = \"s3://b?endpoint=http://127.0.0.1:1\"\ns3-credentials-file = {:?}\n",
+        d("s3-creds")
+    );
+    std::fs::write(d("s3.toml"), &s3).unwrap();
+    let (ok, text) = check_config(&["--config", &d("s3.toml")]);
+    assert!(!ok && text.contains("s3-creds") && text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
+
+    // --settings-only checks the file without the secrets it names (the NixOS module's
+    // build-time check); a bad setting still fails it.
+    let missing =
+        format!("{s3}signing-key-files = [{:?}]\nupload-tokens-file = {:?}\n", d("nokey"), d("notok"));
+    std::fs::write(d("no-secrets.toml"), missing).unwrap();
+    let (ok, text) = check_config(&["--config", &d("no-secrets.toml"), "--settings-only"]);
+    assert!(ok, "{text}");
+    let (ok, text) = check_config(&["--config", &d("no-secrets.toml")]);
+    assert!(!ok && text.contains("nokey"), "{text}");
+    let (ok, text) = check_config(&["--config", &d("unknown.toml"), "--settings-only"]);
+    assert!(!ok && text.contains("sigining-key"), "{text}");
+    let (ok, text) = check_config(&["--store", "ftp://nope", "--settings-only"]);
+    assert!(!ok && text.contains("ftp://nope"), "{text}");
 }

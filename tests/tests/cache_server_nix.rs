@@ -71,10 +71,25 @@ async fn nix_uploads_and_substitutes_on_a_local_directory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_uploads_and_substitutes_on_garage() {
+    // The credentials come from a file in the format of a systemd EnvironmentFile, as the NixOS
+    // module passes them; the environment has none.
     let g = Garage::start();
+    let creds = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        creds.path(),
+        format!(
+            "# Garage key\nexport AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY=\"{}\"\n",
+            g.access_key_id, g.secret_access_key
+        ),
+    )
+    .unwrap();
     let server = CacheServer::start_with(
         &g.store_url(),
-        Options { env: g.credential_env().to_vec(), ..Default::default() },
+        Options {
+            env: vec![("AWS_ACCESS_KEY_ID", String::new()), ("AWS_SECRET_ACCESS_KEY", String::new())],
+            config: Some(format!("s3-credentials-file = {:?}\n", creds.path().display().to_string())),
+            ..Default::default()
+        },
     );
     round_trip(&server, "cache-server-garage", Some("zstd")).await;
     // Objects are in the bucket in Nix's layout.

@@ -44,7 +44,7 @@ pub struct S3Options {
 /// Why S3 could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a credentials file in the config)"
+    "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or name a file with both in s3-credentials-file"
 )]
 pub struct MissingCredentials;
 
