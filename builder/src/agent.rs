@@ -407,26 +407,50 @@ async fn verify_built(
 /// Features this machine has: `cuda` when `nvidia-smi` works, `vulkan` when `vulkaninfo` lists
 /// a device, `kvm` when `/dev/kvm` exists.
 pub fn detect_features() -> Vec<String> {
-    let works = |cmd: &str, args: &[&str], needle: Option<&str>| {
+    let prints = |cmd: &str, args: &[&str], wanted: &dyn Fn(&str) -> bool| {
         std::process::Command::new(cmd)
             .args(args)
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .output()
-            .map(|o| {
-                o.status.success() && needle.is_none_or(|n| String::from_utf8_lossy(&o.stdout).contains(n))
-            })
+            .map(|o| o.status.success() && wanted(&String::from_utf8_lossy(&o.stdout)))
             .unwrap_or(false)
     };
     let mut features = Vec::new();
-    if works("nvidia-smi", &["-L"], Some("GPU")) {
+    if prints("nvidia-smi", &["-L"], &|out| out.contains("GPU")) {
         features.push("cuda".to_owned());
     }
-    if works("vulkaninfo", &["--summary"], Some("deviceName")) {
+    // A software rasteriser (Mesa's llvmpipe, deviceType CPU) is not a Vulkan GPU.
+    if prints("vulkaninfo", &["--summary"], &vulkan_gpu_listed) {
         features.push("vulkan".to_owned());
     }
     if std::path::Path::new("/dev/kvm").exists() {
         features.push("kvm".to_owned());
     }
     features
+}
+
+/// Whether `vulkaninfo --summary` output lists a device that is a GPU.
+fn vulkan_gpu_listed(summary: &str) -> bool {
+    summary.lines().any(|l| {
+        let l = l.trim();
+        l.starts_with("deviceType") && l.contains("_GPU")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vulkan_gpu_listed;
+
+    #[test]
+    fn only_vulkan_gpus_count() {
+        let llvmpipe = "Devices:\n========\nGPU0:\n\tapiVersion         = 1.3.255\n\
+                        \tdeviceType         = PHYSICAL_DEVICE_TYPE_CPU\n\tdeviceName         = llvmpipe (LLVM 15.0.6, 256 bits)\n";
+        assert!(!vulkan_gpu_listed(llvmpipe));
+        let nvidia = format!(
+            "{llvmpipe}GPU1:\n\tdeviceType         = PHYSICAL_DEVICE_TYPE_DISCRETE_GPU\n\tdeviceName         = NVIDIA GeForce RTX 4090\n"
+        );
+        assert!(vulkan_gpu_listed(&nvidia));
+        assert!(!vulkan_gpu_listed(""));
+    }
 }

@@ -1,5 +1,6 @@
 //! The fleetcache test harness: real `nix`, a real S3 server (Garage) and the real binaries.
 //!
+//! - [`nixos`]: the flake, overlay and NixOS modules evaluated offline with stand-ins.
 //! - [`nix`]: run the real Nix with the configuration this environment needs, build tiny
 //!   fixture derivations, and make throw-away stores that play "a fleet machine".
 //! - [`garage`]: a fresh bucket on a real Garage server in one call.
@@ -16,6 +17,7 @@ pub mod cache_server;
 pub mod fleet;
 pub mod garage;
 pub mod nix;
+pub mod nixos;
 pub mod orchestrator;
 pub mod postgres;
 pub mod process;

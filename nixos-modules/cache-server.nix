@@ -1,0 +1,138 @@
+# The cache-server: serves the fleet's binary cache from a directory or an S3 bucket, and
+# verifies, signs and stores what builders upload.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.fleetcache.cache-server;
+  common = import ./common.nix { inherit lib pkgs; };
+  unit = "fleetcache-cache-server";
+  credential = common.credentialPath unit;
+
+  signingKeys = lib.listToAttrs (
+    lib.imap0 (i: path: lib.nameValuePair "signing-key-${toString i}" path) cfg.signingKeyFiles
+  );
+  secrets = signingKeys // {
+    upload-tokens = cfg.uploadTokensFile;
+    read-tokens = cfg.readTokensFile;
+    s3-credentials = cfg.s3CredentialsFile;
+  };
+
+  settings =
+    cfg.settings
+    // {
+      listen = common.listenAddress cfg.address cfg.port;
+      inherit (cfg) store;
+      signing-key-files = map credential (builtins.attrNames signingKeys);
+    }
+    // lib.optionalAttrs (cfg.uploadTokensFile != null) { upload-tokens-file = credential "upload-tokens"; }
+    // lib.optionalAttrs (cfg.readTokensFile != null) { read-tokens-file = credential "read-tokens"; }
+    // lib.optionalAttrs (cfg.s3CredentialsFile != null) {
+      s3-credentials-file = credential "s3-credentials";
+    };
+
+  exe = lib.getExe' cfg.package "cache-server";
+  configFile = common.checkedConfig "fleetcache-cache-server.toml" settings "${exe} --check-config --settings-only --config";
+in
+{
+  options.services.fleetcache.cache-server = {
+    enable = lib.mkEnableOption "the fleetcache cache-server, a verifying and signing Nix binary cache";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      description = "The fleetcache package providing `bin/cache-server` (the flake's module sets it).";
+    };
+
+    address = lib.mkOption {
+      type = lib.types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = "Address to listen on. The default serves only this host, e.g. behind a TLS proxy.";
+    };
+
+    port = lib.mkOption {
+      type = lib.types.port;
+      default = 8080;
+      description = "Port to listen on.";
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Whether to open `port` in the firewall.";
+    };
+
+    store = lib.mkOption {
+      type = lib.types.str;
+      default = "file:///var/lib/${unit}/cache";
+      example = "s3://fleet-cache?endpoint=https://s3.example.org&region=garage";
+      description = ''
+        Where the cache lives: `file:///dir` or `s3://bucket?endpoint=URL&region=R`, in Nix's
+        binary cache layout (so the bucket alone is a valid cache). The default directory is
+        the service's state directory.
+      '';
+    };
+
+    signingKeyFiles = lib.mkOption {
+      type = lib.types.listOf lib.types.path;
+      default = [ ];
+      example = [ "/run/secrets/fleet-cache-signing-key" ];
+      description = ''
+        Secret signing keys in Nix's format (`orchestrator keygen`); every key signs every
+        narinfo, so list two during a rotation. Without a key the server is read-only. Paths
+        outside the Nix store, handed to the service as credentials.
+      '';
+    };
+
+    uploadTokensFile = common.secretFileOption "File of `name:token` lines allowed to upload (builders, `nix copy --to`). Without it the server is read-only.";
+    readTokensFile = common.secretFileOption "File of `name:token` lines allowed to read. Without it reads are public.";
+    s3CredentialsFile = common.secretFileOption "File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines for an `s3://` store.";
+
+    settings = lib.mkOption {
+      type = lib.types.submodule { freeformType = common.settingsFormat.type; };
+      default = { };
+      example = {
+        priority = 30;
+        narinfo-cache-seconds = 30;
+      };
+      description = ''
+        Further cache-server settings (see `cache-server.example.toml`), rendered to TOML. The
+        options above set `listen`, `store` and the file settings.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = common.secretsOutsideStore (
+      {
+        "services.fleetcache.cache-server.uploadTokensFile" = cfg.uploadTokensFile;
+        "services.fleetcache.cache-server.readTokensFile" = cfg.readTokensFile;
+        "services.fleetcache.cache-server.s3CredentialsFile" = cfg.s3CredentialsFile;
+      }
+      // lib.mapAttrs' (
+        name: path: lib.nameValuePair "services.fleetcache.cache-server.signingKeyFiles (${name})" path
+      ) signingKeys
+    );
+
+    systemd.services.${unit} = {
+      description = "fleetcache cache-server";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      environment.RUST_LOG = lib.mkDefault "info";
+      serviceConfig = common.hardening // {
+        ExecStart = "${exe} --config ${configFile}";
+        DynamicUser = true;
+        StateDirectory = unit;
+        LoadCredential = common.loadCredentials secrets;
+        Restart = "on-failure";
+        RestartSec = 5;
+      };
+    };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];
+  };
+}

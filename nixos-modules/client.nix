@@ -1,0 +1,113 @@
+# A fleet machine: the fleetcache binary cache as a substituter (beside cache.nixos.org) and the
+# llama.cpp variant this machine's hardware runs. The packages come from fleetcache's overlay
+# (`overlays.default`), which the flake's `nixosModules.client` applies.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.fleetcache.client;
+  attrFor = {
+    cpu = "llama-cpp";
+    cuda = "llama-cpp-cuda";
+    vulkan = "llama-cpp-vulkan";
+    rocm = "llama-cpp-rocm";
+  };
+  attr = attrFor.${cfg.variant};
+  system = pkgs.stdenv.hostPlatform.system;
+in
+{
+  options.services.fleetcache.client = {
+    enable = lib.mkEnableOption "the fleetcache binary cache as a substituter, and a llama.cpp build for this machine's hardware";
+
+    url = lib.mkOption {
+      type = lib.types.str;
+      example = "https://cache.example.org";
+      description = "The fleetcache cache-server (or the bucket or CDN serving its layout).";
+    };
+
+    publicKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      example = [ "cache.example.org-1:rmrwQ1tHJj0HERL4eN2U2Ga5BX0a3V55xUxhIp+KQ4E=" ];
+      description = ''
+        The cache's public signing keys in Nix's format (`name:base64`), as printed by
+        `orchestrator keygen` or by the cache-server at start. List two during a key rotation.
+      '';
+    };
+
+    variant = lib.mkOption {
+      type = lib.types.enum (builtins.attrNames attrFor);
+      default = "cpu";
+      example = "cuda";
+      description = ''
+        The llama.cpp build for this machine: `cpu` (`llama-cpp`, CPU backend chosen at run
+        time), `cuda` (`llama-cpp-cuda`, needs the NVIDIA driver), `vulkan` (`llama-cpp-vulkan`,
+        needs `hardware.graphics.enable`) or `rocm` (`llama-cpp-rocm`, x86_64-linux).
+      '';
+    };
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default =
+        pkgs.${attr}
+          or (throw "services.fleetcache.client.variant = \"${cfg.variant}\": pkgs.${attr} does not exist for ${system} (is fleetcache's overlay applied?)");
+      defaultText = lib.literalMD "the overlay's build for `variant`: `pkgs.llama-cpp`, `pkgs.llama-cpp-cuda`, `pkgs.llama-cpp-vulkan` or `pkgs.llama-cpp-rocm`";
+      description = "The llama.cpp package to install; by default the one `variant` selects.";
+    };
+
+    installPackage = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Whether to put the chosen llama.cpp build into `environment.systemPackages`.";
+    };
+
+    negativeTtl = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 60;
+      description = ''
+        Seconds Nix remembers that a cache lacks a path (`narinfo-cache-negative-ttl`, 3600 by
+        default). Lowered so that a variant published after a miss is used within a minute.
+        The setting applies to every substituter.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.publicKeys != [ ];
+        message = "services.fleetcache.client.publicKeys is empty: without the cache's public key Nix ignores everything it serves. Add the key `orchestrator keygen` printed.";
+      }
+      {
+        assertion = lib.hasPrefix "http://" cfg.url || lib.hasPrefix "https://" cfg.url;
+        message = "services.fleetcache.client.url = \"${cfg.url}\" is not an http:// or https:// URL.";
+      }
+      {
+        assertion = pkgs ? llama-cpp-baseline;
+        message = "services.fleetcache.client needs fleetcache's overlay: use the flake's nixosModules.client, or add overlays.default to nixpkgs.overlays.";
+      }
+      {
+        assertion = !(pkgs ? llama-cpp-baseline) || pkgs ? ${attr};
+        message = "services.fleetcache.client.variant = \"${cfg.variant}\": the llama.cpp flake has no such build for ${system}.";
+      }
+      {
+        assertion = cfg.variant != "vulkan" || config.hardware.graphics.enable;
+        message = "services.fleetcache.client.variant = \"vulkan\" needs a Vulkan driver: set hardware.graphics.enable = true (called hardware.opengl.enable before NixOS 24.11).";
+      }
+      {
+        assertion = cfg.variant != "cuda" || builtins.elem "nvidia" config.services.xserver.videoDrivers;
+        message = "services.fleetcache.client.variant = \"cuda\" needs the NVIDIA driver: add \"nvidia\" to services.xserver.videoDrivers (also on headless machines) and configure hardware.nvidia.";
+      }
+    ];
+
+    nix.settings = {
+      substituters = [ cfg.url ];
+      trusted-public-keys = cfg.publicKeys;
+      narinfo-cache-negative-ttl = cfg.negativeTtl;
+    };
+
+    environment.systemPackages = lib.mkIf cfg.installPackage [ cfg.package ];
+  };
+}

@@ -1,0 +1,104 @@
+# What fleetcache's service modules share: secrets handed over as systemd credentials, the
+# check that no secret sits in the world-readable store, the build-time configuration check,
+# and the hardening block. Imported as `import ./common.nix { inherit lib pkgs; }`.
+{ lib, pkgs }:
+rec {
+  settingsFormat = pkgs.formats.toml { };
+
+  # Where systemd's LoadCredential= puts the credential `name` for `unit` (a service name
+  # without `.service`): the path the service's configuration file refers to.
+  credentialPath = unit: name: "/run/credentials/${unit}.service/${name}";
+
+  # An option for a secret given as a file path outside the store.
+  secretFileOption =
+    description:
+    lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/secrets/fleetcache";
+      description = ''
+        ${description}
+
+        A path outside the Nix store (for example managed by agenix or sops-nix), read by
+        systemd and handed to the service as a credential.
+      '';
+    };
+
+  # Assertions that none of `secrets` (option name -> path or null) is in the Nix store.
+  secretsOutsideStore =
+    secrets:
+    lib.mapAttrsToList (option: path: {
+      assertion = path == null || !(lib.hasPrefix builtins.storeDir (toString path));
+      message = "${option} = ${toString path} is in the Nix store, where every user can read it: give a path outside the store (e.g. from agenix or sops-nix).";
+    }) secrets;
+
+  # `name:path` entries for LoadCredential= from `secrets` (credential name -> path or null).
+  loadCredentials =
+    secrets:
+    lib.mapAttrsToList (name: path: "${name}:${toString path}") (
+      lib.filterAttrs (_: path: path != null) secrets
+    );
+
+  # The configuration file, checked at build time by `command` (which gets the file as its
+  # last argument and must not need the secrets it names).
+  checkedConfig =
+    name: settings: command:
+    let
+      file = settingsFormat.generate name settings;
+    in
+    pkgs.runCommand name { } ''
+      ${command} ${file}
+      cp ${file} $out
+    '';
+
+  # Lets git (and nix's git fetcher) read a fleet checkout owned by another user.
+  gitReadsAnyRepository = {
+    GIT_CONFIG_COUNT = "1";
+    GIT_CONFIG_KEY_0 = "safe.directory";
+    GIT_CONFIG_VALUE_0 = "*";
+  };
+
+  # `host:port` for the TOML `listen` keys; IPv6 addresses in brackets.
+  listenAddress =
+    address: port:
+    if lib.hasInfix ":" address then "[${address}]:${toString port}" else "${address}:${toString port}";
+
+  # systemd hardening for a network service that needs nothing of the host but its own
+  # directories; services that run Nix or GPU programs relax parts of it.
+  hardening = {
+    CapabilityBoundingSet = "";
+    DevicePolicy = "closed";
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    NoNewPrivileges = true;
+    PrivateDevices = true;
+    PrivateTmp = true;
+    PrivateUsers = true;
+    ProcSubset = "pid";
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHome = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectProc = "invisible";
+    ProtectSystem = "strict";
+    RemoveIPC = true;
+    RestrictAddressFamilies = [
+      "AF_INET"
+      "AF_INET6"
+      "AF_UNIX"
+    ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+      "~@resources"
+    ];
+    UMask = "0077";
+  };
+}

@@ -1,0 +1,381 @@
+//! The flake's overlay and NixOS modules, evaluated by the real `nix` against the stand-in
+//! fleet (see `fleetcache_tests::nixos`), and the configuration files the modules render checked
+//! by the real binaries at build time, as on a NixOS machine.
+
+use std::process::Command;
+
+use fleetcache_tests::nix::command;
+use fleetcache_tests::nixos::{Bench, config_file_of, repo_root};
+use serde_json::{Value, json};
+
+/// A client machine with `client` (a Nix attribute set body) as its client settings and
+/// `extra` as further configuration; the expression evaluates to the machine.
+fn client_machine(client: &str, extra: &str) -> String {
+    format!(
+        "t.machine [ t.modules.client {{ services.fleetcache.client = {{ enable = true; \
+         url = t.lib.mkDefault \"https://cache.example.org\"; publicKeys = t.lib.mkDefault [ \"cache.example.org-1:AAAA\" ]; }}; }} \
+         {{ services.fleetcache.client = {{ {client} }}; {extra} }} ]"
+    )
+}
+
+fn failed(bench: &Bench, client: &str, extra: &str) -> Vec<String> {
+    let v = bench.eval(&format!("({}).failedAssertions", client_machine(client, extra)));
+    serde_json::from_value(v).expect("a list of messages")
+}
+
+#[test]
+fn every_nix_file_parses() {
+    let root = repo_root();
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() && !matches!(name.as_str(), "target" | ".git") {
+                dirs.push(path);
+            } else if name.ends_with(".nix") {
+                files.push(path);
+            }
+        }
+    }
+    // The flake, the overlay, the package, the VM test, the modules, deploy/ and the fixtures.
+    assert!(files.len() >= 18, "found only {files:?}");
+    for file in &files {
+        let out = command("nix-instantiate").arg("--parse").arg(file).output().unwrap();
+        assert!(out.status.success(), "{}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn the_overlay_gives_each_variant_and_runtime_cpu_dispatch() {
+    let bench = Bench::new();
+    let v = bench.eval(
+        "let up = t.llama.packages.x86_64-linux; p = t.pkgs; in {
+           cpu = p.llama-cpp.cmakeFlags;
+           upstream = up.default.cmakeFlags;
+           same = {
+             baseline = p.llama-cpp-baseline.drvPath == up.default.drvPath;
+             cuda = p.llama-cpp-cuda.drvPath == up.cuda.drvPath;
+             vulkan = p.llama-cpp-vulkan.drvPath == up.vulkan.drvPath;
+             rocm = p.llama-cpp-rocm.drvPath == up.rocm.drvPath;
+             cpu = p.llama-cpp.drvPath == up.default.drvPath;
+           };
+           cpuDrv = p.llama-cpp.drvPath;
+         }",
+    );
+    let upstream: Vec<String> = serde_json::from_value(v["upstream"].clone()).unwrap();
+    let mut expected = upstream.clone();
+    expected
+        .extend(["-DGGML_BACKEND_DL:BOOL=TRUE".to_owned(), "-DGGML_CPU_ALL_VARIANTS:BOOL=TRUE".to_owned()]);
+    assert_eq!(
+        v["cpu"],
+        json!(expected),
+        "upstream's flags, then the two that load the CPU backend at run time"
+    );
+    assert_eq!(
+        v["same"],
+        json!({"baseline": true, "cuda": true, "vulkan": true, "rocm": true, "cpu": false})
+    );
+
+    // Built, the CPU variant was configured with those flags.
+    let out = bench.realise(v["cpuDrv"].as_str().unwrap()).unwrap();
+    let flags = std::fs::read_to_string(format!("{out}/share/cmake-flags")).unwrap();
+    assert!(flags.contains("-DGGML_BACKEND_DL:BOOL=TRUE -DGGML_CPU_ALL_VARIANTS:BOOL=TRUE"), "{flags}");
+
+    // On aarch64-linux the llama.cpp flake has no rocm: the overlay leaves it out instead of
+    // failing, and the CPU build is upstream's (ggml has CPU variants on x86-64 only).
+    let v = bench
+        .try_eval_on(
+            "aarch64-linux",
+            "let up = t.llama.packages.aarch64-linux; p = t.pkgs; in {
+               rocm = p ? llama-cpp-rocm; cuda = p.llama-cpp-cuda.drvPath == up.cuda.drvPath;
+               cpu = p.llama-cpp.drvPath == up.default.drvPath; }",
+        )
+        .unwrap();
+    assert_eq!(v, json!({"rocm": false, "cuda": true, "cpu": true}));
+}
+
+#[test]
+fn the_client_module_adds_the_cache_and_installs_the_chosen_variant() {
+    let bench = Bench::new();
+    let v = bench.eval(&format!(
+        "let m = {}; s = m.config.nix.settings; in {{
+           inherit (s) substituters trusted-public-keys narinfo-cache-negative-ttl;
+           packages = map (p: p.drvPath) m.config.environment.systemPackages;
+           cuda = t.pkgs.llama-cpp-cuda.drvPath;
+           overlays = builtins.length m.config.nixpkgs.overlays;
+           failed = m.failedAssertions;
+         }}",
+        client_machine("variant = \"cuda\";", "services.xserver.videoDrivers = [ \"nvidia\" ];")
+    ));
+    assert_eq!(v["failed"], json!([]));
+    // Added beside cache.nixos.org, which stays.
+    assert_eq!(v["substituters"], json!(["https://cache.example.org", "https://cache.nixos.org/"]));
+    assert_eq!(
+        v["trusted-public-keys"],
+        json!(["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=", "cache.example.org-1:AAAA"])
+    );
+    assert_eq!(v["narinfo-cache-negative-ttl"], json!(60));
+    assert_eq!(v["packages"], json!([v["cuda"]]));
+    assert_eq!(v["overlays"], json!(1), "the flake's client module applies the overlay");
+
+    let v = bench.eval(&format!(
+        "({}).config.environment.systemPackages",
+        client_machine("variant = \"vulkan\"; installPackage = false;", "hardware.graphics.enable = true;")
+    ));
+    assert_eq!(v, json!([]));
+    let v = bench.eval(&format!(
+        "let m = {}; in [ (map (p: p.drvPath) m.config.environment.systemPackages) t.pkgs.llama-cpp.drvPath ]",
+        client_machine("", "")
+    ));
+    assert_eq!(v[0], json!([v[1]]), "the default variant is cpu: the overlay's llama-cpp");
+}
+
+#[test]
+fn the_client_module_says_what_a_machine_lacks() {
+    let bench = Bench::new();
+    let one = |client: &str, extra: &str, needle: &str| {
+        let messages = failed(&bench, client, extra);
+        assert!(
+            messages.len() == 1 && messages[0].contains(needle),
+            "{client} {extra}: expected one failed assertion about {needle:?}, got {messages:?}"
+        );
+    };
+    one("variant = \"vulkan\";", "", "hardware.graphics.enable = true");
+    one("variant = \"cuda\";", "", "services.xserver.videoDrivers");
+    one("publicKeys = [ ];", "", "publicKeys is empty");
+    one("url = \"cache.example.org\";", "", "not an http:// or https:// URL");
+    assert_eq!(
+        failed(&bench, "variant = \"vulkan\";", "hardware.graphics.enable = true;"),
+        Vec::<String>::new()
+    );
+
+    // rocm exists on x86_64-linux only.
+    let v = bench
+        .try_eval_on(
+            "aarch64-linux",
+            &format!(
+                "({}).failedAssertions",
+                client_machine("variant = \"rocm\"; installPackage = false;", "")
+            ),
+        )
+        .unwrap();
+    let messages: Vec<String> = serde_json::from_value(v).unwrap();
+    assert!(messages.len() == 1 && messages[0].contains("no such build for aarch64-linux"), "{messages:?}");
+
+    // Values outside an option's type, and options that do not exist, are errors.
+    let err = bench.eval_error(&format!(
+        "({}).config.environment.systemPackages",
+        client_machine("variant = \"tpu\";", "")
+    ));
+    assert!(err.contains("services.fleetcache.client.variant") && err.contains("not of type"), "{err}");
+    let err = bench.eval_error(&format!("({}).config.nix.settings", client_machine("urls = [ ];", "")));
+    assert!(err.contains("services.fleetcache.client.urls' does not exist"), "{err}");
+}
+
+/// A cache host: cache-server, orchestrator and builder, with the given extra settings.
+fn cache_host(cache_server: &str, orchestrator: &str, builder: &str) -> String {
+    format!(
+        "t.machine [ t.modules.cache-server t.modules.orchestrator t.modules.builder {{
+           services.fleetcache.cache-server = with t.lib; {{ enable = true; signingKeyFiles = mkDefault [ \"/run/secrets/signing-key\" ];
+             uploadTokensFile = mkDefault \"/run/secrets/upload-tokens\"; openFirewall = true; }};
+           services.fleetcache.orchestrator = with t.lib; {{ enable = true; fleet = \"git+https://git.example.org/ops/fleet\";
+             cacheUrl = \"http://cache:8080\"; cacheTokenFile = mkDefault \"/run/secrets/cache-token\";
+             builderTokensFile = \"/run/secrets/builder-tokens\"; apiTokensFile = \"/run/secrets/api-tokens\"; }};
+           services.fleetcache.builder = {{ enable = true; orchestrator = \"http://cache:8090\";
+             tokenFile = \"/run/secrets/builder-token\"; cacheTokenFile = \"/run/secrets/upload-token\"; }};
+         }} {{
+           services.fleetcache.cache-server = {{ {cache_server} }};
+           services.fleetcache.orchestrator = {{ {orchestrator} }};
+           services.fleetcache.builder = {{ {builder} }};
+         }} ]"
+    )
+}
+
+const UNITS: [&str; 3] = ["fleetcache-cache-server", "fleetcache-orchestrator", "fleetcache-builder"];
+
+/// Evaluates a cache host; returns its failed assertions, each unit's ExecStart and the .drv
+/// that builds it.
+fn evaluate_host(bench: &Bench, host: &str) -> Value {
+    bench.eval(&format!(
+        "let m = {host}; in {{
+           failed = m.failedAssertions;
+           units = builtins.listToAttrs (map (u: {{ name = u; value = {{
+             exec = m.config.systemd.services.${{u}}.serviceConfig.ExecStart;
+             drv = (m.execStart u).drvPath; }}; }}) [ {} ]);
+           firewall = m.config.networking.firewall.allowedTCPPorts;
+           credentials = m.config.systemd.services.fleetcache-cache-server.serviceConfig.LoadCredential;
+           trusted = m.config.nix.settings.trusted-users;
+           nixConf = m.nixConf;
+         }}",
+        UNITS.map(|u| format!("{u:?}")).join(" ")
+    ))
+}
+
+#[test]
+fn service_configurations_pass_the_binaries_check_config_at_build_time() {
+    let bench = Bench::new();
+    let host = cache_host(
+        "store = \"s3://fleet-cache?endpoint=http://garage:3900&region=garage\"; \
+         s3CredentialsFile = \"/run/secrets/s3\"; settings.priority = 20;",
+        "variants = [ { name = \"cuda\"; attr = \"nixosConfigurations.carbon.pkgs.llama-cpp-cuda\"; \
+           features = [ \"cuda\" ]; files = [ \"lib/libggml-cuda.so\" ]; \
+           verify = { features = [ \"cuda\" ]; command = \"bin/llama-cli --list-devices\"; expect = \"CUDA0\"; }; } ]; \
+         webhooks = { repository = \"ops/fleet\"; githubSecretFile = \"/run/secrets/github\"; }; \
+         settings.server.lease-seconds = 120;",
+        "features = [ \"cuda\" ]; maxJobs = 2;",
+    );
+    let v = evaluate_host(&bench, &host);
+    assert_eq!(v["failed"], json!([]));
+    assert_eq!(v["firewall"], json!([8080]));
+    assert_eq!(
+        v["credentials"],
+        json!([
+            "s3-credentials:/run/secrets/s3",
+            "signing-key-0:/run/secrets/signing-key",
+            "upload-tokens:/run/secrets/upload-tokens"
+        ])
+    );
+    assert_eq!(v["trusted"], json!(["root", "fleetcache-builder"]));
+
+    for unit in UNITS {
+        // Building ExecStart builds the configuration file, which runs the real check-config.
+        bench.realise(v["units"][unit]["drv"].as_str().unwrap()).unwrap_or_else(|e| panic!("{unit}: {e}"));
+    }
+    let read = |unit: &str| -> toml::Value {
+        let file = config_file_of(v["units"][unit]["exec"].as_str().unwrap());
+        toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap()
+    };
+    let cache = read("fleetcache-cache-server");
+    assert_eq!(cache["listen"].as_str(), Some("127.0.0.1:8080"));
+    assert_eq!(cache["priority"].as_integer(), Some(20));
+    assert_eq!(
+        cache["signing-key-files"][0].as_str(),
+        Some("/run/credentials/fleetcache-cache-server.service/signing-key-0")
+    );
+    assert_eq!(
+        cache["s3-credentials-file"].as_str(),
+        Some("/run/credentials/fleetcache-cache-server.service/s3-credentials")
+    );
+    let orchestrator = read("fleetcache-orchestrator");
+    assert_eq!(orchestrator["server"]["lease-seconds"].as_integer(), Some(120));
+    assert_eq!(orchestrator["variant"][0]["verify"]["expect"].as_str(), Some("CUDA0"));
+    assert_eq!(
+        orchestrator["webhooks"]["github-secret-file"].as_str(),
+        Some("/run/credentials/fleetcache-orchestrator.service/github-secret")
+    );
+    let builder = read("fleetcache-builder");
+    assert_eq!(builder["max-jobs"].as_integer(), Some(2));
+
+    // The files are the binaries' own: each accepts its file (without the secrets, which exist
+    // only on the machine), and refuses it when the secrets are missing.
+    for (unit, program, args) in [
+        ("fleetcache-cache-server", "cache-server", &["--check-config", "--config"][..]),
+        ("fleetcache-builder", "builder", &["--check-config", "--config"][..]),
+    ] {
+        let file = config_file_of(v["units"][unit]["exec"].as_str().unwrap());
+        let out = Command::new(fleetcache_tests::bin(program)).args(args).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("/run/credentials/"), "{program}: {err}");
+    }
+}
+
+#[test]
+fn settings_the_binaries_refuse_fail_the_build_with_their_message() {
+    let bench = Bench::new();
+    for (host, unit, needle) in [
+        (cache_host("settings.priority = \"high\";", "", ""), "fleetcache-cache-server", "priority"),
+        (
+            cache_host("", "settings.server.lease-seconds = 1;", ""),
+            "fleetcache-orchestrator",
+            "lease-seconds",
+        ),
+        (cache_host("", "", "settings.max-job = 3;"), "fleetcache-builder", "max-job"),
+        (cache_host("store = \"ftp://nope\";", "", ""), "fleetcache-cache-server", "ftp://nope"),
+    ] {
+        let v = evaluate_host(&bench, &host);
+        let err = bench.realise(v["units"][unit]["drv"].as_str().unwrap()).unwrap_err();
+        assert!(err.contains(needle), "{unit}: expected the build to fail naming {needle:?}:\n{err}");
+    }
+}
+
+#[test]
+fn secrets_in_the_nix_store_are_refused() {
+    let bench = Bench::new();
+    let host = cache_host(
+        "signingKeyFiles = [ \"/nix/store/00000000000000000000000000000000-key\" ];",
+        "cacheTokenFile = \"/nix/store/00000000000000000000000000000000-token\";",
+        "",
+    );
+    let v = evaluate_host(&bench, &host);
+    let messages: Vec<String> = serde_json::from_value(v["failed"].clone()).unwrap();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages.iter().all(|m| m.contains("is in the Nix store, where every user can read it")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("services.fleetcache.cache-server.signingKeyFiles")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("services.fleetcache.orchestrator.cacheTokenFile")),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn builder_features_extend_nix_system_features() {
+    let bench = Bench::new();
+    let conf_of = |builder: &str| -> String {
+        let v = evaluate_host(&bench, &cache_host("", "", builder));
+        v["nixConf"].as_str().unwrap().to_owned()
+    };
+    // Nix 2.8 applies nix.conf lines in order; NixOS writes extra-* last, so the real nix sees
+    // the defaults and the builder's features.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("nix.conf"), conf_of("features = [ \"cuda\" \"big-gpu\" ];")).unwrap();
+    let out = Command::new("nix")
+        .args(["show-config"])
+        .env("NIX_CONF_DIR", dir.path())
+        .env_remove("NIX_CONFIG")
+        .env("NIX_CONFIG", "experimental-features = nix-command")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let line = shown.lines().find(|l| l.starts_with("system-features = ")).expect("system-features");
+    let mut features: Vec<&str> = line["system-features = ".len()..].split_whitespace().collect();
+    features.sort();
+    assert_eq!(features, ["benchmark", "big-gpu", "big-parallel", "cuda", "kvm", "nixos-test"]);
+
+    // Detected features leave Nix's settings alone.
+    assert!(!conf_of("").contains("extra-system-features"));
+}
+
+#[test]
+fn the_flake_exports_what_a_fleet_uses() {
+    let bench = Bench::new();
+    let v = bench.eval(
+        "{ modules = builtins.attrNames t.flake.nixosModules;
+           packages = builtins.attrNames t.flake.packages.x86_64-linux;
+           systems = builtins.attrNames t.flake.packages;
+           overlay = builtins.isFunction t.flake.overlays.default; }",
+    );
+    assert_eq!(
+        v,
+        json!({
+            "modules": ["builder", "cache-server", "client", "default", "orchestrator"],
+            "packages": ["builder", "cache-server", "default", "orchestrator"],
+            "systems": ["aarch64-linux", "x86_64-linux"],
+            "overlay": true,
+        })
+    );
+    // `default` imports every module once, even beside one of them imported again.
+    let v = bench.eval(
+        "let m = t.machine [ t.flake.nixosModules.default t.flake.nixosModules.client {
+             services.fleetcache.client = { enable = true; url = \"https://c.example.org\"; publicKeys = [ \"c-1:AAAA\" ]; }; } ];
+         in { subs = m.config.nix.settings.substituters; overlays = builtins.length m.config.nixpkgs.overlays; }",
+    );
+    assert_eq!(v, json!({"subs": ["https://c.example.org", "https://cache.nixos.org/"], "overlays": 1}));
+}
