@@ -136,8 +136,8 @@ name = "broken"
 attr = "inputs.llama-cpp.packages.{system}.broken"
 
 [[variant]]
-name = "rocm"
-attr = "inputs.llama-cpp.packages.{system}.rocm"
+name = "metal"
+attr = "inputs.llama-cpp.packages.{system}.metal"
 "#;
 
 #[test]
@@ -149,17 +149,17 @@ fn failures_are_recorded_and_the_other_variants_still_publish() {
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(
         status_of(&results),
-        BTreeMap::from([("broken", "failed"), ("default", "built"), ("rocm", "failed")])
+        BTreeMap::from([("broken", "failed"), ("default", "built"), ("metal", "failed")])
     );
     let broken = results["broken"]["error"].as_str().unwrap();
     assert!(broken.contains("this variant is broken"), "the log tail is in the error: {broken}");
-    let rocm = results["rocm"]["error"].as_str().unwrap();
+    let metal = results["metal"]["error"].as_str().unwrap();
     assert!(
-        rocm.contains("inputs.llama-cpp.packages.x86_64-linux.rocm")
-            && rocm.contains("attribute 'rocm' missing"),
-        "{rocm}"
+        metal.contains("inputs.llama-cpp.packages.x86_64-linux.metal")
+            && metal.contains("attribute 'metal' missing"),
+        "{metal}"
     );
-    assert!(!rocm.contains("FLEETCACHE_EVAL"), "our own expression is not shown: {rocm}");
+    assert!(!metal.contains("FLEETCACHE_EVAL"), "our own expression is not shown: {metal}");
 
     // A known failure is not rebuilt without --retry-failed.
     let (code, again, _) = s.build(&["--rev", "main", "--config", config, "--variant", "broken"]);
