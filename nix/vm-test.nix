@@ -25,6 +25,9 @@ let
 in
 {
   name = "fleetcache";
+  # The client module applies fleetcache's overlay (nixpkgs.overlays), which runNixOSTest's
+  # shared, read-only package set would refuse.
+  node.pkgsReadOnly = false;
 
   nodes.cache =
     { pkgs, ... }:
