@@ -155,42 +155,31 @@ in
         HOME = "/var/lib/${unit}";
         NIX_CONFIG = "extra-experimental-features = nix-command flakes";
       };
-      # GPU programs run here (verification), and CUDA compiles kernels at run time: no
-      # PrivateDevices, MemoryDenyWriteExecute or system call filter.
-      serviceConfig = {
-        ExecStart = "${exe} --config ${configFile}";
-        User = user;
-        Group = user;
-        StateDirectory = unit;
-        LoadCredential = common.loadCredentials secrets;
-        Restart = "on-failure";
-        RestartSec = 5;
-        # Running builds go back to the queue on stop; give nix time to be stopped.
-        TimeoutStopSec = 30;
-        CapabilityBoundingSet = "";
-        LockPersonality = true;
-        NoNewPrivileges = true;
-        PrivateTmp = true;
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHome = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectSystem = "strict";
-        RestrictAddressFamilies = [
-          "AF_INET"
-          "AF_INET6"
-          "AF_UNIX"
-          "AF_NETLINK"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        SystemCallArchitectures = "native";
-        UMask = "0077";
-      };
+      # GPU programs run here (verification; CUDA compiles kernels at run time) and the Nix
+      # daemon builds on the agent's behalf: the common hardening without what those need.
+      serviceConfig =
+        removeAttrs common.hardening [
+          "DevicePolicy"
+          "MemoryDenyWriteExecute"
+          "PrivateDevices"
+          "PrivateUsers"
+          "ProcSubset"
+          "ProtectProc"
+          "SystemCallFilter"
+        ]
+        // {
+          ExecStart = "${exe} --config ${configFile}";
+          User = user;
+          Group = user;
+          StateDirectory = unit;
+          LoadCredential = common.loadCredentials secrets;
+          Restart = "on-failure";
+          RestartSec = 5;
+          # Running builds go back to the queue on stop; give nix time to be stopped.
+          TimeoutStopSec = 30;
+          # GPU drivers and tools talk netlink.
+          RestrictAddressFamilies = common.hardening.RestrictAddressFamilies ++ [ "AF_NETLINK" ];
+        };
     };
   };
 }

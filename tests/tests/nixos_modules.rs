@@ -208,6 +208,10 @@ fn evaluate_host(bench: &Bench, host: &str) -> Value {
            credentials = m.config.systemd.services.fleetcache-cache-server.serviceConfig.LoadCredential;
            trusted = m.config.nix.settings.trusted-users;
            nixConf = m.nixConf;
+           hardening = builtins.mapAttrs (u: s: {{ user = s.serviceConfig.User or \"dynamic\";
+             wxDenied = s.serviceConfig.MemoryDenyWriteExecute or false;
+             privateDevices = s.serviceConfig.PrivateDevices or false;
+             strict = s.serviceConfig.ProtectSystem; }}) m.config.systemd.services;
          }}",
         UNITS.map(|u| format!("{u:?}")).join(" ")
     ))
@@ -238,6 +242,17 @@ fn service_configurations_pass_the_binaries_check_config_at_build_time() {
         ])
     );
     assert_eq!(v["trusted"], json!(["root", "fleetcache-builder"]));
+    // The servers run as throw-away users with the full hardening; the builder, which needs the
+    // Nix daemon's trust and runs GPU programs, as its own user without W^X or private devices.
+    let strict = |user: &str, on: bool| json!({"user": user, "wxDenied": on, "privateDevices": on, "strict": "strict"});
+    assert_eq!(
+        v["hardening"],
+        json!({
+            "fleetcache-cache-server": strict("dynamic", true),
+            "fleetcache-orchestrator": strict("dynamic", true),
+            "fleetcache-builder": strict("fleetcache-builder", false),
+        })
+    );
 
     for unit in UNITS {
         // Building ExecStart builds the configuration file, which runs the real check-config.

@@ -1,7 +1,8 @@
 # forge1: a build machine with an NVIDIA GPU. It takes only jobs that need CUDA: it builds the
 # CUDA variant and runs its verification (`llama-cli --list-devices` must show CUDA0).
-{ config, ... }:
 {
+  imports = [ ./nvidia.nix ];
+
   services.fleetcache.builder = {
     enable = true;
     orchestrator = "https://fleetcache.fleet.example.org";
@@ -9,13 +10,5 @@
     cacheTokenFile = "/run/secrets/fleetcache-upload-token";
     features = [ "cuda" ];
     mandatoryFeatures = [ "cuda" ];
-  };
-
-  nixpkgs.config.allowUnfree = true;
-  hardware.graphics.enable = true;
-  services.xserver.videoDrivers = [ "nvidia" ];
-  hardware.nvidia = {
-    open = true;
-    package = config.boot.kernelPackages.nvidiaPackages.stable;
   };
 }
