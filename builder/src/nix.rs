@@ -56,6 +56,8 @@ pub struct PathInfo {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawPathInfo {
+    /// Present in the list form (Nix before 2.19); the object form keys entries by path.
+    #[serde(default)]
     path: String,
     nar_hash: String,
     nar_size: u64,
@@ -85,8 +87,29 @@ pub fn closure_info(paths: &[StorePath]) -> Result<Vec<PathInfo>, NixError> {
     let mut args = vec!["path-info".to_owned(), "--recursive".to_owned(), "--json".to_owned()];
     args.extend(paths.iter().map(StorePath::to_absolute));
     let text = run("nix", &args)?;
+    parse_path_infos(&text)
+}
+
+/// `nix path-info --json` output: a list of objects with a `path` (Nix before 2.19) or an object
+/// mapping each path to its metadata (Nix 2.19 and later, where NixOS machines are).
+fn parse_path_infos(text: &str) -> Result<Vec<PathInfo>, NixError> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<RawPathInfo>),
+        Map(std::collections::BTreeMap<String, Option<RawPathInfo>>),
+    }
     let bad = |message: String| NixError::Output { command: "nix path-info".to_owned(), message };
-    let raw: Vec<RawPathInfo> = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let raw = match serde_json::from_str(text).map_err(|e| bad(e.to_string()))? {
+        Raw::List(list) => list,
+        Raw::Map(map) => map
+            .into_iter()
+            .map(|(path, info)| match info {
+                Some(info) => Ok(RawPathInfo { path, ..info }),
+                None => Err(bad(format!("{path} is not valid"))),
+            })
+            .collect::<Result<_, _>>()?,
+    };
     raw.into_iter()
         .map(|r| {
             let parse = |p: &str| StorePath::from_absolute(p).map_err(|e| bad(e.to_string()));
@@ -102,6 +125,35 @@ pub fn closure_info(paths: &[StorePath]) -> Result<Vec<PathInfo>, NixError> {
         .collect()
 }
 
+/// The argument that makes `nix build` build all outputs of `drv`: `drv^*` from Nix 2.13 on
+/// (Nix 2.15 and later take a bare `.drv` path to mean the file itself, and build nothing), the
+/// bare path before (Nix 2.8 rejects `^*`).
+pub fn build_installable(drv: &StorePath) -> String {
+    static VERSION: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    let version = VERSION.get_or_init(|| {
+        let out = Command::new("nix").arg("--version").output().ok()?;
+        parse_version(&String::from_utf8_lossy(&out.stdout))
+    });
+    installable_for(drv, *version)
+}
+
+fn installable_for(drv: &StorePath, version: Option<(u32, u32)>) -> String {
+    match version {
+        Some(v) if v < (2, 13) => drv.to_absolute(),
+        // Unknown versions are taken to be new: old ones are what this was tested on.
+        _ => format!("{}^*", drv.to_absolute()),
+    }
+}
+
+/// `(major, minor)` from `nix --version` output (`nix (Nix) 2.8.0`, `nix (Nix) 2.28.3pre…`).
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.split_whitespace().last()?;
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor: String = parts.next()?.chars().take_while(char::is_ascii_digit).collect();
+    Some((major, minor.parse().ok()?))
+}
+
 /// The outputs of a derivation (`nix-store --query --outputs`).
 pub fn derivation_outputs(drv: &StorePath) -> Result<Vec<StorePath>, NixError> {
     let text = run("nix-store", &["--query".to_owned(), "--outputs".to_owned(), drv.to_absolute()])?;
@@ -113,4 +165,44 @@ pub fn derivation_outputs(drv: &StorePath) -> Result<Vec<StorePath>, NixError> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{StorePath, installable_for, parse_path_infos, parse_version};
+
+    #[test]
+    fn nix_build_gets_the_outputs_syntax_its_version_knows() {
+        assert_eq!(parse_version("nix (Nix) 2.8.0\n"), Some((2, 8)));
+        assert_eq!(parse_version("nix (Nix) 2.28.3pre20250101_abc\n"), Some((2, 28)));
+        assert_eq!(parse_version("nix (Nix) 2.13\n"), Some((2, 13)));
+        assert_eq!(parse_version("Lix? no"), None);
+        let drv =
+            StorePath::from_absolute("/nix/store/a55kqqi1jg0dmdh544krkidzg5bk4x8l-pi-sample.drv").unwrap();
+        assert_eq!(installable_for(&drv, Some((2, 8))), drv.to_absolute());
+        assert_eq!(installable_for(&drv, Some((2, 13))), format!("{}^*", drv.to_absolute()));
+        assert_eq!(installable_for(&drv, Some((2, 28))), format!("{}^*", drv.to_absolute()));
+        assert_eq!(installable_for(&drv, None), format!("{}^*", drv.to_absolute()));
+    }
+
+    /// What Nix 2.8 printed here for a one-file output.
+    const LIST: &str = r#"[{"path":"/nix/store/5vafvlpiscy71rns01ypxdl31253m3wl-pi-sample","narHash":"sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=","narSize":120,"references":[],"deriver":"/nix/store/a55kqqi1jg0dmdh544krkidzg5bk4x8l-pi-sample.drv","registrationTime":1795769704,"ultimate":true}]"#;
+
+    #[test]
+    fn path_info_json_of_old_and_new_nix() {
+        let old = parse_path_infos(LIST).unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].path.to_absolute(), "/nix/store/5vafvlpiscy71rns01ypxdl31253m3wl-pi-sample");
+        assert_eq!(old[0].nar_size, 120);
+        assert_eq!(old[0].nar_hash.to_sri(), "sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=");
+        // Nix 2.19 and later: the same metadata under its path, without `path`.
+        let mut list: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(LIST).unwrap();
+        let path = list[0].remove("path").unwrap();
+        let map = serde_json::json!({ path.as_str().unwrap(): list[0] }).to_string();
+        assert_eq!(parse_path_infos(&map).unwrap(), old);
+        // An invalid path is null there: an error, not a silently shorter closure.
+        let err = parse_path_infos(r#"{"/nix/store/5vafvlpiscy71rns01ypxdl31253m3wl-pi-sample": null}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("is not valid"), "{err}");
+    }
 }

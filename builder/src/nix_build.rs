@@ -76,7 +76,7 @@ pub async fn build(
         .args(["build", "--no-link", "--json", "--print-build-logs"])
         // Builds that share a dependency wait on its lock; Nix rechecks every 5 s by default.
         .args(["--option", "build-poll-interval", "1"])
-        .arg(drv.to_absolute())
+        .arg(crate::nix::build_installable(drv))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -129,10 +129,11 @@ async fn stop(child: &mut tokio::process::Child) {
     }
 }
 
-/// The log Nix keeps for `drv` (`nix log`), the one the cache's `log/` should serve.
+/// The log Nix keeps for `drv` (`nix-store --read-log`, which means the same in every Nix
+/// version), the one the cache's `log/` should serve.
 pub async fn stored_log(drv: &StorePath) -> Option<Vec<u8>> {
-    let out = tokio::process::Command::new("nix")
-        .args(["log", &drv.to_absolute()])
+    let out = tokio::process::Command::new("nix-store")
+        .args(["--read-log", &drv.to_absolute()])
         .stdin(Stdio::null())
         .output()
         .await
