@@ -154,13 +154,20 @@ pub fn start_builder_with(
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("token"), token).unwrap();
     let log = dir.join("builder.log");
+    // The settings come from a file, as the NixOS module gives them; --features (and `extra`)
+    // on the command line win over the file's.
+    let config = format!(
+        "orchestrator = {:?}\ntoken-file = {:?}\ncache-token-file = {:?}\nfeatures = [\"from-the-file\"]\n",
+        o.url,
+        dir.join("token").display().to_string(),
+        s.home.join("orchestrator/cache-token").display().to_string(),
+    );
+    std::fs::write(dir.join("builder.toml"), config).unwrap();
     let mut cmd = Command::new(bin("builder"));
-    cmd.args(["--orchestrator", &o.url, "--features", features])
+    cmd.arg("--config")
+        .arg(dir.join("builder.toml"))
+        .args(["--features", features])
         .args(extra)
-        .arg("--token-file")
-        .arg(dir.join("token"))
-        .arg("--cache-token-file")
-        .arg(s.home.join("orchestrator/cache-token"))
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("HOME", &s.home)
         .stdin(Stdio::null())
