@@ -105,6 +105,7 @@
         pkgs:
         {
           inherit (self.packages.${pkgs.stdenv.hostPlatform.system}) default;
+          modules = import ./nix/module-check.nix { inherit self nixpkgs pkgs; };
         }
         // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") {
           vm = pkgs.testers.runNixOSTest (import ./nix/vm-test.nix { inherit self; });

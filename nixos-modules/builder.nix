@@ -107,7 +107,13 @@ in
     settings = lib.mkOption {
       type = types.submodule { freeformType = common.settingsFormat.type; };
       default = { };
-      description = "Further builder settings (see `builder.example.toml`), rendered to TOML.";
+      example = {
+        max-jobs = 2;
+      };
+      description = ''
+        Further builder settings (see `builder.example.toml`), rendered to TOML; the options
+        above win over the same keys here.
+      '';
     };
   };
 

@@ -183,9 +183,18 @@ in
     variants = lib.mkOption {
       type = types.listOf variantType;
       default = [ ];
+      example = [
+        {
+          name = "cuda";
+          attr = "nixosConfigurations.carbon.pkgs.llama-cpp-cuda";
+          features = [ "cuda" ];
+          files = [ "lib/libggml-cuda.so" ];
+        }
+      ];
       description = ''
-        The variants to build. Default: `default`, `cuda` and `vulkan` of the fleet's
-        `inputs.llama-cpp` for this machine's system.
+        The variants to build: what the fleet's machines install, by attribute path in the
+        fleet flake. Default: `default`, `cuda` and `vulkan` of the fleet's `inputs.llama-cpp`
+        for this machine's system.
       '';
     };
 

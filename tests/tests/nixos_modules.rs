@@ -393,4 +393,37 @@ fn the_flake_exports_what_a_fleet_uses() {
          in { subs = m.config.nix.settings.substituters; overlays = builtins.length m.config.nixpkgs.overlays; }",
     );
     assert_eq!(v, json!({"subs": ["https://c.example.org", "https://cache.nixos.org/"], "overlays": 1}));
+
+    // One package per program, each running its binary (here the ones under test stand in for
+    // rustPlatform's build).
+    let drv = bench.eval("t.flake.packages.x86_64-linux.cache-server.drvPath");
+    let out = bench.realise(drv.as_str().unwrap()).unwrap();
+    let version = Command::new(format!("{out}/bin/cache-server")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("cache-server "), "{version:?}");
+
+    // checks.modules: every service of a host enabled, its assertions held, each configuration
+    // file built (so checked by its binary) and nix.conf checked for what the modules add.
+    let drv = bench.eval("t.flake.checks.x86_64-linux.modules.drvPath");
+    bench.realise(drv.as_str().unwrap()).unwrap();
+}
+
+#[test]
+fn every_option_has_a_type_and_a_description() {
+    let bench = Bench::new();
+    let v = bench.eval(
+        "let
+           walk = path: o:
+             if o._type or null == \"option\" then [ {
+               name = builtins.concatStringsSep \".\" path;
+               typed = o ? type;
+               described = builtins.isString (o.description or null) && o.description != \"\";
+             } ]
+             else builtins.concatLists (map (n: walk (path ++ [ n ]) o.${n}) (builtins.attrNames o));
+         in walk [ \"services\" \"fleetcache\" ] (t.machine [ t.flake.nixosModules.default ]).options.services.fleetcache",
+    );
+    let options = v.as_array().unwrap();
+    assert!(options.len() >= 40, "{options:?}");
+    let lacking: Vec<&Value> =
+        options.iter().filter(|o| o["typed"] != json!(true) || o["described"] != json!(true)).collect();
+    assert!(lacking.is_empty(), "options without a type or description: {lacking:?}");
 }
