@@ -8,6 +8,9 @@ let
   fleetcacheToml = lib.importTOML ../fleetcache.toml;
 in
 {
+  # It uses the cache like every machine, but runs no llama.cpp itself.
+  services.fleetcache.client.installPackage = false;
+
   # S3 for the cache: one Garage node (see ../../s3/garage.toml for the same without NixOS).
   services.garage = {
     enable = true;

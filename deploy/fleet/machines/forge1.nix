@@ -3,6 +3,9 @@
 {
   imports = [ ./nvidia.nix ];
 
+  # It uses the cache like every machine, but runs no llama.cpp itself.
+  services.fleetcache.client.installPackage = false;
+
   services.fleetcache.builder = {
     enable = true;
     orchestrator = "https://fleetcache.fleet.example.org";
