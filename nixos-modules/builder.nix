@@ -14,9 +14,11 @@ let
   credential = common.credentialPath unit;
   inherit (lib) types;
 
+  stateDir = "/var/lib/${unit}";
   secrets = {
     token = cfg.tokenFile;
     cache-token = cfg.cacheTokenFile;
+    ssh-key = cfg.sshKeyFile;
   };
 
   settings =
@@ -104,6 +106,8 @@ in
       description = "Systems this machine builds for. Default: its own.";
     };
 
+    sshKeyFile = common.sshKeyFileOption;
+
     settings = lib.mkOption {
       type = types.submodule { freeformType = common.settingsFormat.type; };
       default = { };
@@ -121,6 +125,7 @@ in
     assertions = common.secretsOutsideStore {
       "services.fleetcache.builder.tokenFile" = cfg.tokenFile;
       "services.fleetcache.builder.cacheTokenFile" = cfg.cacheTokenFile;
+      "services.fleetcache.builder.sshKeyFile" = cfg.sshKeyFile;
     };
 
     # The agent builds through the Nix daemon and copies unsigned paths it verifies
@@ -128,7 +133,7 @@ in
     users.users.${user} = {
       isSystemUser = true;
       group = user;
-      home = "/var/lib/${unit}";
+      home = stateDir;
       description = "fleetcache builder agent";
     };
     users.groups.${user} = { };
@@ -154,13 +159,17 @@ in
       path = [
         config.nix.package
         pkgs.git
+        pkgs.openssh
         "/run/current-system/sw"
       ];
-      environment = common.gitReadsAnyRepository // {
-        RUST_LOG = lib.mkDefault "info";
-        HOME = "/var/lib/${unit}";
-        NIX_CONFIG = "extra-experimental-features = nix-command flakes";
-      };
+      environment =
+        common.gitReadsAnyRepository
+        // {
+          RUST_LOG = lib.mkDefault "info";
+          HOME = stateDir;
+          NIX_CONFIG = "extra-experimental-features = nix-command flakes";
+        }
+        // lib.optionalAttrs (cfg.sshKeyFile != null) (common.sshKeyEnvironment unit stateDir);
       # GPU programs run here (verification; CUDA compiles kernels at run time) and the Nix
       # daemon builds on the agent's behalf: the common hardening without what those need.
       serviceConfig =

@@ -58,6 +58,18 @@ rec {
     GIT_CONFIG_VALUE_0 = "*";
   };
 
+  # The option for an SSH key that fetches a private fleet repository (git+ssh:// URLs).
+  sshKeyFileOption = secretFileOption ''
+    An SSH private key that may read the fleet repository (and private flake inputs), for
+    `git+ssh://` URLs. Host keys are learnt on first use (kept in the state directory).
+  '';
+
+  # The environment that makes git (and nix's git fetcher) use the `ssh-key` credential of
+  # `unit`, with known hosts kept in `stateDir`.
+  sshKeyEnvironment = unit: stateDir: {
+    GIT_SSH_COMMAND = "ssh -i ${credentialPath unit "ssh-key"} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=${stateDir}/known_hosts";
+  };
+
   # `host:port` for the TOML `listen` keys; IPv6 addresses in brackets.
   listenAddress =
     address: port:

@@ -22,6 +22,7 @@ let
     gitea-secret = cfg.webhooks.giteaSecretFile;
     gitlab-token = cfg.webhooks.gitlabTokenFile;
     status-token = cfg.webhooks.statusTokenFile;
+    ssh-key = cfg.sshKeyFile;
   };
   given = name: secrets.${name} != null;
 
@@ -173,6 +174,8 @@ in
       '';
     };
 
+    sshKeyFile = common.sshKeyFileOption;
+
     environmentFile = lib.mkOption {
       type = types.nullOr types.path;
       default = null;
@@ -231,6 +234,7 @@ in
       "services.fleetcache.orchestrator.builderTokensFile" = cfg.builderTokensFile;
       "services.fleetcache.orchestrator.apiTokensFile" = cfg.apiTokensFile;
       "services.fleetcache.orchestrator.environmentFile" = cfg.environmentFile;
+      "services.fleetcache.orchestrator.sshKeyFile" = cfg.sshKeyFile;
       "services.fleetcache.orchestrator.webhooks.githubSecretFile" = cfg.webhooks.githubSecretFile;
       "services.fleetcache.orchestrator.webhooks.giteaSecretFile" = cfg.webhooks.giteaSecretFile;
       "services.fleetcache.orchestrator.webhooks.gitlabTokenFile" = cfg.webhooks.gitlabTokenFile;
@@ -246,12 +250,16 @@ in
       path = [
         config.nix.package
         pkgs.git
+        pkgs.openssh
       ];
-      environment = common.gitReadsAnyRepository // {
-        RUST_LOG = lib.mkDefault "info";
-        HOME = "/var/cache/${unit}";
-        NIX_CONFIG = "extra-experimental-features = nix-command flakes";
-      };
+      environment =
+        common.gitReadsAnyRepository
+        // {
+          RUST_LOG = lib.mkDefault "info";
+          HOME = "/var/cache/${unit}";
+          NIX_CONFIG = "extra-experimental-features = nix-command flakes";
+        }
+        // lib.optionalAttrs (cfg.sshKeyFile != null) (common.sshKeyEnvironment unit stateDir);
       serviceConfig = common.hardening // {
         ExecStart = "${exe} serve --config ${configFile}";
         DynamicUser = true;

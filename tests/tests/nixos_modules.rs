@@ -206,6 +206,8 @@ fn evaluate_host(bench: &Bench, host: &str) -> Value {
              drv = (m.execStart u).drvPath; }}; }}) [ {} ]);
            firewall = m.config.networking.firewall.allowedTCPPorts;
            credentials = m.config.systemd.services.fleetcache-cache-server.serviceConfig.LoadCredential;
+           orchestratorCredentials = m.config.systemd.services.fleetcache-orchestrator.serviceConfig.LoadCredential;
+           gitSsh = m.config.systemd.services.fleetcache-orchestrator.environment.GIT_SSH_COMMAND or null;
            trusted = m.config.nix.settings.trusted-users;
            nixConf = m.nixConf;
            hardening = builtins.mapAttrs (u: s: {{ user = s.serviceConfig.User or \"dynamic\";
@@ -227,7 +229,7 @@ fn service_configurations_pass_the_binaries_check_config_at_build_time() {
            features = [ \"cuda\" ]; files = [ \"lib/libggml-cuda.so\" ]; \
            verify = { features = [ \"cuda\" ]; command = \"bin/llama-cli --list-devices\"; expect = \"CUDA0\"; }; } ]; \
          webhooks = { repository = \"ops/fleet\"; githubSecretFile = \"/run/secrets/github\"; }; \
-         settings.server.lease-seconds = 120;",
+         sshKeyFile = \"/run/secrets/deploy-key\"; settings.server.lease-seconds = 120;",
         "features = [ \"cuda\" ]; maxJobs = 2;",
     );
     let v = evaluate_host(&bench, &host);
@@ -242,6 +244,17 @@ fn service_configurations_pass_the_binaries_check_config_at_build_time() {
         ])
     );
     assert_eq!(v["trusted"], json!(["root", "fleetcache-builder"]));
+    // A private fleet repository: git and nix's fetcher use the deploy key.
+    assert!(
+        v["orchestratorCredentials"].as_array().unwrap().contains(&json!("ssh-key:/run/secrets/deploy-key"))
+    );
+    assert_eq!(
+        v["gitSsh"],
+        json!(
+            "ssh -i /run/credentials/fleetcache-orchestrator.service/ssh-key -o IdentitiesOnly=yes \
+             -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=/var/lib/fleetcache-orchestrator/known_hosts"
+        )
+    );
     // The servers run as throw-away users with the full hardening; the builder, which needs the
     // Nix daemon's trust and runs GPU programs, as its own user without W^X or private devices.
     let strict = |user: &str, on: bool| json!({"user": user, "wxDenied": on, "privateDevices": on, "strict": "strict"});
