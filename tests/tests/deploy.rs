@@ -17,7 +17,7 @@ fn deploy(file: &str) -> String {
 }
 
 #[test]
-fn the_example_fleet_builds_what_its_machines_install() {
+fn the_example_fleets_fleetcache_toml_is_valid() {
     let out = Command::new(fleetcache_tests::bin("orchestrator"))
         .args(["check-config", "--config"])
         .arg(repo_root().join("deploy/fleet/fleetcache.toml"))
@@ -25,35 +25,9 @@ fn the_example_fleet_builds_what_its_machines_install() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config: toml::Value = toml::from_str(&deploy("fleet/fleetcache.toml")).unwrap();
-    let flake = deploy("fleet/flake.nix");
-    let variants: Vec<(&str, &str)> = config["variant"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (v["name"].as_str().unwrap(), v["attr"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        variants,
-        [
-            ("cpu", "nixosConfigurations.beryllium.pkgs.llama-cpp"),
-            ("cuda", "nixosConfigurations.carbon.pkgs.llama-cpp-cuda"),
-            ("vulkan", "nixosConfigurations.nitrogen.pkgs.llama-cpp-vulkan"),
-        ]
-    );
-    // Each attribute names a machine of the fleet that installs that variant.
-    for (machine, variant) in
-        [("beryllium", "cpu"), ("boron", "cpu"), ("carbon", "cuda"), ("nitrogen", "vulkan")]
-    {
-        assert!(
-            flake.contains(&format!("{machine} = machine \"{machine}\"")),
-            "{machine} missing from the fleet"
-        );
-        let declared = flake.contains(&format!(
-            "machine \"{machine}\" [ {{ services.fleetcache.client.variant = \"{variant}\"; }} ]"
-        )) || deploy(&format!("fleet/machines/{machine}.nix"))
-            .contains(&format!("services.fleetcache.client.variant = \"{variant}\";"));
-        assert!(declared, "{machine} should install the {variant} variant");
-    }
+    let names: Vec<&str> =
+        config["variant"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cpu", "cuda", "vulkan"]);
 }
 
 #[test]
@@ -144,4 +118,54 @@ fn the_garage_example_and_setup_script_give_a_cache_that_serves_the_fleet() {
     let out = fresh.copy_from(&server.url, &server.public_key, &[&top]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(fresh.has(&top));
+}
+
+#[test]
+fn the_example_fleet_evaluates_and_its_variants_are_what_its_machines_install() {
+    // deploy/fleet with the stand-in nixpkgs and llama.cpp and this repository as its inputs.
+    let bench = fleetcache_tests::nixos::Bench::new();
+    let v = bench.eval(&format!(
+        "let
+           machines = t.deployFleet.nixosConfigurations;
+           toml = builtins.fromTOML (builtins.readFile {toml:?});
+           resolve = attr: builtins.foldl' (a: n: a.${{n}}) t.deployFleet
+             (builtins.filter builtins.isString (builtins.split \"\\\\.\" attr));
+           services = m: builtins.attrNames (t.lib.filterAttrs (n: _: t.lib.hasPrefix \"fleetcache-\" n) m.config.systemd.services);
+         in {{
+           failed = builtins.mapAttrs (_: m: map (a: a.message) (builtins.filter (a: !a.assertion) m.config.assertions)) machines;
+           installed = builtins.mapAttrs (_: m: map (p: p.drvPath) m.config.environment.systemPackages) machines;
+           services = builtins.mapAttrs (_: services) machines;
+           variants = builtins.listToAttrs (map (v: {{ inherit (v) name; value = (resolve v.attr).drvPath; }}) toml.variant);
+           upstreamCpu = t.llama.packages.x86_64-linux.default.drvPath;
+           configs = map (u: (t.needs machines.cache.config.systemd.services.${{u}}.serviceConfig.ExecStart).drvPath)
+             [ \"fleetcache-cache-server\" \"fleetcache-orchestrator\" \"fleetcache-builder\" ]
+             ++ [ (t.needs machines.forge1.config.systemd.services.fleetcache-builder.serviceConfig.ExecStart).drvPath ];
+         }}",
+        toml = repo_root().join("deploy/fleet/fleetcache.toml").display().to_string(),
+    ));
+    let machines = ["beryllium", "boron", "cache", "carbon", "forge1", "nitrogen"];
+    for m in machines {
+        assert_eq!(v["failed"][m], serde_json::json!([]), "{m}'s assertions");
+    }
+    // Each variant fleetcache builds is exactly what its machines install.
+    let variants = &v["variants"];
+    let one = |drv: &Value| serde_json::json!([drv]);
+    assert_eq!(v["installed"]["beryllium"], one(&variants["cpu"]));
+    assert_eq!(v["installed"]["boron"], one(&variants["cpu"]));
+    assert_eq!(v["installed"]["carbon"], one(&variants["cuda"]));
+    assert_eq!(v["installed"]["nitrogen"], one(&variants["vulkan"]));
+    assert_ne!(variants["cpu"], v["upstreamCpu"], "the CPU variant is the overlay's, with run-time dispatch");
+    assert_eq!(v["installed"]["cache"], serde_json::json!([]));
+    assert_eq!(
+        v["services"],
+        serde_json::json!({
+            "beryllium": [], "boron": [], "carbon": [], "nitrogen": [],
+            "cache": ["fleetcache-builder", "fleetcache-cache-server", "fleetcache-orchestrator"],
+            "forge1": ["fleetcache-builder"],
+        })
+    );
+    // The cache host's and the GPU builder's configuration files pass the binaries' checks.
+    for drv in v["configs"].as_array().unwrap() {
+        bench.realise(drv.as_str().unwrap()).unwrap();
+    }
 }
