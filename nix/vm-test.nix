@@ -9,7 +9,8 @@ let
   publicKey = "fleetcache-vm-test-1:n0407RwSkWIZfGlKMIt7k2mrsAmNLvaoN+fN+pP3ayQ=";
   secretKey = "fleetcache-vm-test-1:7chCGQn+/qkuxS04q+zhUAeDKS6m3fwcFFP0H+dqLoKfTjTtHBKRYhl8aUowi3uTaauwCY0u9qg35836k/drJA==";
 
-  # The fleet: one variant that needs no nixpkgs, so the VM builds it offline.
+  # The fleet: one variant that needs no nixpkgs, so the VM builds it offline (without the
+  # sandbox, with the system's own tools).
   fleetFlake = builtins.toFile "flake.nix" ''
     {
       outputs = { self }: {
@@ -17,7 +18,8 @@ let
           name = "llama-cpp-vm-test";
           system = "x86_64-linux";
           builder = "/bin/sh";
-          args = [ "-c" "mkdir -p $out/bin $out/lib && echo 'echo llama-cli vm-test' > $out/bin/llama-cli && echo cpu > $out/lib/libggml-cpu.so" ];
+          PATH = "/run/current-system/sw/bin";
+          args = [ "-c" "mkdir -p $out/bin $out/lib && printf '#!/bin/sh\\necho llama-cli vm-test\\n' > $out/bin/llama-cli && chmod +x $out/bin/llama-cli && echo cpu > $out/lib/libggml-cpu.so" ];
         };
       };
     }
@@ -38,10 +40,14 @@ in
         pkgs.git
         self.packages.x86_64-linux.default
       ];
-      nix.settings.experimental-features = [
-        "nix-command"
-        "flakes"
-      ];
+      nix.settings = {
+        experimental-features = [
+          "nix-command"
+          "flakes"
+        ];
+        # The test fleet's derivation uses the system's tools (there is no nixpkgs in it).
+        sandbox = false;
+      };
 
       # Secrets (outside the store) and the fleet repository appear at boot, before the
       # services read them.
