@@ -15,10 +15,16 @@ let
   inherit (lib) types;
 
   stateDir = "/var/lib/${unit}";
-  secrets = {
-    token = cfg.tokenFile;
-    cache-token = cfg.cacheTokenFile;
-    ssh-key = cfg.sshKeyFile;
+  secrets = common.secretsOf cfg {
+    token = "tokenFile";
+    cache-token = "cacheTokenFile";
+    ssh-key = "sshKeyFile";
+  };
+  nixClient = common.nixClient {
+    nix = config.nix.package;
+    inherit unit stateDir;
+    home = stateDir;
+    sshKey = cfg.sshKeyFile != null;
   };
 
   settings =
@@ -52,16 +58,16 @@ in
       description = "The orchestrator this builder takes jobs from.";
     };
 
-    tokenFile = lib.mkOption {
-      type = types.path;
+    tokenFile = common.secretFileOption {
+      required = true;
       example = "/run/secrets/fleetcache-builder-token";
-      description = "File holding this builder's token, a line of the orchestrator's builder tokens (outside the Nix store).";
+      description = "File holding this builder's token, a line of the orchestrator's builder tokens.";
     };
 
-    cacheTokenFile = lib.mkOption {
-      type = types.path;
+    cacheTokenFile = common.secretFileOption {
+      required = true;
       example = "/run/secrets/fleetcache-cache-upload-token";
-      description = "File holding an upload token of the cache-server (outside the Nix store).";
+      description = "File holding an upload token of the cache-server.";
     };
 
     cache = lib.mkOption {
@@ -122,11 +128,7 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = common.secretsOutsideStore {
-      "services.fleetcache.builder.tokenFile" = cfg.tokenFile;
-      "services.fleetcache.builder.cacheTokenFile" = cfg.cacheTokenFile;
-      "services.fleetcache.builder.sshKeyFile" = cfg.sshKeyFile;
-    };
+    assertions = common.secretsOutsideStore "services.fleetcache.builder" secrets;
 
     # The agent builds through the Nix daemon and copies unsigned paths it verifies
     # (`nix copy --no-check-sigs`): it runs as a trusted user of the daemon.
@@ -156,20 +158,8 @@ in
       ];
       # nix and git to build; the system profile for nvidia-smi and vulkaninfo (detection) and
       # for what verification commands need.
-      path = [
-        config.nix.package
-        pkgs.git
-        pkgs.openssh
-        "/run/current-system/sw"
-      ];
-      environment =
-        common.gitReadsAnyRepository
-        // {
-          RUST_LOG = lib.mkDefault "info";
-          HOME = stateDir;
-          NIX_CONFIG = "extra-experimental-features = nix-command flakes";
-        }
-        // lib.optionalAttrs (cfg.sshKeyFile != null) (common.sshKeyEnvironment unit stateDir);
+      path = nixClient.path ++ [ "/run/current-system/sw" ];
+      inherit (nixClient) environment;
       # GPU programs run here (verification; CUDA compiles kernels at run time) and the Nix
       # daemon builds on the agent's behalf: the common hardening without what those need.
       serviceConfig =

@@ -13,13 +13,21 @@ let
   credential = common.credentialPath unit;
 
   signingKeys = lib.listToAttrs (
-    lib.imap0 (i: path: lib.nameValuePair "signing-key-${toString i}" path) cfg.signingKeyFiles
+    lib.imap0 (
+      i: path:
+      lib.nameValuePair "signing-key-${toString i}" {
+        option = "signingKeyFiles";
+        inherit path;
+      }
+    ) cfg.signingKeyFiles
   );
-  secrets = signingKeys // {
-    upload-tokens = cfg.uploadTokensFile;
-    read-tokens = cfg.readTokensFile;
-    s3-credentials = cfg.s3CredentialsFile;
-  };
+  secrets =
+    signingKeys
+    // common.secretsOf cfg {
+      upload-tokens = "uploadTokensFile";
+      read-tokens = "readTokensFile";
+      s3-credentials = "s3CredentialsFile";
+    };
 
   settings =
     cfg.settings
@@ -87,9 +95,15 @@ in
       '';
     };
 
-    uploadTokensFile = common.secretFileOption "File of `name:token` lines allowed to upload (builders, `nix copy --to`). Without it the server is read-only.";
-    readTokensFile = common.secretFileOption "File of `name:token` lines allowed to read. Without it reads are public.";
-    s3CredentialsFile = common.secretFileOption "File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines for an `s3://` store.";
+    uploadTokensFile = common.secretFileOption {
+      description = "File of `name:token` lines allowed to upload (builders, `nix copy --to`). Without it the server is read-only.";
+    };
+    readTokensFile = common.secretFileOption {
+      description = "File of `name:token` lines allowed to read. Without it reads are public.";
+    };
+    s3CredentialsFile = common.secretFileOption {
+      description = "File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines for an `s3://` store.";
+    };
 
     settings = lib.mkOption {
       type = lib.types.submodule { freeformType = common.settingsFormat.type; };
@@ -106,23 +120,13 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = common.secretsOutsideStore (
-      {
-        "services.fleetcache.cache-server.uploadTokensFile" = cfg.uploadTokensFile;
-        "services.fleetcache.cache-server.readTokensFile" = cfg.readTokensFile;
-        "services.fleetcache.cache-server.s3CredentialsFile" = cfg.s3CredentialsFile;
-      }
-      // lib.mapAttrs' (
-        name: path: lib.nameValuePair "services.fleetcache.cache-server.signingKeyFiles (${name})" path
-      ) signingKeys
-    );
+    assertions = common.secretsOutsideStore "services.fleetcache.cache-server" secrets;
 
     systemd.services.${unit} = {
       description = "fleetcache cache-server";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      environment.RUST_LOG = lib.mkDefault "info";
       serviceConfig = common.hardening // {
         ExecStart = "${exe} --config ${configFile}";
         DynamicUser = true;

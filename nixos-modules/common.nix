@@ -9,35 +9,54 @@ rec {
   # without `.service`): the path the service's configuration file refers to.
   credentialPath = unit: name: "/run/credentials/${unit}.service/${name}";
 
-  # An option for a secret given as a file path outside the store.
+  # An option for a secret given as a file path outside the store; optional ones default to
+  # null (not given).
   secretFileOption =
-    description:
-    lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
-      default = null;
-      example = "/run/secrets/fleetcache";
-      description = ''
-        ${description}
+    {
+      description,
+      example ? "/run/secrets/fleetcache",
+      required ? false,
+    }:
+    lib.mkOption (
+      {
+        type = if required then lib.types.path else lib.types.nullOr lib.types.path;
+        inherit example;
+        description = ''
+          ${description}
 
-        A path outside the Nix store (for example managed by agenix or sops-nix), read by
-        systemd and handed to the service as a credential.
-      '';
-    };
-
-  # Assertions that none of `secrets` (option name -> path or null) is in the Nix store.
-  secretsOutsideStore =
-    secrets:
-    lib.mapAttrsToList (option: path: {
-      assertion = path == null || !(lib.hasPrefix builtins.storeDir (toString path));
-      message = "${option} = ${toString path} is in the Nix store, where every user can read it: give a path outside the store (e.g. from agenix or sops-nix).";
-    }) secrets;
-
-  # `name:path` entries for LoadCredential= from `secrets` (credential name -> path or null).
-  loadCredentials =
-    secrets:
-    lib.mapAttrsToList (name: path: "${name}:${toString path}") (
-      lib.filterAttrs (_: path: path != null) secrets
+          A path outside the Nix store (for example managed by agenix or sops-nix), read by
+          systemd and handed to the service as a credential.
+        '';
+      }
+      // lib.optionalAttrs (!required) { default = null; }
     );
+
+  # A service's secrets, `{ <credential name> = { option = "<its option>"; path = <file or
+  # null>; }; }`, from `{ <credential name> = "<option under cfg, dotted>"; }`.
+  secretsOf =
+    cfg:
+    lib.mapAttrs (
+      _: option: {
+        inherit option;
+        path = lib.attrByPath (lib.splitString "." option) null cfg;
+      }
+    );
+
+  # The secrets that are given.
+  givenSecrets = lib.filterAttrs (_: secret: secret.path != null);
+
+  # Assertions that no given secret of the service whose options are under `prefix` is in the
+  # Nix store.
+  secretsOutsideStore =
+    prefix: secrets:
+    lib.mapAttrsToList (_: secret: {
+      assertion = !(lib.hasPrefix builtins.storeDir (toString secret.path));
+      message = "${prefix}.${secret.option} = ${toString secret.path} is in the Nix store, where every user can read it: give a path outside the store (e.g. from agenix or sops-nix).";
+    }) (givenSecrets secrets);
+
+  # `name:path` entries for LoadCredential= from the given secrets.
+  loadCredentials =
+    secrets: lib.mapAttrsToList (name: secret: "${name}:${toString secret.path}") (givenSecrets secrets);
 
   # The configuration file, checked at build time by `command` (which gets the file as its
   # last argument and must not need the secrets it names).
@@ -51,24 +70,43 @@ rec {
       cp ${file} $out
     '';
 
-  # Lets git (and nix's git fetcher) read a fleet checkout owned by another user.
-  gitReadsAnyRepository = {
-    GIT_CONFIG_COUNT = "1";
-    GIT_CONFIG_KEY_0 = "safe.directory";
-    GIT_CONFIG_VALUE_0 = "*";
-  };
-
   # The option for an SSH key that fetches a private fleet repository (git+ssh:// URLs).
-  sshKeyFileOption = secretFileOption ''
-    An SSH private key that may read the fleet repository (and private flake inputs), for
-    `git+ssh://` URLs. Host keys are learnt on first use (kept in the state directory).
-  '';
-
-  # The environment that makes git (and nix's git fetcher) use the `ssh-key` credential of
-  # `unit`, with known hosts kept in `stateDir`.
-  sshKeyEnvironment = unit: stateDir: {
-    GIT_SSH_COMMAND = "ssh -i ${credentialPath unit "ssh-key"} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=${stateDir}/known_hosts";
+  sshKeyFileOption = secretFileOption {
+    description = ''
+      An SSH private key that may read the fleet repository (and private flake inputs), for
+      `git+ssh://` URLs. Host keys are learnt on first use (kept in the state directory).
+    '';
   };
+
+  # PATH entries and environment for a service that evaluates and fetches the fleet with nix and
+  # git: flakes on, a home for their caches, any checkout readable (a local one belongs to
+  # another user), and the `ssh-key` credential of `unit` when `sshKey` is set (known hosts kept
+  # in `stateDir`).
+  nixClient =
+    {
+      nix,
+      unit,
+      home,
+      stateDir,
+      sshKey,
+    }:
+    {
+      path = [
+        nix
+        pkgs.git
+        pkgs.openssh
+      ];
+      environment = {
+        HOME = home;
+        NIX_CONFIG = "extra-experimental-features = nix-command flakes";
+        GIT_CONFIG_COUNT = "1";
+        GIT_CONFIG_KEY_0 = "safe.directory";
+        GIT_CONFIG_VALUE_0 = "*";
+      }
+      // lib.optionalAttrs sshKey {
+        GIT_SSH_COMMAND = "ssh -i ${credentialPath unit "ssh-key"} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=${stateDir}/known_hosts";
+      };
+    };
 
   # `host:port` for the TOML `listen` keys; IPv6 addresses in brackets.
   listenAddress =

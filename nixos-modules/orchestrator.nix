@@ -14,17 +14,23 @@ let
   stateDir = "/var/lib/${unit}";
   inherit (lib) types;
 
-  secrets = {
-    cache-token = cfg.cacheTokenFile;
-    builder-tokens = cfg.builderTokensFile;
-    api-tokens = cfg.apiTokensFile;
-    github-secret = cfg.webhooks.githubSecretFile;
-    gitea-secret = cfg.webhooks.giteaSecretFile;
-    gitlab-token = cfg.webhooks.gitlabTokenFile;
-    status-token = cfg.webhooks.statusTokenFile;
-    ssh-key = cfg.sshKeyFile;
+  secrets = common.secretsOf cfg {
+    cache-token = "cacheTokenFile";
+    builder-tokens = "builderTokensFile";
+    api-tokens = "apiTokensFile";
+    github-secret = "webhooks.githubSecretFile";
+    gitea-secret = "webhooks.giteaSecretFile";
+    gitlab-token = "webhooks.gitlabTokenFile";
+    status-token = "webhooks.statusTokenFile";
+    ssh-key = "sshKeyFile";
   };
-  given = name: secrets.${name} != null;
+  given = name: secrets.${name}.path != null;
+  nixClient = common.nixClient {
+    nix = config.nix.package;
+    inherit unit stateDir;
+    home = "/var/cache/${unit}";
+    sshKey = given "ssh-key";
+  };
 
   variantSettings = map (v: lib.filterAttrs (_: value: value != null) v) cfg.variants;
 
@@ -127,22 +133,22 @@ in
       description = "The cache-server the builders push to and the orchestrator asks what is cached.";
     };
 
-    cacheTokenFile = lib.mkOption {
-      type = types.path;
+    cacheTokenFile = common.secretFileOption {
+      required = true;
       example = "/run/secrets/fleetcache-orchestrator-cache-token";
-      description = "File holding an upload token of the cache-server (outside the Nix store).";
+      description = "File holding an upload token of the cache-server.";
     };
 
-    builderTokensFile = lib.mkOption {
-      type = types.path;
+    builderTokensFile = common.secretFileOption {
+      required = true;
       example = "/run/secrets/fleetcache-builder-tokens";
-      description = "File of `name:token` lines, one per builder agent (outside the Nix store).";
+      description = "File of `name:token` lines, one per builder agent.";
     };
 
-    apiTokensFile = lib.mkOption {
-      type = types.path;
+    apiTokensFile = common.secretFileOption {
+      required = true;
       example = "/run/secrets/fleetcache-api-tokens";
-      description = "File of `name:token` lines for `orchestrator build --server` and friends (outside the Nix store).";
+      description = "File of `name:token` lines for `orchestrator build --server` and friends.";
     };
 
     address = lib.mkOption {
@@ -208,10 +214,18 @@ in
         example = "ops/fleet";
         description = "The fleet repository as the forge names it; pushes from others are ignored.";
       };
-      githubSecretFile = common.secretFileOption "The GitHub webhook secret (`POST /hooks/github`). Without it the endpoint is off.";
-      giteaSecretFile = common.secretFileOption "The Gitea/Forgejo webhook secret (`POST /hooks/gitea`). Without it the endpoint is off.";
-      gitlabTokenFile = common.secretFileOption "The GitLab webhook secret token (`POST /hooks/gitlab`). Without it the endpoint is off.";
-      statusTokenFile = common.secretFileOption "A forge token that may set commit statuses; also set `settings.webhooks.status.forge` and `api-url`.";
+      githubSecretFile = common.secretFileOption {
+        description = "The GitHub webhook secret (`POST /hooks/github`). Without it the endpoint is off.";
+      };
+      giteaSecretFile = common.secretFileOption {
+        description = "The Gitea/Forgejo webhook secret (`POST /hooks/gitea`). Without it the endpoint is off.";
+      };
+      gitlabTokenFile = common.secretFileOption {
+        description = "The GitLab webhook secret token (`POST /hooks/gitlab`). Without it the endpoint is off.";
+      };
+      statusTokenFile = common.secretFileOption {
+        description = "A forge token that may set commit statuses; also set `settings.webhooks.status.forge` and `api-url`.";
+      };
     };
 
     settings = lib.mkOption {
@@ -229,17 +243,11 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = common.secretsOutsideStore {
-      "services.fleetcache.orchestrator.cacheTokenFile" = cfg.cacheTokenFile;
-      "services.fleetcache.orchestrator.builderTokensFile" = cfg.builderTokensFile;
-      "services.fleetcache.orchestrator.apiTokensFile" = cfg.apiTokensFile;
-      "services.fleetcache.orchestrator.environmentFile" = cfg.environmentFile;
-      "services.fleetcache.orchestrator.sshKeyFile" = cfg.sshKeyFile;
-      "services.fleetcache.orchestrator.webhooks.githubSecretFile" = cfg.webhooks.githubSecretFile;
-      "services.fleetcache.orchestrator.webhooks.giteaSecretFile" = cfg.webhooks.giteaSecretFile;
-      "services.fleetcache.orchestrator.webhooks.gitlabTokenFile" = cfg.webhooks.gitlabTokenFile;
-      "services.fleetcache.orchestrator.webhooks.statusTokenFile" = cfg.webhooks.statusTokenFile;
-    };
+    # The environment file is read by systemd, not handed over as a credential; it stays out of
+    # the store all the same.
+    assertions = common.secretsOutsideStore "services.fleetcache.orchestrator" (
+      secrets // common.secretsOf cfg { environment-file = "environmentFile"; }
+    );
 
     systemd.services.${unit} = {
       description = "fleetcache orchestrator";
@@ -247,19 +255,7 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       # It evaluates the fleet with nix and fetches it with git.
-      path = [
-        config.nix.package
-        pkgs.git
-        pkgs.openssh
-      ];
-      environment =
-        common.gitReadsAnyRepository
-        // {
-          RUST_LOG = lib.mkDefault "info";
-          HOME = "/var/cache/${unit}";
-          NIX_CONFIG = "extra-experimental-features = nix-command flakes";
-        }
-        // lib.optionalAttrs (cfg.sshKeyFile != null) (common.sshKeyEnvironment unit stateDir);
+      inherit (nixClient) path environment;
       serviceConfig = common.hardening // {
         ExecStart = "${exe} serve --config ${configFile}";
         DynamicUser = true;
