@@ -66,7 +66,7 @@ fn read(path: &PathBuf) -> Result<String, String> {
     Ok(token)
 }
 
-fn settings(cli: Cli) -> Result<(Settings, bool, bool), String> {
+fn settings(cli: Cli) -> Result<Settings, String> {
     let file = match &cli.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -81,13 +81,13 @@ fn settings(cli: Cli) -> Result<(Settings, bool, bool), String> {
         max_jobs: cli.max_jobs,
         systems: cli.systems,
     };
-    let settings = file.merge(flags).map_err(|e| e.to_string())?;
-    Ok((settings, cli.check_config, cli.settings_only))
+    file.merge(flags).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (settings, check_config, settings_only) = match settings(cli) {
+    let (check_config, settings_only) = (cli.check_config, cli.settings_only);
+    let settings = match settings(cli) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
