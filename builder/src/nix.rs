@@ -1,7 +1,5 @@
 //! Asking the local Nix about store paths.
 
-use std::process::Command;
-
 use nix_formats::{Hash, StorePath};
 use serde::Deserialize;
 use thiserror::Error;
@@ -70,8 +68,7 @@ struct RawPathInfo {
 }
 
 fn run(program: &'static str, args: &[String]) -> Result<String, NixError> {
-    let out =
-        Command::new(program).args(args).output().map_err(|source| NixError::Spawn { program, source })?;
+    let out = command(program).args(args).output().map_err(|source| NixError::Spawn { program, source })?;
     if !out.status.success() {
         return Err(NixError::Failed {
             command: format!("{program} {}", args.join(" ")),
@@ -82,9 +79,88 @@ fn run(program: &'static str, args: &[String]) -> Result<String, NixError> {
         .map_err(|_| NixError::Output { command: program.to_owned(), message: "not UTF-8".to_owned() })
 }
 
+/// The experimental features the `nix` commands we run need, enabled on their command line so
+/// that a stock nix.conf (NixOS enables none) works: `nix-command` for the new CLI, `flakes`
+/// for `builtins.getFlake`.
+pub const EXPERIMENTAL_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
+
+/// A command for a Nix program: `nix` gets [`EXPERIMENTAL_FEATURES`]; `nix-store` and the other
+/// old commands need none.
+pub fn command(program: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    if program == "nix" {
+        c.args(EXPERIMENTAL_FEATURES);
+    }
+    c
+}
+
+/// [`command`] for tokio.
+pub fn async_command(program: &str) -> tokio::process::Command {
+    tokio::process::Command::from(command(program))
+}
+
+/// The Nix on this machine, as far as the commands we run depend on its version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NixVersion {
+    /// `2`.
+    pub major: u32,
+    /// `28`.
+    pub minor: u32,
+    /// Lix, which forked from Nix 2.18 and numbers its releases 2.90 on.
+    pub lix: bool,
+}
+
+impl NixVersion {
+    /// Parses `nix --version` output (`nix (Nix) 2.8.0`, `nix (Nix) 2.28.3pre…`,
+    /// `nix (Lix, like Nix) 2.91.1`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let version = text.split_whitespace().last()?;
+        let mut parts = version.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor: String = parts.next()?.chars().take_while(char::is_ascii_digit).collect();
+        Some(NixVersion { major, minor: minor.parse().ok()?, lix: text.contains("Lix") })
+    }
+
+    /// The Nix on `PATH`, asked once per process; `None` if it cannot be run or says something
+    /// unexpected (then every choice below takes the newest behaviour that is safe).
+    pub fn detect() -> Option<Self> {
+        static VERSION: std::sync::OnceLock<Option<NixVersion>> = std::sync::OnceLock::new();
+        *VERSION.get_or_init(|| {
+            let out = std::process::Command::new("nix").arg("--version").output().ok()?;
+            Self::parse(&String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    fn at_least(self, major: u32, minor: u32) -> bool {
+        (self.major, self.minor) >= (major, minor)
+    }
+
+    /// `drv^*` names a derivation's outputs: from Nix 2.13 (Lix has it from its fork). Nix 2.15
+    /// and later read a bare `.drv` as the file itself.
+    pub fn has_outputs_syntax(self) -> bool {
+        self.lix || self.at_least(2, 13)
+    }
+
+    /// `nix path-info --json` takes `--json-format` from Nix 2.33 on, and warns without it that
+    /// it will become an error; older Nix and Lix refuse the flag.
+    pub fn has_json_format(self) -> bool {
+        !self.lix && self.at_least(2, 33)
+    }
+}
+
+/// The flags that make `nix path-info` print JSON this module reads, for `version`.
+fn path_info_json_flags(version: Option<NixVersion>) -> &'static [&'static str] {
+    match version {
+        Some(v) if v.has_json_format() => &["--json", "--json-format", "1"],
+        // Unknown versions get no `--json-format`: without it the newest Nix only warns.
+        _ => &["--json"],
+    }
+}
+
 /// The closures of `paths` with their metadata (`nix path-info --recursive --json`).
 pub fn closure_info(paths: &[StorePath]) -> Result<Vec<PathInfo>, NixError> {
-    let mut args = vec!["path-info".to_owned(), "--recursive".to_owned(), "--json".to_owned()];
+    let mut args = vec!["path-info".to_owned(), "--recursive".to_owned()];
+    args.extend(path_info_json_flags(NixVersion::detect()).iter().map(|f| (*f).to_owned()));
     args.extend(paths.iter().map(StorePath::to_absolute));
     let text = run("nix", &args)?;
     parse_path_infos(&text)
@@ -125,33 +201,17 @@ fn parse_path_infos(text: &str) -> Result<Vec<PathInfo>, NixError> {
         .collect()
 }
 
-/// The argument that makes `nix build` build all outputs of `drv`: `drv^*` from Nix 2.13 on
-/// (Nix 2.15 and later take a bare `.drv` path to mean the file itself, and build nothing), the
-/// bare path before (Nix 2.8 rejects `^*`).
+/// The argument that makes `nix build` build all outputs of `drv` with this machine's Nix.
 pub fn build_installable(drv: &StorePath) -> String {
-    static VERSION: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
-    let version = VERSION.get_or_init(|| {
-        let out = Command::new("nix").arg("--version").output().ok()?;
-        parse_version(&String::from_utf8_lossy(&out.stdout))
-    });
-    installable_for(drv, *version)
+    installable_for(drv, NixVersion::detect())
 }
 
-fn installable_for(drv: &StorePath, version: Option<(u32, u32)>) -> String {
+fn installable_for(drv: &StorePath, version: Option<NixVersion>) -> String {
     match version {
-        Some(v) if v < (2, 13) => drv.to_absolute(),
+        Some(v) if !v.has_outputs_syntax() => drv.to_absolute(),
         // Unknown versions are taken to be new: old ones are what this was tested on.
         _ => format!("{}^*", drv.to_absolute()),
     }
-}
-
-/// `(major, minor)` from `nix --version` output (`nix (Nix) 2.8.0`, `nix (Nix) 2.28.3pre…`).
-fn parse_version(text: &str) -> Option<(u32, u32)> {
-    let version = text.split_whitespace().last()?;
-    let mut parts = version.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor: String = parts.next()?.chars().take_while(char::is_ascii_digit).collect();
-    Some((major, minor.parse().ok()?))
 }
 
 /// The outputs of a derivation (`nix-store --query --outputs`).
@@ -169,20 +229,36 @@ pub fn derivation_outputs(drv: &StorePath) -> Result<Vec<StorePath>, NixError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{StorePath, installable_for, parse_path_infos, parse_version};
+    use super::{NixVersion, StorePath, installable_for, parse_path_infos, path_info_json_flags};
 
     #[test]
-    fn nix_build_gets_the_outputs_syntax_its_version_knows() {
-        assert_eq!(parse_version("nix (Nix) 2.8.0\n"), Some((2, 8)));
-        assert_eq!(parse_version("nix (Nix) 2.28.3pre20250101_abc\n"), Some((2, 28)));
-        assert_eq!(parse_version("nix (Nix) 2.13\n"), Some((2, 13)));
-        assert_eq!(parse_version("Lix? no"), None);
+    fn each_nix_gets_the_flags_it_knows() {
+        let v = |text: &str| NixVersion::parse(text);
+        assert_eq!(v("nix (Nix) 2.8.0\n"), Some(NixVersion { major: 2, minor: 8, lix: false }));
+        assert_eq!(v("nix (Nix) 2.28.3pre20250101_abc\n").map(|v| v.minor), Some(28));
+        assert_eq!(v("nix (Nix) 2.13\n").map(|v| v.minor), Some(13));
+        let lix = v("nix (Lix, like Nix) 2.91.1\n").unwrap();
+        assert!(lix.lix);
+        assert_eq!(v("Lix? no"), None);
+
         let drv =
             StorePath::from_absolute("/nix/store/a55kqqi1jg0dmdh544krkidzg5bk4x8l-pi-sample.drv").unwrap();
-        assert_eq!(installable_for(&drv, Some((2, 8))), drv.to_absolute());
-        assert_eq!(installable_for(&drv, Some((2, 13))), format!("{}^*", drv.to_absolute()));
-        assert_eq!(installable_for(&drv, Some((2, 28))), format!("{}^*", drv.to_absolute()));
-        assert_eq!(installable_for(&drv, None), format!("{}^*", drv.to_absolute()));
+        let outputs = format!("{}^*", drv.to_absolute());
+        assert_eq!(installable_for(&drv, v("nix (Nix) 2.8.0")), drv.to_absolute());
+        assert_eq!(installable_for(&drv, v("nix (Nix) 2.12.1")), drv.to_absolute());
+        for new in ["nix (Nix) 2.13.0", "nix (Nix) 2.28.3", "nix (Nix) 2.34.8"] {
+            assert_eq!(installable_for(&drv, v(new)), outputs, "{new}");
+        }
+        assert_eq!(installable_for(&drv, Some(lix)), outputs);
+        assert_eq!(installable_for(&drv, None), outputs);
+
+        let json = |text: &str| path_info_json_flags(v(text));
+        assert_eq!(json("nix (Nix) 2.8.0"), ["--json"]);
+        assert_eq!(json("nix (Nix) 2.32.4"), ["--json"]);
+        assert_eq!(json("nix (Nix) 2.33.0"), ["--json", "--json-format", "1"]);
+        assert_eq!(json("nix (Nix) 2.34.8"), ["--json", "--json-format", "1"]);
+        assert_eq!(path_info_json_flags(Some(lix)), ["--json"], "Lix has no --json-format");
+        assert_eq!(path_info_json_flags(None), ["--json"]);
     }
 
     /// What Nix 2.8 printed here for a one-file output.

@@ -72,7 +72,7 @@ pub async fn build(
     mut on_line: impl FnMut(&str),
 ) -> (BuildEnd, Log) {
     let mut log = Log::new(max_log_bytes);
-    let spawned = tokio::process::Command::new("nix")
+    let spawned = crate::nix::async_command("nix")
         .args(["build", "--no-link", "--json", "--print-build-logs"])
         // Builds that share a dependency wait on its lock; Nix rechecks every 5 s by default.
         .args(["--option", "build-poll-interval", "1"])
@@ -132,7 +132,7 @@ async fn stop(child: &mut tokio::process::Child) {
 /// The log Nix keeps for `drv` (`nix-store --read-log`, which means the same in every Nix
 /// version), the one the cache's `log/` should serve.
 pub async fn stored_log(drv: &StorePath) -> Option<Vec<u8>> {
-    let out = tokio::process::Command::new("nix-store")
+    let out = crate::nix::async_command("nix-store")
         .args(["--read-log", &drv.to_absolute()])
         .stdin(Stdio::null())
         .output()
