@@ -32,12 +32,23 @@ pub enum AgentError {
     /// No cache to push to.
     #[error("no cache-server to push to: the orchestrator names none; pass --cache")]
     NoCache,
+    /// No HTTP client could be set up (a certificate bundle the environment names is unusable).
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    /// The orchestrator's certificate is not trusted: retrying cannot fix it.
+    #[error("orchestrator {url}: {message}")]
+    Untrusted {
+        /// The orchestrator's URL.
+        url: String,
+        /// What failed, with the hint.
+        message: String,
+    },
 }
 
 /// A call to the orchestrator failed.
 #[derive(Debug, Error)]
 enum CallError {
-    #[error("{0}")]
+    #[error("{}", crate::http::describe(.0))]
     Transport(#[from] reqwest::Error),
     #[error("lease lost")]
     Gone,
@@ -117,13 +128,13 @@ impl Agent {
 /// Registers (retrying while the orchestrator is unreachable), then runs `max_jobs` workers
 /// until `stop`. Returns an error only for what retrying cannot fix.
 pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), AgentError> {
-    let http = reqwest::Client::new();
+    let http = crate::http::client()?;
     let mut delay = Duration::from_millis(250);
     let registered: Registered = loop {
         let probe = Agent {
             http: http.clone(),
             opts: opts.clone(),
-            cache: CacheClient::new("http://unused", ""),
+            cache: CacheClient::with_http(http.clone(), "http://unused", ""),
             cache_url: String::new(),
             name: String::new(),
         };
@@ -131,6 +142,12 @@ pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), Agen
             Ok(Some(r)) => break r,
             Err(CallError::Status { status, message }) if status == reqwest::StatusCode::UNAUTHORIZED => {
                 return Err(AgentError::Unauthorized(message));
+            }
+            Err(CallError::Transport(e)) if crate::http::is_certificate_error(&e) => {
+                return Err(AgentError::Untrusted {
+                    url: opts.orchestrator.clone(),
+                    message: crate::http::describe(&e),
+                });
             }
             other => {
                 let why = match other {
@@ -149,8 +166,8 @@ pub async fn run(opts: AgentOptions, stop: CancellationToken) -> Result<(), Agen
     let cache_url = opts.cache_url.clone().or(registered.cache_url.clone()).ok_or(AgentError::NoCache)?;
     tracing::info!(name = %registered.name, cache = %cache_url, "registered");
     let agent = Arc::new(Agent {
+        cache: CacheClient::with_http(http.clone(), &cache_url, &opts.cache_token),
         http,
-        cache: CacheClient::new(&cache_url, &opts.cache_token),
         opts,
         cache_url,
         name: registered.name.clone(),
@@ -387,7 +404,7 @@ async fn verify_built(
         Err(e) => return (Outcome::Refused, Some(format!("{output}: {e}")), None),
     };
     *progress.phase.lock().expect("phase") = "fetching";
-    let fetched = tokio::process::Command::new("nix")
+    let fetched = crate::nix::async_command("nix")
         .args(["copy", "--no-check-sigs", "--from", &agent.cache_url, output])
         .stdin(std::process::Stdio::null())
         .output()

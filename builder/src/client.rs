@@ -12,8 +12,8 @@ use thiserror::Error;
 /// Why a request to the cache failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
-    /// The connection failed or was cut.
-    #[error("cannot reach the cache: {0}")]
+    /// The connection failed or was cut, or the server's certificate is not trusted.
+    #[error("cannot reach the cache: {}", crate::http::describe(.0))]
     Transport(#[source] reqwest::Error),
     /// The server refused the request; its reason is in `message`.
     #[error("the cache answered {status}: {message}")]
@@ -29,10 +29,10 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Worth retrying: connection trouble, 5xx, 408, 429.
+    /// Worth retrying: connection trouble (not an untrusted certificate), 5xx, 408, 429.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Transport(_) => true,
+            ClientError::Transport(e) => !crate::http::is_certificate_error(e),
             ClientError::Status { status, .. } => {
                 status.is_server_error()
                     || *status == StatusCode::TOO_MANY_REQUESTS
@@ -79,13 +79,15 @@ pub struct CacheClient {
 }
 
 impl CacheClient {
-    /// A client for the cache at `base` (`http://host:port`), uploading with `token`.
-    pub fn new(base: &str, token: &str) -> Self {
-        CacheClient {
-            http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-        }
+    /// A client for the cache at `base` (`https://host` or `http://host:port`), uploading with
+    /// `token`.
+    pub fn new(base: &str, token: &str) -> Result<Self, crate::http::HttpError> {
+        Ok(Self::with_http(crate::http::client()?, base, token))
+    }
+
+    /// [`CacheClient::new`] sharing an existing HTTP client.
+    pub fn with_http(http: reqwest::Client, base: &str, token: &str) -> Self {
+        CacheClient { http, base: base.trim_end_matches('/').to_owned(), token: token.to_owned() }
     }
 
     async fn check(

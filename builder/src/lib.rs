@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod eval;
+pub mod http;
 pub mod nix;
 pub mod nix_build;
 pub mod progress;

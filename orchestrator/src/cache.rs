@@ -34,6 +34,9 @@ pub enum CacheError {
     /// The loopback listener could not be bound.
     #[error("binding the embedded cache's loopback port: {0}")]
     Bind(#[source] std::io::Error),
+    /// No HTTP client could be set up for the remote cache.
+    #[error(transparent)]
+    Http(#[from] builder::http::HttpError),
 }
 
 /// The cache a build publishes to.
@@ -61,7 +64,7 @@ impl CacheTarget {
             let token = std::fs::read_to_string(token_file)
                 .map_err(|source| CacheError::Token { path: token_file.clone(), source })?;
             return Ok(CacheTarget {
-                client: CacheClient::new(url, token.trim()),
+                client: CacheClient::new(url, token.trim())?,
                 location: url.clone(),
                 public_keys: Vec::new(),
                 generated_key: None,
@@ -116,7 +119,7 @@ impl CacheTarget {
             let _ = stopped.await;
         }));
         Ok(CacheTarget {
-            client: CacheClient::new(&format!("http://{addr}"), &token),
+            client: CacheClient::new(&format!("http://{addr}"), &token)?,
             location: store,
             public_keys,
             generated_key,

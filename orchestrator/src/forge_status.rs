@@ -61,7 +61,8 @@ pub async fn report(
                 .json(&body)
         }
     };
-    let resp = request.header("User-Agent", "fleetcache").send().await.map_err(|e| e.to_string())?;
+    let resp =
+        request.header("User-Agent", "fleetcache").send().await.map_err(|e| builder::http::describe(&e))?;
     if resp.status().is_success() {
         Ok(())
     } else {

@@ -224,7 +224,7 @@ fn push(
             roots.push(path);
         }
     }
-    let client = builder::client::CacheClient::new(cache, &token);
+    let client = builder::client::CacheClient::new(cache, &token)?;
     let progress: Arc<dyn builder::push::Progress> = if std::io::stderr().is_terminal() {
         Arc::new(builder::progress::Bars::new())
     } else {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::build::BuildReport;
+use crate::outcome::BuildReport;
 use crate::queue::BuilderInfo;
 use crate::report::{Phase, Reporter};
 use crate::serve::{RequestView, Submit};
@@ -16,8 +16,8 @@ use crate::state::RevisionReport;
 /// Why talking to the orchestrator failed.
 #[derive(Debug, Error)]
 pub enum RemoteError {
-    /// It could not be reached for too long.
-    #[error("orchestrator {url}: {source}")]
+    /// It could not be reached for too long, or its certificate is not trusted.
+    #[error("orchestrator {url}: {}", builder::http::describe(.source))]
     Transport {
         /// The URL.
         url: String,
@@ -51,13 +51,13 @@ pub struct Remote {
 const UNREACHABLE_FOR: Duration = Duration::from_secs(120);
 
 impl Remote {
-    /// A client for `base` with an API token.
-    pub fn new(base: &str, token: &str) -> Self {
-        Remote {
-            http: reqwest::Client::new(),
+    /// A client for `base` (`https://…`) with an API token.
+    pub fn new(base: &str, token: &str) -> Result<Self, builder::http::HttpError> {
+        Ok(Remote {
+            http: builder::http::client()?,
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
-        }
+        })
     }
 
     async fn send<T: DeserializeOwned>(
@@ -103,13 +103,16 @@ impl Remote {
                     unreachable_since = None;
                     v
                 }
-                Err(RemoteError::Transport { url, source }) => {
+                Err(RemoteError::Transport { url, source })
+                    if !builder::http::is_certificate_error(&source) =>
+                {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > UNREACHABLE_FOR {
                         return Err(RemoteError::Transport { url, source });
                     }
                     if since.elapsed() < Duration::from_millis(600) {
-                        reporter.note(&format!("the orchestrator does not answer ({source}); still trying"));
+                        let why = builder::http::describe(&source);
+                        reporter.note(&format!("the orchestrator does not answer ({why}); still trying"));
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;

@@ -385,7 +385,10 @@ pub async fn process_pushes(server: &Server) -> Result<(), StateError> {
 pub async fn report_status(server: &Server, sha: &str, state: CommitState, description: &str) {
     let Some(cfg) = &server.config.webhooks.status else { return };
     let fallback = server.config.webhooks.repository.as_deref();
-    let http = reqwest::Client::new();
+    let http = match builder::http::client() {
+        Ok(http) => http,
+        Err(e) => return tracing::warn!(sha, error = %e, "could not set the commit status"),
+    };
     if let Err(e) = crate::forge_status::report(&http, cfg, fallback, sha, state, description).await {
         tracing::warn!(sha, error = %e, "could not set the commit status");
     }
