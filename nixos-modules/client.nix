@@ -15,6 +15,13 @@ let
     vulkan = "llama-cpp-vulkan";
     rocm = "llama-cpp-rocm";
   };
+  # What a builder needs to build (and verify) each variant, in Nix's system-features words.
+  featuresFor = {
+    cpu = [ ];
+    cuda = [ "cuda" ];
+    vulkan = [ "vulkan" ];
+    rocm = [ "rocm" ];
+  };
   attr = attrFor.${cfg.variant};
   system = pkgs.stdenv.hostPlatform.system;
 in
@@ -57,6 +64,18 @@ in
       description = "The llama.cpp package to install; by default the one `variant` selects.";
     };
 
+    builderFeatures = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = featuresFor.${cfg.variant};
+      defaultText = lib.literalMD "`[ ]` for `cpu`, `[ \"cuda\" ]`, `[ \"vulkan\" ]` or `[ \"rocm\" ]` for the others";
+      example = [ "cuda" ];
+      description = ''
+        The features a fleetcache builder must have to build `package` for this machine. The
+        orchestrator reads this (with `package`) from every machine that enables the client and
+        queues the build for a builder with these features.
+      '';
+    };
+
     installPackage = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -97,8 +116,15 @@ in
         message = "services.fleetcache.client.variant = \"vulkan\" needs a Vulkan driver: set hardware.graphics.enable = true (called hardware.opengl.enable before NixOS 24.11).";
       }
       {
-        assertion = cfg.variant != "cuda" || builtins.elem "nvidia" config.services.xserver.videoDrivers;
-        message = "services.fleetcache.client.variant = \"cuda\" needs the NVIDIA driver: add \"nvidia\" to services.xserver.videoDrivers (also on headless machines) and configure hardware.nvidia.";
+        assertion =
+          cfg.variant != "cuda"
+          || builtins.elem "nvidia" config.services.xserver.videoDrivers
+          || config.hardware.nvidia.datacenter.enable;
+        message = "services.fleetcache.client.variant = \"cuda\" needs the NVIDIA driver: add \"nvidia\" to services.xserver.videoDrivers (also on headless machines), or set hardware.nvidia.datacenter.enable for a datacenter GPU.";
+      }
+      {
+        assertion = cfg.variant != "cuda" || config.hardware.graphics.enable;
+        message = "services.fleetcache.client.variant = \"cuda\" needs hardware.graphics.enable = true: CUDA programs load libcuda from /run/opengl-driver, which it provides.";
       }
     ];
 

@@ -63,12 +63,58 @@ struct Raw {
     outputs: BTreeMap<String, String>,
 }
 
-/// Evaluates `attr_path` in the flake at `flake_url` (which pins a commit).
-pub async fn evaluate(flake_url: &str, attr_path: &[String]) -> Result<Evaluation, EvalError> {
-    let out = tokio::process::Command::new("nix")
-        .args(["eval", "--raw", "--impure", "--expr", EXPR])
-        .env("FLEETCACHE_EVAL_FLAKE", flake_url)
-        .env("FLEETCACHE_EVAL_ATTR", serde_json::to_string(attr_path).expect("strings serialise"))
+/// The names of the flake's `nixosConfigurations` (none if it has no such output).
+const MACHINES_EXPR: &str = r#"
+let flake = builtins.getFlake (builtins.getEnv "FLEETCACHE_EVAL_FLAKE");
+in builtins.toJSON (builtins.attrNames (flake.nixosConfigurations or { }))
+"#;
+
+/// What one machine installs through `services.fleetcache.client`: null when it does not
+/// enable the client (or does not import the module).
+const MACHINE_EXPR: &str = r#"
+let
+  flake = builtins.getFlake (builtins.getEnv "FLEETCACHE_EVAL_FLAKE");
+  name = builtins.getEnv "FLEETCACHE_EVAL_MACHINE";
+  client = flake.nixosConfigurations.${name}.config.services.fleetcache.client or { enable = false; };
+  drv = client.package;
+  outputs = drv.outputs or [ "out" ];
+in
+builtins.toJSON (
+  if !(client.enable or false) then null
+  else {
+    variant = client.variant or "custom";
+    features = client.builderFeatures or [ ];
+    drvPath = drv.drvPath;
+    system = drv.system;
+    outputs = builtins.listToAttrs (map (o: { name = o; value = drv.${o}.outPath; }) outputs);
+  }
+)
+"#;
+
+/// What a fleet machine that enables `services.fleetcache.client` installs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachinePackage {
+    /// The client's `variant` (`cpu`, `cuda`, …).
+    pub variant: String,
+    /// The builder features its `builderFeatures` asks for.
+    pub features: Vec<String>,
+    /// Its `package`, evaluated.
+    pub eval: Evaluation,
+}
+
+#[derive(Deserialize)]
+struct RawMachine {
+    variant: String,
+    features: Vec<String>,
+    #[serde(flatten)]
+    package: Raw,
+}
+
+/// Runs `expr` (which reads its inputs from `env`) with `nix eval --raw --impure`.
+async fn eval_raw(expr: &str, env: &[(&str, &str)]) -> Result<String, EvalError> {
+    let out = crate::nix::async_command("nix")
+        .args(["eval", "--raw", "--impure", "--expr", expr])
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -77,12 +123,52 @@ pub async fn evaluate(flake_url: &str, attr_path: &[String]) -> Result<Evaluatio
     if !out.status.success() {
         return Err(EvalError::Nix(clean_message(&String::from_utf8_lossy(&out.stderr))));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let raw: Raw = serde_json::from_str(&text).map_err(|e| EvalError::Output(format!("{e}: {text}")))?;
-    let path = |p: &str| StorePath::from_absolute(p).map_err(|e| EvalError::Output(format!("{p}: {e}")));
-    let outputs =
-        raw.outputs.iter().map(|(name, p)| Ok((name.clone(), path(p)?))).collect::<Result<_, _>>()?;
-    Ok(Evaluation { drv_path: path(&raw.drv_path)?, system: raw.system, outputs })
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, EvalError> {
+    serde_json::from_str(text).map_err(|e| EvalError::Output(format!("{e}: {text}")))
+}
+
+impl Raw {
+    fn evaluation(self) -> Result<Evaluation, EvalError> {
+        let path = |p: &str| StorePath::from_absolute(p).map_err(|e| EvalError::Output(format!("{p}: {e}")));
+        let outputs =
+            self.outputs.iter().map(|(name, p)| Ok((name.clone(), path(p)?))).collect::<Result<_, _>>()?;
+        Ok(Evaluation { drv_path: path(&self.drv_path)?, system: self.system, outputs })
+    }
+}
+
+/// Evaluates `attr_path` in the flake at `flake_url` (which pins a commit).
+pub async fn evaluate(flake_url: &str, attr_path: &[String]) -> Result<Evaluation, EvalError> {
+    let attr = serde_json::to_string(attr_path).expect("strings serialise");
+    let text =
+        eval_raw(EXPR, &[("FLEETCACHE_EVAL_FLAKE", flake_url), ("FLEETCACHE_EVAL_ATTR", &attr)]).await?;
+    parse::<Raw>(&text)?.evaluation()
+}
+
+/// The names of the machines (`nixosConfigurations`) of the flake at `flake_url`.
+pub async fn machines(flake_url: &str) -> Result<Vec<String>, EvalError> {
+    parse(&eval_raw(MACHINES_EXPR, &[("FLEETCACHE_EVAL_FLAKE", flake_url)]).await?)
+}
+
+/// What machine `name` of the flake at `flake_url` installs through the client module, or
+/// `None` if it does not enable it.
+pub async fn machine_package(flake_url: &str, name: &str) -> Result<Option<MachinePackage>, EvalError> {
+    let env = [("FLEETCACHE_EVAL_FLAKE", flake_url), ("FLEETCACHE_EVAL_MACHINE", name)];
+    let Some(raw) = parse::<Option<RawMachine>>(&eval_raw(MACHINE_EXPR, &env).await?)? else {
+        return Ok(None);
+    };
+    Ok(Some(MachinePackage { variant: raw.variant, features: raw.features, eval: raw.package.evaluation()? }))
+}
+
+/// The attribute path under which machine `name` installs its client package, as a builder
+/// evaluates it again.
+pub fn machine_package_attr(name: &str) -> Vec<String> {
+    ["nixosConfigurations", name, "config", "services", "fleetcache", "client", "package"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
 }
 
 /// Nix's message without the excerpt of our own expression (which would only confuse: the

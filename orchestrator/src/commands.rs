@@ -4,10 +4,13 @@ use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use orchestrator::build::{BuildOptions, Context, Status, build_revision};
+use orchestrator::build::build_revision;
 use orchestrator::cache::CacheTarget;
 use orchestrator::config::{Config, xdg_dir};
+use orchestrator::context::{BuildOptions, Context};
 use orchestrator::flake::FleetRepo;
+use orchestrator::outcome::{BuildReport, Status};
+use orchestrator::plan::Selection;
 use orchestrator::remote::Remote;
 use orchestrator::report::{self, Reporter};
 use orchestrator::serve::Submit;
@@ -42,7 +45,7 @@ fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
             return Ok(Config::load(&user)?);
         }
     }
-    Ok(Config::defaults())
+    Ok(Config::default())
 }
 
 fn state_dir(config: &Config, flag: Option<PathBuf>) -> Result<PathBuf, CliError> {
@@ -78,10 +81,10 @@ fn cancel_on_signals(cancel: CancellationToken) {
 pub fn build(args: BuildArgs) -> Result<(), CliError> {
     let config = load_config(args.config.as_deref())?;
     // With --server the server's configuration names the variants.
-    let variants = if args.server.is_some() {
-        Vec::new()
+    let selection = if args.server.is_some() {
+        Selection::default()
     } else {
-        config.select_variants(&args.variants).map_err(CliError::Error)?
+        Selection::new(&config, &args.variants).map_err(CliError::Error)?
     };
     let state_dir = state_dir(&config, args.state_dir)?;
     let flake = match args.flake.clone().or_else(|| config.fleet.flake.clone()) {
@@ -113,7 +116,7 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
                 "--flake does not go with --server: the server builds its configured fleet".into(),
             ));
         }
-        let remote = Remote::new(url, &read_token(token_file)?);
+        let remote = Remote::new(url, &read_token(token_file)?)?;
         let submit = Submit {
             rev: args.rev.clone(),
             variants: args.variants.clone(),
@@ -150,7 +153,7 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
             cancel: cancel.clone(),
             options,
         };
-        let outcome = build_revision(&ctx, &repo, &args.rev, &variants).await;
+        let outcome = build_revision(&ctx, &repo, &args.rev, &selection).await;
         let Context { cache, .. } = ctx;
         let cache = Arc::into_inner(cache).expect("the build holds no cache reference after it ends");
         let (location, keys) = (cache.location.clone(), cache.public_keys.clone());
@@ -161,7 +164,7 @@ pub fn build(args: BuildArgs) -> Result<(), CliError> {
 
 /// Prints the table (or JSON) and turns the statuses into the exit code.
 fn finish_report(
-    report: &orchestrator::build::BuildReport,
+    report: &BuildReport,
     json: bool,
     place: &str,
     keys: &[String],
@@ -230,7 +233,7 @@ pub fn status(
 ) -> Result<(), CliError> {
     runtime()?.block_on(async move {
         let report = match &server {
-            Some((url, token)) => Remote::new(url, &read_token(token)?).status(limit).await?,
+            Some((url, token)) => Remote::new(url, &read_token(token)?)?.status(limit).await?,
             None => local_state(config, state_dir_flag).await?.report(limit).await?,
         };
         if json {
@@ -253,6 +256,9 @@ pub fn status(
                     v.attempts.len(),
                     v.drv_path.as_deref().unwrap_or("-"),
                 );
+                if !v.machines.is_empty() {
+                    println!("             installed by {}", v.machines.join(", "));
+                }
                 if let Some(e) = v.error.as_deref().or(last.and_then(|a| a.error.as_deref())) {
                     if v.status == "failed" {
                         println!("             {}", e.lines().next().unwrap_or_default());
@@ -276,7 +282,7 @@ pub fn logs(
     use std::io::Write as _;
     runtime()?.block_on(async move {
         let remote = match &server {
-            Some((url, token)) => Some(Remote::new(url, &read_token(token)?)),
+            Some((url, token)) => Some(Remote::new(url, &read_token(token)?)?),
             None => None,
         };
         let local = match &remote {
@@ -333,7 +339,7 @@ pub fn builders(
 ) -> Result<(), CliError> {
     runtime()?.block_on(async move {
         let builders = match &server {
-            Some((url, token)) => Remote::new(url, &read_token(token)?).builders().await?,
+            Some((url, token)) => Remote::new(url, &read_token(token)?)?.builders().await?,
             None => local_state(config, state_dir_flag).await?.builders().await?,
         };
         if json {

@@ -2,8 +2,8 @@
 //!
 //! Every field has a default, stated on it, so an empty file (or none) is the embedded default:
 //! state under the XDG state directory, a local cache directory under the XDG data directory,
-//! a signing key generated there on first use, and the variants `default`, `cuda`, `vulkan` of
-//! the fleet's `llama-cpp` input.
+//! a signing key generated there on first use, and the llama.cpp every machine of the fleet
+//! installs (`nixosConfigurations.*` enabling `services.fleetcache.client`).
 
 use std::path::{Path, PathBuf};
 
@@ -69,9 +69,9 @@ pub struct Config {
     /// Forge webhooks on `orchestrator serve`: a push that changes `flake.lock` builds.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
-    /// The variants to build. Default: `default`, `cuda` and `vulkan` at
-    /// `inputs.llama-cpp.packages.{system}.<name>` for this machine's system.
-    #[serde(default = "default_variants", rename = "variant")]
+    /// Variants to build by attribute path, beside (or, by default, instead of) what the
+    /// fleet's machines install (see `fleet.machines`). Default none.
+    #[serde(default, rename = "variant")]
     pub variants: Vec<VariantConfig>,
 }
 
@@ -88,6 +88,13 @@ pub struct FleetConfig {
     /// The lock-file inputs shown and recorded for each revision. Default `["nixpkgs", "llama-cpp"]`.
     #[serde(default = "default_tracked_inputs")]
     pub tracked_inputs: Vec<String>,
+    /// Build what the fleet's machines install: every `nixosConfigurations.<machine>` that
+    /// enables `services.fleetcache.client` contributes its `package`, deduplicated by
+    /// derivation, for a builder with its `builderFeatures`. Where a `[[variant]]` is the same
+    /// derivation, the variant's name and checks are used. Default: on when no `[[variant]]` is
+    /// configured, off otherwise.
+    #[serde(default)]
+    pub machines: Option<bool>,
 }
 
 /// Where results go: an embedded cache (a store plus signing keys, served in-process while the
@@ -318,25 +325,11 @@ fn default_max_log_bytes() -> usize {
 fn default_systems() -> Vec<String> {
     vec![local_system()]
 }
-fn default_variants() -> Vec<VariantConfig> {
-    [("default", &[][..]), ("cuda", &["cuda"][..]), ("vulkan", &["vulkan"][..])]
-        .into_iter()
-        .map(|(name, features)| VariantConfig {
-            name: name.to_owned(),
-            attr: format!("inputs.llama-cpp.packages.{{system}}.{name}"),
-            systems: default_systems(),
-            features: features.iter().map(|f| (*f).to_owned()).collect(),
-            files: Vec::new(),
-            verify: None,
-        })
-        .collect()
-}
-
 pub use builder::local_system;
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        FleetConfig { flake: None, tracked_inputs: default_tracked_inputs() }
+        FleetConfig { flake: None, tracked_inputs: default_tracked_inputs(), machines: None }
     }
 }
 
@@ -356,15 +349,12 @@ impl Config {
         Ok(config)
     }
 
-    /// The defaults (no file).
-    pub fn defaults() -> Self {
-        Config { variants: default_variants(), ..Config::default() }
-    }
-
     fn check(&self) -> Result<(), String> {
         let mut names = std::collections::BTreeSet::new();
-        if self.variants.is_empty() {
-            return Err("no [[variant]] configured".to_owned());
+        if self.variants.is_empty() && self.fleet.machines == Some(false) {
+            return Err(
+                "nothing to build: fleet.machines = false and no [[variant]] is configured".to_owned()
+            );
         }
         for v in &self.variants {
             if v.name.is_empty() || !v.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -445,20 +435,10 @@ impl Config {
         }
     }
 
-    /// Looks up variants by name, in the order asked; all of them when `names` is empty.
-    pub fn select_variants(&self, names: &[String]) -> Result<Vec<VariantConfig>, String> {
-        if names.is_empty() {
-            return Ok(self.variants.clone());
-        }
-        names
-            .iter()
-            .map(|n| {
-                self.variants.iter().find(|v| &v.name == n).cloned().ok_or_else(|| {
-                    let known: Vec<&str> = self.variants.iter().map(|v| v.name.as_str()).collect();
-                    format!("no variant {n:?} is configured (known: {})", known.join(", "))
-                })
-            })
-            .collect()
+    /// Whether the fleet's machines say what to build (`fleet.machines`, by default when no
+    /// `[[variant]]` is configured).
+    pub fn builds_machines(&self) -> bool {
+        self.fleet.machines.unwrap_or(self.variants.is_empty())
     }
 }
 
@@ -521,12 +501,19 @@ mod tests {
     #[test]
     fn no_file_is_the_embedded_default() {
         let c = Config::parse("", Path::new("x.toml")).unwrap();
-        let names: Vec<&str> = c.variants.iter().map(|v| v.name.as_str()).collect();
-        assert_eq!(names, ["default", "cuda", "vulkan"]);
-        assert_eq!(c.variants[1].attr, "inputs.llama-cpp.packages.{system}.cuda");
-        assert_eq!(c.variants[1].systems, [local_system()]);
+        assert!(c.variants.is_empty());
+        assert!(c.builds_machines(), "with no [[variant]], the machines say what to build");
         assert_eq!(c.cache, CacheConfig::default());
-        assert_eq!(c, Config::defaults());
+        assert_eq!(c, Config::default());
+        let explicit =
+            Config::parse("[[variant]]\nname = \"x\"\nattr = \"a.b\"\n", Path::new("x.toml")).unwrap();
+        assert!(!explicit.builds_machines(), "explicit variants replace the machines by default");
+        let both = Config::parse(
+            "[fleet]\nmachines = true\n[[variant]]\nname = \"x\"\nattr = \"a.b\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert!(both.builds_machines());
     }
 
     #[test]
@@ -536,15 +523,19 @@ mod tests {
         assert_eq!(c.build, BuildConfig::default());
         assert_eq!(c.server, ServerConfig::default());
         assert_eq!(c.webhooks, WebhooksConfig::default());
-        assert_eq!(c.fleet.tracked_inputs, default_tracked_inputs());
-        let names: Vec<&str> = c.variants.iter().map(|v| v.name.as_str()).collect();
-        assert_eq!(names, ["default", "cuda", "vulkan"]);
-        // The example spells out the default variants for x86_64-linux.
-        let mut defaults = default_variants();
-        for v in &mut defaults {
-            v.systems = vec!["x86_64-linux".to_owned()];
-        }
-        assert_eq!(c.variants, defaults);
+        assert_eq!(c.fleet, FleetConfig::default());
+        assert_eq!(c, Config::default(), "every value the example sets is the default");
+        // Its commented-out variant is valid too.
+        let variant: String = example
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[variant]]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        assert!(variant.contains("verify"), "{variant}");
+        let c = Config::parse(&variant, Path::new("variant")).unwrap();
+        assert_eq!(c.variants.len(), 1);
+        assert_eq!(c.variants[0].features, ["cuda"]);
     }
 
     #[test]
@@ -568,6 +559,7 @@ mod tests {
                 .contains("relative path inside the output")
         );
         assert!(bad(&(variant("a") + "verify = { command = \"x\" }\n")).contains("missing field `expect`"));
+        assert!(bad("[fleet]\nmachines = false").contains("nothing to build"));
     }
 
     #[test]
@@ -582,14 +574,5 @@ mod tests {
         );
         assert!(attr_path("a.", "s").is_err());
         assert!(attr_path("\"a\"b", "s").is_err());
-    }
-
-    #[test]
-    fn variants_are_selected_by_name() {
-        let c = Config::defaults();
-        let picked = c.select_variants(&["vulkan".to_owned(), "default".to_owned()]).unwrap();
-        assert_eq!(picked.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["vulkan", "default"]);
-        let err = c.select_variants(&["rocm".to_owned()]).unwrap_err();
-        assert!(err.contains("known: default, cuda, vulkan"), "{err}");
     }
 }

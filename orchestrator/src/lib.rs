@@ -8,9 +8,12 @@
 pub mod build;
 pub mod cache;
 pub mod config;
+pub mod context;
 pub mod flake;
 pub mod forge_status;
 pub mod keys;
+pub mod outcome;
+pub mod plan;
 pub mod queue;
 pub mod remote;
 pub mod report;

@@ -10,8 +10,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use builder::api::VerifyStatus;
 
-use crate::build::{Status, VariantResult};
 use crate::flake::LockedInput;
+use crate::outcome::{Status, VariantResult};
 
 /// Where a variant is.
 #[derive(Debug, Clone, PartialEq)]
@@ -209,26 +209,49 @@ impl Reporter for Terminal {
     }
 }
 
-/// The final table: variant, system, status, seconds, output path (and errors below it).
+/// The final table: variant, system, status, seconds, the machines it serves (when the
+/// machines were asked), output path; errors below it.
 pub fn table(results: &[VariantResult]) -> String {
     let width = |f: &dyn Fn(&VariantResult) -> usize, title: &str| {
         results.iter().map(f).max().unwrap_or(0).max(title.len())
     };
+    let machines =
+        |r: &VariantResult| if r.machines.is_empty() { "-".to_owned() } else { r.machines.join(",") };
     let wv = width(&|r| r.variant.len(), "VARIANT");
     let ws = width(&|r| r.system.len(), "SYSTEM");
-    let mut out =
-        format!("{:<wv$}  {:<ws$}  {:<11}  {:>8}  OUTPUT\n", "VARIANT", "SYSTEM", "STATUS", "SECONDS");
+    let wm = if results.iter().any(|r| !r.machines.is_empty()) {
+        width(&|r| machines(r).len(), "MACHINES") + 2
+    } else {
+        0
+    };
+    let column = |text: &str| if wm == 0 { String::new() } else { format!("{text:<0$}", wm) };
+    let mut out = format!(
+        "{:<wv$}  {:<ws$}  {:<11}  {:>8}  {}OUTPUT\n",
+        "VARIANT",
+        "SYSTEM",
+        "STATUS",
+        "SECONDS",
+        column("MACHINES")
+    );
     for r in results {
         let output = r.out_paths.first().map(String::as_str).unwrap_or("-");
         out.push_str(&format!(
-            "{:<wv$}  {:<ws$}  {:<11}  {:>8.1}  {output}\n",
+            "{:<wv$}  {:<ws$}  {:<11}  {:>8.1}  {}{output}\n",
             r.variant,
-            r.system,
+            if r.system.is_empty() { "-" } else { &r.system },
             r.status.as_str(),
-            r.seconds
+            r.seconds,
+            column(&machines(r))
         ));
         for extra in r.out_paths.iter().skip(1) {
-            out.push_str(&format!("{:<wv$}  {:<ws$}  {:<11}  {:>8}  {extra}\n", "", "", "", ""));
+            out.push_str(&format!(
+                "{:<wv$}  {:<ws$}  {:<11}  {:>8}  {}{extra}\n",
+                "",
+                "",
+                "",
+                "",
+                column("")
+            ));
         }
     }
     for r in results.iter().filter(|r| r.error.is_some()) {
@@ -261,6 +284,7 @@ mod tests {
             attr: "a".to_owned(),
             drv_path: None,
             out_paths: vec![format!("/nix/store/{variant}")],
+            machines: Vec::new(),
             status,
             seconds: 1.24,
             error: error.map(str::to_owned),
@@ -272,6 +296,18 @@ mod tests {
         assert_eq!(lines[1], "default  x86_64-linux  cached            1.2  /nix/store/default");
         assert_eq!(lines[2], "cuda     x86_64-linux  failed            1.2  /nix/store/cuda");
         assert_eq!(lines[4], "cuda (x86_64-linux): boom");
+
+        // With the machines asked, each derivation names the machines it serves.
+        let mut cpu = r("cpu", Status::Built, None);
+        cpu.machines = vec!["beryllium".into(), "boron".into()];
+        let t = table(&[cpu, r("extra", Status::Cached, None)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "VARIANT  SYSTEM        STATUS        SECONDS  MACHINES         OUTPUT");
+        assert_eq!(lines[1], "cpu      x86_64-linux  built             1.2  beryllium,boron  /nix/store/cpu");
+        assert_eq!(
+            lines[2],
+            "extra    x86_64-linux  cached            1.2  -                /nix/store/extra"
+        );
     }
 
     #[test]

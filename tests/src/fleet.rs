@@ -7,7 +7,10 @@
 //! - `llama.cpp`: `packages.x86_64-linux.{default, cuda, vulkan, broken}`, shaped like the real
 //!   ones (`bin/llama-cli`, `lib/libggml-cuda.so`, `lib/libggml-vulkan.so`) and all referring to a
 //!   shared `ggml-common`; `broken` prints a few lines and fails;
-//! - the fleet: `llama-cpp.inputs.nixpkgs.follows = "nixpkgs"`, locked with `nix flake lock`.
+//! - `fleetcache`: a copy of this repository's Nix code (flake, overlay, modules);
+//! - the fleet: `llama-cpp.inputs.nixpkgs.follows = "nixpkgs"`, locked with `nix flake lock`, and
+//!   machines that use the client module: carbon (cuda), beryllium and boron (cpu), nitrogen
+//!   (vulkan) and gateway (no client).
 //!
 //! Builds wait while the fixture's hold file exists, so a test can keep a build running for as
 //! long as it needs ([`Fleet::hold_builds`], [`Fleet::release_builds`]).
@@ -89,6 +92,16 @@ impl Fleet {
     /// Lets held builds finish.
     pub fn release_builds(&self) {
         let _ = std::fs::remove_file(self.dir.path().join("hold"));
+    }
+
+    /// Commits `machines` (a Nix attribute set of machine name -> list of NixOS modules, beside
+    /// or instead of the fixture's carbon, beryllium, boron, nitrogen and gateway) as the
+    /// fleet's `machines.nix`; returns the fleet commit.
+    pub fn set_machines(&self, machines: &str) -> String {
+        let file = self.dir.path().join("machines.nix.new");
+        std::fs::write(&file, machines).expect("machines file");
+        stand_in_fleet(&["add-machines", file.to_str().expect("utf-8 path")], self.dir.path());
+        self.head()
     }
 
     /// A scratch directory inside the fixture.

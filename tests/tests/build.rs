@@ -13,27 +13,67 @@ use fleetcache_tests::orchestrator::{
 use nix_formats::StorePath;
 use serde_json::Value;
 
+/// Every machine of the stand-in fleet and the store paths it installs, as Nix evaluates them
+/// (not as the orchestrator reports them).
+/// A machine whose configuration does not evaluate installs `None`.
+fn installed_by_machine(s: &Setup, rev: &str) -> BTreeMap<String, Option<Vec<String>>> {
+    let flake = format!("git+file://{}?rev={rev}", s.fleet.fleet.display());
+    let out = run(command("nix").args(["eval", "--json", "--impure", "--expr"]).arg(format!(
+        "builtins.mapAttrs (_: m: let v = map (p: p.outPath) m.config.environment.systemPackages; \
+           r = builtins.tryEval (builtins.deepSeq v v); in if r.success then v else null) \
+         (builtins.getFlake {flake:?}).nixosConfigurations"
+    )));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Asserts that the cache in `s`'s cache directory has every path `machine` installs.
+fn assert_cached(s: &Setup, machine: &str, paths: &[String]) {
+    assert!(!paths.is_empty(), "{machine} installs nothing");
+    for p in paths {
+        let out = StorePath::from_absolute(p).unwrap();
+        let narinfo = s.cache_dir().join(format!("{}.narinfo", out.hash_part()));
+        assert!(narinfo.is_file(), "{machine} installs {out}, which the cache lacks");
+    }
+}
+
 #[test]
 fn the_embedded_default_builds_publishes_and_a_fresh_machine_substitutes() {
     let s = Setup::new();
     let head = s.fleet.head();
     let (code, results, stderr) = s.build(&["--rev", "main"]);
     assert_eq!(code, 0, "{stderr}");
+    // With no [[variant]] configured, the variants are what the fleet's machines install: one per
+    // derivation, named after the client's variant, with the machines it serves.
     assert_eq!(
         status_of(&results),
-        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+        BTreeMap::from([("cpu", "built"), ("cuda", "built"), ("vulkan", "built")])
     );
+    assert_eq!(results["cpu"]["machines"], serde_json::json!(["beryllium", "boron"]));
+    assert_eq!(results["cuda"]["machines"], serde_json::json!(["carbon"]));
+    assert_eq!(results["vulkan"]["machines"], serde_json::json!(["nitrogen"]));
+    assert!(stderr.contains("4 of 5 machines use the fleetcache client: 3 derivations"), "{stderr}");
     // It said which commit, which inputs, and the key it generated.
     assert!(stderr.contains(&format!("main is {head}")), "{stderr}");
     let nixpkgs_rev = s.fleet.locked_rev(&head, "nixpkgs");
     assert!(stderr.contains(&format!("nixpkgs {}", &nixpkgs_rev[..12])), "{stderr}");
     let key = s.public_key();
     assert!(stderr.contains("generated the cache's signing key") && stderr.contains(&key), "{stderr}");
-    for (variant, r) in &results {
+    for r in results.values() {
         assert_eq!(r["system"], "x86_64-linux");
-        assert_eq!(r["attr"], format!("inputs.llama-cpp.packages.x86_64-linux.{variant}"));
+        let first = r["machines"][0].as_str().unwrap();
+        assert_eq!(
+            r["attr"],
+            format!("nixosConfigurations.{first}.config.services.fleetcache.client.package")
+        );
         assert!(r["drv_path"].as_str().unwrap().ends_with(".drv"));
         assert_eq!(r["error"], Value::Null);
+    }
+    // Every machine's installed llama.cpp is in the cache; the machine without the client
+    // installs none.
+    let installed = installed_by_machine(&s, &head);
+    assert_eq!(installed["gateway"], Some(Vec::new()));
+    for (machine, paths) in installed.iter().filter(|(m, _)| *m != "gateway") {
+        assert_cached(&s, machine, paths.as_deref().unwrap());
     }
 
     // The directory is a cache: cache-server serves it as it is, and a machine that trusts only
@@ -49,8 +89,7 @@ fn the_embedded_default_builds_publishes_and_a_fresh_machine_substitutes() {
         let out = out_path(r);
         assert!(machine.has(&out));
         let cli = std::fs::read_to_string(machine.real_path(&out).join("bin/llama-cli")).unwrap();
-        let shown = if variant == "default" { "cpu" } else { variant.as_str() };
-        assert!(cli.contains(&format!("llama-cli {shown}")), "{cli}");
+        assert!(cli.contains(&format!("llama-cli {variant}")), "{cli}");
     }
     let cuda = machine.real_path(&out_path(&results["cuda"]));
     assert!(cuda.join("lib/libggml-cuda.so").is_file());
@@ -69,18 +108,103 @@ fn the_embedded_default_builds_publishes_and_a_fresh_machine_substitutes() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         status_of(&again),
-        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
+        BTreeMap::from([("cpu", "cached"), ("cuda", "cached"), ("vulkan", "cached")])
     );
     eprintln!("no-op rebuild took {took:?}");
     let status = s.status();
-    for v in ["default", "cuda", "vulkan"] {
+    for v in ["cpu", "cuda", "vulkan"] {
         assert_eq!(attempts(&status, v), ["built"], "one attempt for {v}");
     }
+    let recorded = status[0]["variants"].as_array().unwrap();
+    let cpu = recorded.iter().find(|v| v["variant"] == "cpu").unwrap();
+    assert_eq!(cpu["machines"], serde_json::json!(["beryllium", "boron"]), "status names the machines");
     assert_eq!(status[0]["rev"], head);
     assert_eq!(
         status[0]["inputs"].as_array().unwrap().iter().find(|i| i["name"] == "nixpkgs").unwrap()["rev"],
         nixpkgs_rev
     );
+}
+
+#[test]
+fn every_machine_gets_what_it_installs_however_it_picks_it() {
+    let s = Setup::new();
+    // boron overrides its package; oxygen is a headless datacenter GPU on carbon's derivation;
+    // argon's configuration does not evaluate.
+    let head = s.fleet.set_machines(
+        r#"{
+          boron = [ ({ pkgs, ... }: { services.fleetcache.client.package = pkgs.llama-cpp-baseline; }) ];
+          oxygen = [ { services.fleetcache.client.variant = "cuda"; hardware.nvidia.datacenter.enable = true;
+                       hardware.graphics.enable = true; } ];
+          argon = [ { services.fleetcache.client.package = throw "argon's package does not evaluate"; } ];
+        }"#,
+    );
+    let (code, results, stderr) = s.build(&["--rev", "main", "--max-jobs", "2"]);
+    assert_eq!(code, 1, "a machine that does not evaluate fails the build: {stderr}");
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([
+            ("argon", "failed"),
+            ("cpu", "built"),
+            ("cpu-boron", "built"),
+            ("cuda", "built"),
+            ("vulkan", "built")
+        ])
+    );
+    let machines = |v: &str| results[v]["machines"].clone();
+    assert_eq!(machines("cpu"), serde_json::json!(["beryllium"]));
+    assert_eq!(machines("cpu-boron"), serde_json::json!(["boron"]));
+    assert_eq!(machines("cuda"), serde_json::json!(["carbon", "oxygen"]));
+    assert_eq!(machines("argon"), serde_json::json!(["argon"]));
+    let argon = results["argon"]["error"].as_str().unwrap();
+    assert!(argon.contains("evaluating machine argon") && argon.contains("does not evaluate"), "{argon}");
+    let installed = installed_by_machine(&s, &head);
+    assert_eq!(installed["argon"], None);
+    for m in ["beryllium", "boron", "carbon", "nitrogen", "oxygen"] {
+        assert_cached(&s, m, installed[m].as_deref().unwrap());
+    }
+
+    // A configured variant that is a machine's derivation lends it its name and checks; one no
+    // machine installs is built beside them when the machines are asked too.
+    let config = s.write_config(
+        r#"
+[fleet]
+machines = true
+
+[[variant]]
+name = "gpu"
+attr = "nixosConfigurations.oxygen.config.services.fleetcache.client.package"
+files = ["lib/libggml-cuda.so"]
+
+[[variant]]
+name = "rocm"
+attr = "inputs.llama-cpp.packages.{system}.rocm"
+"#,
+    );
+    let config = config.to_str().unwrap();
+    let (_, results, stderr) = s.build(&["--rev", "main", "--config", config]);
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([
+            ("argon", "failed"),
+            ("cpu", "cached"),
+            ("cpu-boron", "cached"),
+            ("gpu", "cached"),
+            ("rocm", "built"),
+            ("vulkan", "cached")
+        ]),
+        "{stderr}"
+    );
+    assert_eq!(results["gpu"]["machines"], serde_json::json!(["carbon", "oxygen"]));
+    assert_eq!(results["rocm"]["machines"], serde_json::json!([]));
+    // Machines name what to build too.
+    let (code, results, stderr) = s.build(&["--rev", "main", "--variant", "carbon", "--config", config]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(status_of(&results), BTreeMap::from([("gpu", "cached")]));
+    // The table shows the machines.
+    let out = s.orchestrator(&["build", "--rev", "main", "--variant", "cpu"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().next().unwrap().contains("MACHINES"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("cpu ") && l.contains(" beryllium ")), "{table}");
 }
 
 #[test]
@@ -94,9 +218,9 @@ fn a_nixpkgs_bump_rebuilds_everything_and_an_unrelated_commit_nothing() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         status_of(&second),
-        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+        BTreeMap::from([("cpu", "built"), ("cuda", "built"), ("vulkan", "built")])
     );
-    for v in ["default", "cuda", "vulkan"] {
+    for v in ["cpu", "cuda", "vulkan"] {
         assert_ne!(first[v]["drv_path"], second[v]["drv_path"], "{v} has a new derivation");
     }
 
@@ -105,9 +229,9 @@ fn a_nixpkgs_bump_rebuilds_everything_and_an_unrelated_commit_nothing() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         status_of(&third),
-        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
+        BTreeMap::from([("cpu", "cached"), ("cuda", "cached"), ("vulkan", "cached")])
     );
-    for v in ["default", "cuda", "vulkan"] {
+    for v in ["cpu", "cuda", "vulkan"] {
         assert_eq!(second[v]["drv_path"], third[v]["drv_path"], "{v}: same derivation");
     }
 
@@ -195,7 +319,22 @@ fn bad_requests_get_clear_errors() {
 
     let out = s.orchestrator(&["build", "--rev", "main", "--variant", "rocm"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no variant \"rocm\" is configured (known: default, cuda, vulkan)"), "{err}");
+    assert!(
+        err.contains(
+            "no variant or machine \"rocm\" (known: beryllium, boron, carbon, cpu, cuda, nitrogen, vulkan)"
+        ),
+        "{err}"
+    );
+    // With only configured variants, the name is checked before anything runs.
+    let config = s.write_config(
+        "[[variant]]\nname = \"default\"\nattr = \"inputs.llama-cpp.packages.{system}.default\"\n",
+    );
+    let out = s
+        .orchestrator(&["build", "--rev", "main", "--variant", "cpu", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no variant \"cpu\" is configured (known: default)"), "{err}");
 
     let not_git = s.fleet.scratch("not-git");
     let out =
@@ -239,16 +378,10 @@ fn two_builds_at_once_build_each_derivation_once() {
     let (code_a, ra, err_a) = collect(a, a_out, a_err);
     let (code_b, rb, err_b) = collect(b, b_out, b_err);
     assert_eq!((code_a, code_b), (0, 0), "{err_a}\n{err_b}");
-    assert_eq!(
-        status_of(&ra),
-        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
-    );
-    assert_eq!(
-        status_of(&rb),
-        BTreeMap::from([("cuda", "cached"), ("default", "cached"), ("vulkan", "cached")])
-    );
+    assert_eq!(status_of(&ra), BTreeMap::from([("cpu", "built"), ("cuda", "built"), ("vulkan", "built")]));
+    assert_eq!(status_of(&rb), BTreeMap::from([("cpu", "cached"), ("cuda", "cached"), ("vulkan", "cached")]));
     let status = s.status();
-    for v in ["default", "cuda", "vulkan"] {
+    for v in ["cpu", "cuda", "vulkan"] {
         assert_eq!(attempts(&status, v), ["built"], "{v} was built once");
     }
 }
@@ -316,7 +449,7 @@ fn the_embedded_cache_can_publish_to_s3() {
     assert_eq!(code, 0, "{stderr}\n{}", garage.log());
     assert_eq!(
         status_of(&results),
-        BTreeMap::from([("cuda", "built"), ("default", "built"), ("vulkan", "built")])
+        BTreeMap::from([("cpu", "built"), ("cuda", "built"), ("vulkan", "built")])
     );
 
     // The bucket alone is the cache: a read-only cache-server over it serves all three.
@@ -345,16 +478,16 @@ fn the_embedded_cache_can_publish_to_s3() {
 fn a_git_url_is_mirrored_and_fetched_on_every_build() {
     let s = Setup::new();
     let url = format!("git+file://{}", s.fleet.fleet.display());
-    let (code, first, stderr) = s.build(&["--rev", "main", "--flake", &url, "--variant", "default"]);
+    let (code, first, stderr) = s.build(&["--rev", "main", "--flake", &url, "--variant", "cpu"]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(first["default"]["status"], "built");
+    assert_eq!(first["cpu"]["status"], "built");
     // A new commit on the remote's branch is seen by the next build of `main`.
     let bumped = s.fleet.bump_nixpkgs("2");
-    let (code, second, stderr) = s.build(&["--rev", "main", "--flake", &url, "--variant", "default"]);
+    let (code, second, stderr) = s.build(&["--rev", "main", "--flake", &url, "--variant", "cpu"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains(&format!("main is {bumped}")), "{stderr}");
-    assert_eq!(second["default"]["status"], "built");
-    assert_ne!(first["default"]["drv_path"], second["default"]["drv_path"]);
+    assert_eq!(second["cpu"]["status"], "built");
+    assert_ne!(first["cpu"]["drv_path"], second["cpu"]["drv_path"]);
     assert_eq!(s.status()[0]["flake"], url.as_str());
 }
 

@@ -234,7 +234,7 @@ async fn result(
 
 async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum::Json<Submit>) -> ApiResult {
     s.api_user(&headers)?;
-    if let Err(e) = s.config.select_variants(&body.variants) {
+    if let Err(e) = crate::plan::Selection::new(&s.config, &body.variants) {
         return Err(ApiError(StatusCode::BAD_REQUEST, e));
     }
     let id = submit_request(&s.state, &body.rev, &body.variants, body.retry_failed).await?;

@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::build::{BuildOptions, Context, Plan, Status, VariantResult, plan};
 use crate::cache::CacheTarget;
 use crate::config::Config;
+use crate::context::{BuildOptions, Context};
 use crate::flake::{FleetRepo, LockedInput};
+use crate::outcome::{Status, VariantResult};
+use crate::plan::{Plan, Selection, plan};
 use crate::queue::{BuilderInfo, NewJob};
 use crate::report::Quiet;
 use crate::state::{State, StateError, now};
@@ -146,28 +148,22 @@ impl Server {
 
     /// Plans a pending request and queues its jobs.
     async fn plan_request(&self, id: i64, submit: &Submit) -> Result<(), StateError> {
-        let variants = match self.config.select_variants(&submit.variants) {
+        let selection = match Selection::new(&self.config, &submit.variants) {
             Ok(v) => v,
             Err(e) => return self.set_request(id, "error", None, Some(&e)).await,
         };
         let ctx = self.context(submit.retry_failed);
-        let planned: Result<Plan, _> = plan(&ctx, &self.repo, &submit.rev, &variants).await;
+        let planned: Result<Plan, _> = plan(&ctx, &self.repo, &submit.rev, &selection).await;
         let planned = match planned {
             Ok(p) => p,
-            Err(crate::build::BuildError::State(e)) => return Err(e),
+            Err(crate::plan::PlanError::State(e)) => return Err(e),
             Err(e) => return self.set_request(id, "error", None, Some(&e.to_string())).await,
         };
         let builder_url = self.repo.builder_flake_url(&planned.commit);
         for (drv, idx) in planned.to_build() {
             let job = &planned.jobs[idx[0]];
             let eval = job.eval.as_ref().expect("evaluated");
-            let attr_path = crate::config::attr_path(&job.attr, &job.system).unwrap_or_default();
-            let features: Vec<String> = {
-                let mut f: Vec<String> = idx.iter().flat_map(|&i| planned.jobs[i].features.clone()).collect();
-                f.sort();
-                f.dedup();
-                f
-            };
+            let features = planned.features_of(&idx);
             let out_paths: Vec<String> = eval.outputs.values().map(|p| p.to_absolute()).collect();
             let files = planned.files_of(&idx);
             self.state
@@ -176,7 +172,7 @@ impl Server {
                     system: &job.system,
                     features: &features,
                     flake_url: &builder_url,
-                    attr_path: &attr_path,
+                    attr_path: &job.attr_path,
                     out_paths: &out_paths,
                     required_files: &files,
                     verify: job.verify.as_ref(),
@@ -193,21 +189,8 @@ impl Server {
     /// Records every variant of a request: its result once it ended, else `queued`.
     async fn record_variants(&self, snap: &Snapshot) -> Result<(), StateError> {
         for e in &snap.entries {
-            let r = &e.result;
-            let status = if e.done { r.status.as_str() } else { "queued" };
-            self.state
-                .record_variant(
-                    snap.revision_id,
-                    &r.variant,
-                    &r.system,
-                    &r.attr,
-                    r.drv_path.as_deref(),
-                    &r.out_paths,
-                    status,
-                    r.error.as_deref(),
-                    Some(r.seconds),
-                )
-                .await?;
+            let status = if e.done { e.result.status.as_str() } else { "queued" };
+            self.state.record_variant(snap.revision_id, &e.result, status).await?;
         }
         Ok(())
     }
@@ -452,31 +435,12 @@ fn snapshot_of(plan: &Plan, flake: &str, requested: &str) -> Snapshot {
     let entries = plan
         .jobs
         .iter()
-        .map(|j| {
-            let (drv_path, out_paths) = match &j.eval {
-                Some(e) => {
-                    (Some(e.drv_path.to_absolute()), e.outputs.values().map(|p| p.to_absolute()).collect())
-                }
-                None => (None, Vec::new()),
-            };
-            let main_output = j.eval.as_ref().and_then(|e| e.main_output());
-            Entry {
-                label: j.label.clone(),
-                done: j.status.is_some(),
-                verify: j.verify.clone(),
-                main_output: main_output.map(|p| p.to_absolute()),
-                result: VariantResult {
-                    variant: j.variant.clone(),
-                    system: j.system.clone(),
-                    attr: j.attr.clone(),
-                    drv_path,
-                    out_paths,
-                    status: j.status.unwrap_or(Status::Interrupted),
-                    seconds: j.seconds,
-                    error: j.error.clone(),
-                    verification: None,
-                },
-            }
+        .map(|j| Entry {
+            label: j.label.clone(),
+            done: j.status.is_some(),
+            verify: j.verify.clone(),
+            main_output: j.eval.as_ref().and_then(|e| e.main_output()).map(|p| p.to_absolute()),
+            result: j.result(),
         })
         .collect();
     Snapshot {

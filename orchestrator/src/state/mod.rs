@@ -24,18 +24,36 @@ mod report;
 mod schema;
 
 pub use report::{AttemptReport, RevisionReport, VariantReport};
-use schema::{SCHEMA, postgres_schema, to_postgres};
+use schema::{MIGRATIONS, SCHEMA, current_version, postgres_ddl, to_postgres};
 
 /// How long a claim lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(30);
 
 /// A database failure.
 #[derive(Debug, Error)]
-#[error("state database {place}: {source}")]
-pub struct StateError {
-    place: String,
-    #[source]
-    source: sqlx::Error,
+pub enum StateError {
+    /// The database refused or could not be reached.
+    #[error("state database {place}: {source}")]
+    Database {
+        /// The file or (password-less) URL.
+        place: String,
+        /// The error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A newer fleetcache wrote it: this one does not know its tables.
+    #[error(
+        "state database {place} is at schema version {found}, newer than this orchestrator's {known}: \
+         run the fleetcache that wrote it, or a newer one"
+    )]
+    Newer {
+        /// The file or URL.
+        place: String,
+        /// The version it is at.
+        found: i64,
+        /// The newest this one knows.
+        known: i64,
+    },
 }
 
 /// The state database.
@@ -153,7 +171,7 @@ impl State {
     /// Opens (creating if needed) `state.db` in `dir`.
     pub async fn open(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join("state.db");
-        let err = |source| StateError { place: path.display().to_string(), source };
+        let err = |source| StateError::Database { place: path.display().to_string(), source };
         std::fs::create_dir_all(dir).map_err(|e| err(sqlx::Error::Io(e)))?;
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
@@ -172,28 +190,57 @@ impl State {
             .await
             .map_err(err)?;
         sqlx::raw_sql("PRAGMA journal_mode = WAL;").execute(&pool).await.map_err(err)?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err)?;
-        Ok(State { pool, place: path.display().to_string(), postgres: false })
+        let state = State { pool, place: path.display().to_string(), postgres: false };
+        state.create_or_migrate().await?;
+        Ok(state)
     }
 
     /// Connects to the database at `url`: `postgres://…` (shared by orchestrator replicas) or
     /// `sqlite://…`; creates the tables if needed.
     pub async fn connect(url: &str) -> Result<Self, StateError> {
         let place = redact(url);
-        let err = |source| StateError { place: place.clone(), source };
+        let err = |source| StateError::Database { place: place.clone(), source };
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
         let pool = AnyPoolOptions::new().max_connections(8).connect(url).await.map_err(err)?;
-        if postgres {
-            // Replicas starting together must not both create the tables.
-            let mut tx = pool.begin().await.map_err(err)?;
-            sqlx::query("SELECT pg_advisory_xact_lock(7340821)").execute(&mut *tx).await.map_err(err)?;
-            sqlx::raw_sql(&postgres_schema()).execute(&mut *tx).await.map_err(err)?;
-            tx.commit().await.map_err(err)?;
-        } else {
-            sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err)?;
+        let state = State { pool, place, postgres };
+        state.create_or_migrate().await?;
+        Ok(state)
+    }
+
+    /// Creates the tables of a new database, or brings an older one to [`current_version`], in
+    /// one transaction (on PostgreSQL under a lock, so replicas starting together do it once).
+    async fn create_or_migrate(&self) -> Result<(), StateError> {
+        let e = |source| self.err(source);
+        let ddl = |sql: &str| if self.postgres { postgres_ddl(sql) } else { sql.to_owned() };
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        if self.postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(7340821)").execute(&mut *tx).await.map_err(e)?;
         }
-        Ok(State { pool, place, postgres })
+        sqlx::raw_sql(&ddl(SCHEMA)).execute(&mut *tx).await.map_err(e)?;
+        let recorded: Option<i64> = sqlx::query("SELECT max(version) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?
+            .get(0);
+        let found = recorded.unwrap_or(1);
+        let known = current_version();
+        if found > known {
+            return Err(StateError::Newer { place: self.place.clone(), found, known });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+            tracing::info!(version, "upgrading the state database");
+            sqlx::raw_sql(&ddl(sql)).execute(&mut *tx).await.map_err(e)?;
+        }
+        if recorded != Some(known) {
+            sqlx::query("DELETE FROM schema_version").execute(&mut *tx).await.map_err(e)?;
+            sqlx::query(&self.sql("INSERT INTO schema_version (version) VALUES (?)"))
+                .bind(known)
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+        }
+        tx.commit().await.map_err(e)
     }
 
     /// A query in this database's parameter style.
@@ -207,7 +254,7 @@ impl State {
     }
 
     pub(crate) fn err(&self, source: sqlx::Error) -> StateError {
-        StateError { place: self.place.clone(), source }
+        StateError::Database { place: self.place.clone(), source }
     }
 
     /// Records a run of `rev` and the inputs its lock pins; returns the revision's id.
@@ -251,38 +298,36 @@ impl State {
         Ok(id)
     }
 
-    /// Records where a variant of a revision stands.
-    #[allow(clippy::too_many_arguments)]
+    /// Records where a variant of a revision stands: `result`, with `status` as the word shown
+    /// (the result's, or `queued` while a server's request runs).
     pub async fn record_variant(
         &self,
         revision_id: i64,
-        variant: &str,
-        system: &str,
-        attr: &str,
-        drv_path: Option<&str>,
-        out_paths: &[String],
+        result: &crate::outcome::VariantResult,
         status: &str,
-        error: Option<&str>,
-        seconds: Option<f64>,
     ) -> Result<(), StateError> {
+        let json = |v: &[String]| serde_json::to_string(v).expect("strings serialise");
         sqlx::query(&self.sql(
             "INSERT INTO variants
-             (revision_id, variant, system, attr, drv_path, out_paths, status, error, seconds, updated_at, position)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, (SELECT count(*) FROM variants WHERE revision_id = ?1))
+             (revision_id, variant, system, attr, drv_path, out_paths, machines, status, error, seconds,
+              updated_at, position)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
+                     (SELECT count(*) FROM variants WHERE revision_id = ?1))
              ON CONFLICT (revision_id, variant, system) DO UPDATE SET
                attr = excluded.attr, drv_path = excluded.drv_path, out_paths = excluded.out_paths,
-               status = excluded.status, error = excluded.error, seconds = excluded.seconds,
-               updated_at = excluded.updated_at",
+               machines = excluded.machines, status = excluded.status, error = excluded.error,
+               seconds = excluded.seconds, updated_at = excluded.updated_at",
         ))
         .bind(revision_id)
-        .bind(variant)
-        .bind(system)
-        .bind(attr)
-        .bind(drv_path)
-        .bind(serde_json::to_string(out_paths).expect("strings serialise"))
+        .bind(&result.variant)
+        .bind(&result.system)
+        .bind(&result.attr)
+        .bind(&result.drv_path)
+        .bind(json(&result.out_paths))
+        .bind(json(&result.machines))
         .bind(status)
-        .bind(error)
-        .bind(seconds)
+        .bind(&result.error)
+        .bind(Some(result.seconds))
         .bind(now())
         .execute(&self.pool)
         .await
@@ -538,19 +583,19 @@ mod tests {
         let id = s.record_revision("/srv/fleet", "c0ffee", "main", &inputs).await.unwrap();
         assert_eq!(s.record_revision("/srv/fleet", "c0ffee", "c0ffee", &inputs).await.unwrap(), id);
         let drv = "/nix/store/00000000000000000000000000000000-x.drv";
-        s.record_variant(
-            id,
-            "cuda",
-            "x86_64-linux",
-            "a.b",
-            Some(drv),
-            &["/nix/store/o".into()],
-            "built",
-            None,
-            Some(2.0),
-        )
-        .await
-        .unwrap();
+        let result = crate::outcome::VariantResult {
+            variant: "cuda".into(),
+            system: "x86_64-linux".into(),
+            attr: "a.b".into(),
+            drv_path: Some(drv.into()),
+            out_paths: vec!["/nix/store/o".into()],
+            machines: vec!["carbon".into(), "forge1".into()],
+            status: crate::outcome::Status::Built,
+            seconds: 2.0,
+            error: None,
+            verification: None,
+        };
+        s.record_variant(id, &result, "built").await.unwrap();
         s.try_claim(drv, "h:1:a").await.unwrap();
         let attempt = s.start_attempt(drv, "h:1:a").await.unwrap();
         s.finish_attempt(attempt, AttemptEnd::Built, 2.0, None, "ok").await.unwrap();
@@ -561,7 +606,68 @@ mod tests {
         let v = &report[0].variants[0];
         assert_eq!((v.variant.as_str(), v.status.as_str()), ("cuda", "built"));
         assert_eq!(v.out_paths, ["/nix/store/o"]);
+        assert_eq!(v.machines, ["carbon", "forge1"]);
         assert_eq!(v.attempts.len(), 1);
         assert_eq!((v.attempts[0].status.as_str(), v.attempts[0].log_bytes), ("built", 2));
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_is_upgraded_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // What fleetcache wrote before schema versions were recorded: version 1's tables, a
+        // revision and a variant.
+        let v1 = SCHEMA.replace("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);", "");
+        assert_ne!(v1, SCHEMA);
+        {
+            sqlx::any::install_default_drivers();
+            let path = dir.path().join("state.db");
+            let pool = AnyPoolOptions::new()
+                .connect(&format!("sqlite://{}?mode=rwc", path.display()))
+                .await
+                .unwrap();
+            sqlx::raw_sql(&(v1 + "PRAGMA user_version = 1;")).execute(&pool).await.unwrap();
+            sqlx::raw_sql(
+                "INSERT INTO revisions (id, flake, rev, requested, first_seen, last_run) VALUES (1, '/f', 'c0', 'main', 1, 1);
+                 INSERT INTO variants (revision_id, variant, system, attr, out_paths, status, updated_at)
+                 VALUES (1, 'default', 'x86_64-linux', 'a.b', '[\"/nix/store/o\"]', 'built', 1);",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let s = State::open(dir.path()).await.unwrap();
+        let report = s.report(10).await.unwrap();
+        assert_eq!(report[0].variants[0].variant, "default");
+        assert_eq!(report[0].variants[0].machines, Vec::<String>::new());
+        let version: i64 =
+            sqlx::query("SELECT version FROM schema_version").fetch_one(&s.pool).await.unwrap().get(0);
+        assert_eq!(version, current_version());
+        // The new column takes values; opening again changes nothing.
+        let result = crate::outcome::VariantResult {
+            machines: vec!["boron".into()],
+            ..crate::outcome::VariantResult {
+                variant: "cpu".into(),
+                system: "x86_64-linux".into(),
+                attr: "x".into(),
+                drv_path: None,
+                out_paths: Vec::new(),
+                machines: Vec::new(),
+                status: crate::outcome::Status::Cached,
+                seconds: 0.0,
+                error: None,
+                verification: None,
+            }
+        };
+        s.record_variant(1, &result, "cached").await.unwrap();
+        drop(s);
+        let s = State::open(dir.path()).await.unwrap();
+        assert_eq!(s.report(10).await.unwrap()[0].variants[1].machines, ["boron"]);
+
+        // A database a newer fleetcache wrote is refused, not half-read.
+        sqlx::query("UPDATE schema_version SET version = 99").execute(&s.pool).await.unwrap();
+        drop(s);
+        let err = State::open(dir.path()).await.err().expect("refused").to_string();
+        assert!(err.contains("schema version 99") && err.contains("newer"), "{err}");
     }
 }

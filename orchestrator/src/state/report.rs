@@ -36,6 +36,9 @@ pub struct VariantReport {
     pub drv_path: Option<String>,
     /// Its outputs.
     pub out_paths: Vec<String>,
+    /// The fleet machines that install it, when the machines were asked.
+    #[serde(default)]
+    pub machines: Vec<String>,
     /// `cached`, `built`, `failed`, or a state the run was in when it stopped.
     pub status: String,
     /// The error, if it failed.
@@ -91,7 +94,7 @@ impl State {
             .collect();
             let mut variants = Vec::new();
             for v in sqlx::query(&self.sql(
-                "SELECT variant, system, attr, drv_path, out_paths, status, error, seconds FROM variants
+                "SELECT variant, system, attr, drv_path, out_paths, status, error, seconds, machines FROM variants
                  WHERE revision_id = ? ORDER BY position, variant, system",
             ))
             .bind(id)
@@ -128,6 +131,7 @@ impl State {
                     attr: v.get(2),
                     drv_path,
                     out_paths: serde_json::from_str(v.get::<&str, _>(4)).unwrap_or_default(),
+                    machines: serde_json::from_str(v.get::<&str, _>(8)).unwrap_or_default(),
                     status: v.get(5),
                     error: v.get(6),
                     seconds: v.get(7),
