@@ -52,30 +52,29 @@ fn the_overlay_gives_each_variant_and_runtime_cpu_dispatch() {
     let bench = Bench::new();
     let v = bench.eval(
         "let up = t.llama.packages.x86_64-linux; p = t.pkgs; in {
-           cpu = p.llama-cpp.cmakeFlags;
-           upstream = up.default.cmakeFlags;
+           flags = { cpu = p.llama-cpp.cmakeFlags; cuda = p.llama-cpp-cuda.cmakeFlags; vulkan = p.llama-cpp-vulkan.cmakeFlags; };
+           upstream = { cpu = up.default.cmakeFlags; cuda = up.cuda.cmakeFlags; vulkan = up.vulkan.cmakeFlags; };
            same = {
              baseline = p.llama-cpp-baseline.drvPath == up.default.drvPath;
-             cuda = p.llama-cpp-cuda.drvPath == up.cuda.drvPath;
-             vulkan = p.llama-cpp-vulkan.drvPath == up.vulkan.drvPath;
              rocm = p.llama-cpp-rocm.drvPath == up.rocm.drvPath;
              cpu = p.llama-cpp.drvPath == up.default.drvPath;
+             cuda = p.llama-cpp-cuda.drvPath == up.cuda.drvPath;
+             vulkan = p.llama-cpp-vulkan.drvPath == up.vulkan.drvPath;
            };
            cpuDrv = p.llama-cpp.drvPath;
          }",
     );
-    let upstream: Vec<String> = serde_json::from_value(v["upstream"].clone()).unwrap();
-    let mut expected = upstream.clone();
-    expected
-        .extend(["-DGGML_BACKEND_DL:BOOL=TRUE".to_owned(), "-DGGML_CPU_ALL_VARIANTS:BOOL=TRUE".to_owned()]);
-    assert_eq!(
-        v["cpu"],
-        json!(expected),
-        "upstream's flags, then the two that load the CPU backend at run time"
-    );
+    let dispatch = ["-DGGML_BACKEND_DL:BOOL=TRUE", "-DGGML_CPU_ALL_VARIANTS:BOOL=TRUE"];
+    for variant in ["cpu", "cuda", "vulkan"] {
+        // The GPU builds run what they do not offload on the CPU backend: it is chosen at run
+        // time there too.
+        let mut expected: Vec<String> = serde_json::from_value(v["upstream"][variant].clone()).unwrap();
+        expected.extend(dispatch.map(str::to_owned));
+        assert_eq!(v["flags"][variant], json!(expected), "{variant}: upstream's flags, then the two");
+    }
     assert_eq!(
         v["same"],
-        json!({"baseline": true, "cuda": true, "vulkan": true, "rocm": true, "cpu": false})
+        json!({"baseline": true, "rocm": true, "cpu": false, "cuda": false, "vulkan": false})
     );
 
     // Built, the CPU variant was configured with those flags.
@@ -84,7 +83,7 @@ fn the_overlay_gives_each_variant_and_runtime_cpu_dispatch() {
     assert!(flags.contains("-DGGML_BACKEND_DL:BOOL=TRUE -DGGML_CPU_ALL_VARIANTS:BOOL=TRUE"), "{flags}");
 
     // On aarch64-linux the llama.cpp flake has no rocm: the overlay leaves it out instead of
-    // failing, and the CPU build is upstream's (ggml has CPU variants on x86-64 only).
+    // failing. This pin's ggml (no source here) is taken to lack ARM CPU variants.
     let v = bench
         .try_eval_on(
             "aarch64-linux",
@@ -94,6 +93,78 @@ fn the_overlay_gives_each_variant_and_runtime_cpu_dispatch() {
         )
         .unwrap();
     assert_eq!(v, json!({"rocm": false, "cuda": true, "cpu": true}));
+}
+
+#[test]
+fn arm_gets_cpu_variants_where_the_pinned_ggml_has_them() {
+    let bench = Bench::new();
+    // A llama.cpp flake whose `default` carries its source, as the real one does: ggml's CMake
+    // lists the armv8.x CPU modules from mid-2025 on; before, GGML_CPU_ALL_VARIANTS stops the
+    // build on ARM.
+    let dir = tempfile::tempdir().unwrap();
+    let with = |name: &str, cmake: &str| {
+        let src = dir.path().join(name).join("ggml/src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("CMakeLists.txt"), cmake).unwrap();
+        dir.path().join(name).display().to_string()
+    };
+    let new = with(
+        "new",
+        "ggml_add_cpu_backend_variant(armv8.0_1)\nggml_add_cpu_backend_variant(armv8.2_1 DOTPROD)\n",
+    );
+    let old = with("old", "message(FATAL_ERROR \"GGML_CPU_ALL_VARIANTS not yet supported\")\n");
+    let flags = |src: &str| {
+        bench
+            .try_eval_on(
+                "aarch64-linux",
+                &format!(
+                    "let
+                       up = t.llama.packages.aarch64-linux;
+                       flake = {{ packages.aarch64-linux = up // {{ default = up.default // {{ src = builtins.path {{ path = {src:?}; }}; }}; }}; }};
+                       p = t.lib.packageSet \"aarch64-linux\" [ (import {overlay:?} flake) ];
+                     in p.llama-cpp.cmakeFlags",
+                    overlay = repo_root().join("nix/overlay.nix").display().to_string(),
+                ),
+            )
+            .unwrap()
+    };
+    let has_dispatch =
+        |v: &Value| v.as_array().unwrap().contains(&json!("-DGGML_CPU_ALL_VARIANTS:BOOL=TRUE"));
+    assert!(has_dispatch(&flags(&new)), "{}", flags(&new));
+    assert!(!has_dispatch(&flags(&old)), "{}", flags(&old));
+}
+
+#[test]
+fn the_fleet_sets_its_cuda_capabilities_and_the_overlay_replaces_nixpkgs_llama_cpp() {
+    let bench = Bench::new();
+    let v = bench.eval(
+        "let
+           m = t.machine [ t.modules.client { nixpkgs.config.cudaCapabilities = [ \"8.6\" \"8.9\" ]; } ];
+         in {
+           fleet = m.pkgs.llama-cpp-cuda.cmakeFlags;
+           default = t.pkgs.llama-cpp-cuda.cmakeFlags;
+           usesDrv = t.pkgs.uses-llama-cpp.drvPath;
+           ours = t.pkgs.llama-cpp.outPath;
+           nixpkgs = t.prev.llama-cpp.outPath;
+         }",
+    );
+    let arch = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| {
+                f.as_str().filter(|f| f.starts_with("-DCMAKE_CUDA_ARCHITECTURES")).map(str::to_owned)
+            })
+            .collect()
+    };
+    assert_eq!(arch(&v["fleet"]), ["-DCMAKE_CUDA_ARCHITECTURES:STRING=86;89"], "only the fleet's GPUs");
+    assert_eq!(arch(&v["default"]), ["-DCMAKE_CUDA_ARCHITECTURES:STRING=75;80;86;89;90"], "upstream's");
+
+    // A nixpkgs package built on `llama-cpp` gets the fleet's llama.cpp (deliberately: one
+    // llama.cpp per machine, the one the cache holds), not nixpkgs' own.
+    assert_ne!(v["ours"], v["nixpkgs"]);
+    let out = bench.realise(v["usesDrv"].as_str().unwrap()).unwrap();
+    assert_eq!(std::fs::read_to_string(out).unwrap().trim(), v["ours"].as_str().unwrap());
 }
 
 #[test]
@@ -107,7 +178,10 @@ fn the_client_module_adds_the_cache_and_installs_the_chosen_variant() {
            overlays = builtins.length m.config.nixpkgs.overlays;
            failed = m.failedAssertions;
          }}",
-        client_machine("variant = \"cuda\";", "services.xserver.videoDrivers = [ \"nvidia\" ];")
+        client_machine(
+            "variant = \"cuda\";",
+            "services.xserver.videoDrivers = [ \"nvidia\" ]; hardware.graphics.enable = true;"
+        )
     ));
     assert_eq!(v["failed"], json!([]));
     // Added beside cache.nixos.org, which stays.
@@ -143,7 +217,21 @@ fn the_client_module_says_what_a_machine_lacks() {
         );
     };
     one("variant = \"vulkan\";", "", "hardware.graphics.enable = true");
-    one("variant = \"cuda\";", "", "services.xserver.videoDrivers");
+    // CUDA needs the driver (the desktop one, or the datacenter one on a headless GPU) and
+    // /run/opengl-driver, where libcuda is.
+    one("variant = \"cuda\";", "hardware.graphics.enable = true;", "services.xserver.videoDrivers");
+    one(
+        "variant = \"cuda\";",
+        "services.xserver.videoDrivers = [ \"nvidia\" ];",
+        "libcuda from /run/opengl-driver",
+    );
+    assert_eq!(failed(&bench, "variant = \"cuda\";", "").len(), 2);
+    for driver in
+        ["services.xserver.videoDrivers = [ \"nvidia\" ];", "hardware.nvidia.datacenter.enable = true;"]
+    {
+        let extra = format!("{driver} hardware.graphics.enable = true;");
+        assert_eq!(failed(&bench, "variant = \"cuda\";", &extra), Vec::<String>::new(), "{driver}");
+    }
     one("publicKeys = [ ];", "", "publicKeys is empty");
     one("url = \"cache.example.org\";", "", "not an http:// or https:// URL");
     assert_eq!(
