@@ -11,10 +11,13 @@
 //! - [`serve`]: `orchestrator serve` and `builder` agents as processes.
 //! - [`postgres`]: a throw-away PostgreSQL cluster (Debian's package).
 //! - [`cache_server`]: the real `cache-server` on a free port with a fresh key and token.
+//! - [`tls`]: a private CA (openssl) and nginx terminating TLS in front of our servers.
+//! - [`forge`]: GitHub-shaped push events and a recording stand-in for commit-status APIs.
 //! - [`bin`]: where the workspace's binaries are.
 
 pub mod cache_server;
 pub mod fleet;
+pub mod forge;
 pub mod garage;
 pub mod nix;
 pub mod nixos;
@@ -22,6 +25,7 @@ pub mod orchestrator;
 pub mod postgres;
 pub mod process;
 pub mod serve;
+pub mod tls;
 
 use std::path::PathBuf;
 

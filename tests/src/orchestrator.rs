@@ -21,6 +21,8 @@ pub struct Setup {
     pub fleet: Fleet,
     /// HOME and the XDG directories are under it.
     pub home: PathBuf,
+    /// More environment for every orchestrator and builder started (`SSL_CERT_FILE`).
+    pub env: Vec<(String, PathBuf)>,
 }
 
 impl Setup {
@@ -28,7 +30,7 @@ impl Setup {
     pub fn new() -> Self {
         let fleet = Fleet::new();
         let home = fleet.scratch("home");
-        Setup { fleet, home }
+        Setup { fleet, home, env: Vec::new() }
     }
 
     /// `orchestrator ARGS` in the fleet checkout with this home.
@@ -42,6 +44,7 @@ impl Setup {
             .env("XDG_DATA_HOME", self.home.join("data"))
             .env("XDG_CONFIG_HOME", self.home.join("config"))
             .env_remove("FLEETCACHE_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }

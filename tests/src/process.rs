@@ -41,6 +41,11 @@ impl ChildGuard {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Whether the child is still running.
+    pub fn try_alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// Panics if the child has exited, with its status.
     pub fn assert_alive(&mut self) {
         if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {

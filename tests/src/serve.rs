@@ -43,13 +43,25 @@ pub struct Orchestrator {
 /// goes before the tables (e.g. `database = …`), then the `variants` tables. Returns the
 /// configuration and API token files.
 pub fn configure(s: &Setup, cache: &CacheServer, top: &str, variants: &str) -> (PathBuf, PathBuf) {
+    configure_with(s, &cache.url, &cache.token, top, variants)
+}
+
+/// [`configure`] for the cache at `cache_url` (a TLS proxy in front of one, say) taking upload
+/// token `cache_token`.
+pub fn configure_with(
+    s: &Setup,
+    cache_url: &str,
+    cache_token: &str,
+    top: &str,
+    variants: &str,
+) -> (PathBuf, PathBuf) {
     let dir = s.home.join("orchestrator");
     std::fs::create_dir_all(&dir).unwrap();
     let tokens: String = ["a", "b", "c", "d"].iter().map(|x| format!("builder-{x}:token-{x}\n")).collect();
     std::fs::write(dir.join("builder-tokens"), tokens).unwrap();
     std::fs::write(dir.join("api-tokens"), "cli:api-token\n").unwrap();
     std::fs::write(dir.join("api-token"), "api-token\n").unwrap();
-    std::fs::write(dir.join("cache-token"), &cache.token).unwrap();
+    std::fs::write(dir.join("cache-token"), cache_token).unwrap();
     let config = dir.join("fleetcache.toml");
     std::fs::write(
         &config,
@@ -69,7 +81,7 @@ max-attempts = 3
 {variants}"#,
             state = dir.join("state").display(),
             fleet = s.fleet.fleet.display(),
-            cache = cache.url,
+            cache = cache_url,
             dir = dir.display(),
         ),
     )
@@ -170,6 +182,7 @@ pub fn start_builder_with(
         .args(extra)
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("HOME", &s.home)
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());

@@ -4,55 +4,14 @@
 use std::time::{Duration, Instant};
 
 use fleetcache_tests::cache_server::CacheServer;
+use fleetcache_tests::forge::{FakeForge, github_push, sign};
 use fleetcache_tests::nix::{TempStore, run};
 use fleetcache_tests::orchestrator::Setup;
 use fleetcache_tests::serve::{DEFAULT_AND_CUDA, Orchestrator, configure, start_builder, start_orchestrator};
-use hmac::{Hmac, Mac};
 use nix_formats::StorePath;
 use serde_json::{Value, json};
 
 const VARIANTS: &str = DEFAULT_AND_CUDA;
-
-fn sign(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body);
-    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn github_push(reference: &str, before: &str, after: &str, repo: &str) -> Value {
-    json!({
-        "ref": reference,
-        "before": before,
-        "after": after,
-        "created": false,
-        "deleted": false,
-        "forced": false,
-        "base_ref": null,
-        "compare": format!("https://github.com/{repo}/compare/{}...{}", &before[..12], &after[..12]),
-        "commits": [{
-            "id": after,
-            "tree_id": "0000000000000000000000000000000000000000",
-            "distinct": true,
-            "message": "flake.lock: update nixpkgs",
-            "timestamp": "2026-11-27T06:00:00+00:00",
-            "url": format!("https://github.com/{repo}/commit/{after}"),
-            "author": { "name": "Alice", "email": "alice@example.org", "username": "alice" },
-            "committer": { "name": "Alice", "email": "alice@example.org", "username": "alice" },
-            "added": [], "removed": [], "modified": ["flake.lock"]
-        }],
-        "head_commit": { "id": after, "message": "flake.lock: update nixpkgs" },
-        "repository": {
-            "id": 4242, "node_id": "R_x", "name": repo.split('/').next_back().unwrap(), "full_name": repo,
-            "private": true, "owner": { "login": repo.split('/').next().unwrap() },
-            "html_url": format!("https://github.com/{repo}"),
-            "clone_url": format!("https://github.com/{repo}.git"),
-            "ssh_url": format!("git@github.com:{repo}.git"),
-            "default_branch": "main"
-        },
-        "pusher": { "name": "alice", "email": "alice@example.org" },
-        "sender": { "login": "alice", "id": 1 }
-    })
-}
 
 fn gitea_push(before: &str, after: &str) -> Value {
     json!({
@@ -98,62 +57,6 @@ fn gitlab_push(before: &str, after: &str) -> Value {
         "repository": { "name": "fleet", "url": "git@gitlab.example.org:ops/fleet.git",
                         "homepage": "https://gitlab.example.org/ops/fleet" }
     })
-}
-
-/// The forge's commit-status API as far as we use it: records each request, answers 201. (The
-/// forges themselves cannot run here; the payload shapes are checked by the assertions.)
-struct FakeForge {
-    url: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
-}
-
-impl FakeForge {
-    fn start() -> Self {
-        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let record = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut request_line = String::new();
-                reader.read_line(&mut request_line).unwrap_or(0);
-                let (mut length, mut auth) = (0usize, String::new());
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    let (name, value) = line.split_once(':').unwrap_or((&line, ""));
-                    match name.to_ascii_lowercase().as_str() {
-                        "content-length" => length = value.trim().parse().unwrap_or(0),
-                        "authorization" => auth = value.trim().to_owned(),
-                        _ => {}
-                    }
-                }
-                let mut body = vec![0; length];
-                reader.read_exact(&mut body).unwrap_or(());
-                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
-                record.lock().unwrap().push((path, auth, String::from_utf8_lossy(&body).into_owned()));
-                let mut conn = conn;
-                let _ = conn
-                    .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
-            }
-        });
-        FakeForge { url, seen }
-    }
-
-    /// The statuses set on `sha` so far.
-    fn states(&self, sha: &str) -> Vec<(String, Value)> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(path, _, _)| path.ends_with(&format!("/statuses/{sha}")))
-            .map(|(_, auth, body)| (auth.clone(), serde_json::from_str(body).unwrap_or(Value::Null)))
-            .collect()
-    }
 }
 
 struct Hooks {
@@ -203,10 +106,10 @@ fn decision(o: &Orchestrator, delivery: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let pushes = api_get(o, "/api/v1/pushes");
-        if let Some(p) = pushes.as_array().unwrap().iter().find(|p| p["delivery"] == delivery) {
-            if !matches!(p["decision"].as_str(), Some("pending" | "deciding")) {
-                return p.clone();
-            }
+        if let Some(p) = pushes.as_array().unwrap().iter().find(|p| p["delivery"] == delivery)
+            && !matches!(p["decision"].as_str(), Some("pending" | "deciding"))
+        {
+            return p.clone();
         }
         assert!(Instant::now() < deadline, "no decision for {delivery}: {pushes}\n{}", o.log());
         std::thread::sleep(Duration::from_millis(200));
