@@ -208,6 +208,41 @@ attr = "inputs.llama-cpp.packages.{system}.rocm"
 }
 
 #[test]
+fn build_and_push_work_with_a_nix_conf_that_enables_no_experimental_feature() {
+    let s = Setup::new();
+    // What a stock nix.conf has (NixOS's enables no experimental feature), plus what Debian's
+    // single-user Nix needs here.
+    let conf = s.fleet.scratch("etc-nix");
+    std::fs::write(conf.join("nix.conf"), "sandbox = false\nbuild-users-group =\nsubstituters =\n").unwrap();
+    let stock = |c: &mut Command| {
+        c.env("NIX_CONF_DIR", &conf).env("NIX_CONFIG", "").env("NIX_USER_CONF_FILES", "");
+    };
+    // The new CLI is refused as such, so this configuration is what the binaries get.
+    let mut probe = Command::new("nix");
+    probe.args(["path-info", "/nix/store/00000000000000000000000000000000-x"]);
+    stock(&mut probe);
+    let refused = String::from_utf8_lossy(&probe.output().unwrap().stderr).into_owned();
+    assert!(refused.contains("experimental Nix feature 'nix-command' is disabled"), "{refused}");
+
+    let mut build = s.orchestrator(&["build", "--json", "--rev", "main", "--variant", "cuda"]);
+    stock(&mut build);
+    let (code, results, stderr) = parse_build(build.output().unwrap());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(results["cuda"]["status"], "built");
+
+    let (_dir, server) = CacheServer::start_local();
+    let token = s.home.join("token");
+    std::fs::write(&token, &server.token).unwrap();
+    let mut push = s.orchestrator(&["push", "--json", "--cache", &server.url, "--token-file"]);
+    push.arg(&token).arg(out_path(&results["cuda"]).to_absolute());
+    stock(&mut push);
+    let out = push.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["uploaded"], 2, "the variant and ggml-common: {summary}");
+}
+
+#[test]
 fn a_nixpkgs_bump_rebuilds_everything_and_an_unrelated_commit_nothing() {
     let s = Setup::new();
     let (code, first, stderr) = s.build(&["--rev", "main", "--max-jobs", "3"]);
