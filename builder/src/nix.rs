@@ -148,6 +148,11 @@ impl NixVersion {
     }
 }
 
+/// The flags that make this machine's `nix path-info` print the JSON this module reads.
+pub fn path_info_json() -> &'static [&'static str] {
+    path_info_json_flags(NixVersion::detect())
+}
+
 /// The flags that make `nix path-info` print JSON this module reads, for `version`.
 fn path_info_json_flags(version: Option<NixVersion>) -> &'static [&'static str] {
     match version {
@@ -160,7 +165,7 @@ fn path_info_json_flags(version: Option<NixVersion>) -> &'static [&'static str] 
 /// The closures of `paths` with their metadata (`nix path-info --recursive --json`).
 pub fn closure_info(paths: &[StorePath]) -> Result<Vec<PathInfo>, NixError> {
     let mut args = vec!["path-info".to_owned(), "--recursive".to_owned()];
-    args.extend(path_info_json_flags(NixVersion::detect()).iter().map(|f| (*f).to_owned()));
+    args.extend(path_info_json().iter().map(|f| (*f).to_owned()));
     args.extend(paths.iter().map(StorePath::to_absolute));
     let text = run("nix", &args)?;
     parse_path_infos(&text)

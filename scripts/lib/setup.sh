@@ -39,9 +39,34 @@ ensure_debian_packages() {
         apt_install "${missing[@]}"
     fi
     if ! command -v cargo >/dev/null; then
-        echo "error: cargo is not installed (this project needs a Rust toolchain, 1.85 or newer)" >&2
+        echo "error: cargo is not installed (this project needs a Rust toolchain, 1.94.1 or newer)" >&2
         return 1
     fi
+}
+
+# nginx (Debian's package): the TLS proxy the HTTPS tests put in front of our servers.
+ensure_nginx() {
+    if ! [ -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null; then
+        step "installing Debian packages: nginx"
+        # The package's own service is not wanted: each test starts its own nginx.
+        apt_install nginx
+    fi
+    command -v openssl >/dev/null || apt_install openssl
+}
+
+# A current Nix beside Debian 12's 2.8 (Debian sid's nix-bin, run from its own directory under
+# $FLEETCACHE_CACHE_DIR; ../shared/modern-nix/install does it in ~40 s the first time). Sets
+# MODERN_NIX to the directory whose bin/ has it, or leaves it empty (with a warning) where the
+# installer is not beside this repository.
+ensure_modern_nix() {
+    local installer=${FLEETCACHE_MODERN_NIX_INSTALL:-../shared/modern-nix/install}
+    MODERN_NIX=
+    if [ ! -x "$installer" ]; then
+        echo "WARNING: $installer is missing: the Nix-facing tests run with Debian's Nix only" >&2
+        return 0
+    fi
+    step "a current Nix beside Debian's (../shared/modern-nix)"
+    MODERN_NIX=$(FLEETCACHE_CACHE_DIR=$FLEETCACHE_CACHE_DIR "$installer" sid | tail -n 1)
 }
 
 # PostgreSQL (Debian's package) for the replicated-orchestrator tests; each test starts its own

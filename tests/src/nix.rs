@@ -64,16 +64,33 @@ pub fn build_closure(nonce: &str, count: u32, big_mib: u32) -> StorePath {
     StorePath::from_absolute(out.trim()).expect("nix-build prints a store path")
 }
 
-/// `nix path-info --json` of `paths` (with `--recursive` when `recursive`).
+/// `nix path-info --json` of `paths` (with `--recursive` when `recursive`), as a list of objects
+/// with a `path` each: Nix before 2.19 prints that; later ones an object keyed by path, which
+/// is turned into it.
 pub fn path_info(paths: &[&StorePath], recursive: bool) -> Vec<Value> {
     let mut c = command("nix");
-    c.args(["path-info", "--json"]);
+    c.arg("path-info").args(builder::nix::path_info_json());
     if recursive {
         c.arg("--recursive");
     }
     c.args(paths.iter().map(|p| p.to_absolute()));
-    let v: Value = serde_json::from_str(&run(&mut c)).expect("path-info prints JSON");
-    v.as_array().expect("path-info prints an array").clone()
+    match serde_json::from_str(&run(&mut c)).expect("path-info prints JSON") {
+        Value::Array(list) => list,
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(path, mut info)| {
+                info["path"] = Value::String(path);
+                info
+            })
+            .collect(),
+        other => panic!("path-info printed {other}"),
+    }
+}
+
+/// Whether `stderr` is Nix refusing a path for its signatures (Nix 2.8: "lacks a valid
+/// signature"; later: "lacks a signature by a trusted key").
+pub fn refused_for_signature(stderr: &str) -> bool {
+    stderr.contains("lacks a valid signature") || stderr.contains("lacks a signature by a trusted key")
 }
 
 /// The closure of `path`, as store paths.

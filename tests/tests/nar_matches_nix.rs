@@ -201,33 +201,46 @@ fn try_nix_restore(nar: &[u8], dir: &Path) -> Result<std::path::PathBuf, String>
 
 #[test]
 fn what_nix_rejects_we_reject() {
-    let cases: [(&str, Vec<u8>, &str); 4] = [
-        ("duplicate", dir_nar(&[(b"a", b"x"), (b"a", b"y")]), "File exists"),
-        ("dot-dot", dir_nar(&[(b"..", b"x")]), "invalid file name"),
-        ("slash", dir_nar(&[(b"a/b", b"x")]), "invalid file name"),
-        ("not a NAR", b"garbage that is not a NAR at all".to_vec(), "doesn't look like a Nix archive"),
+    // What each Nix says: 2.8 first, then what later ones say where it differs (they check the
+    // order of entries before creating them).
+    let cases: [(&str, Vec<u8>, &[&str]); 4] = [
+        (
+            "duplicate",
+            dir_nar(&[(b"a", b"x"), (b"a", b"y")]),
+            &["File exists", "NAR directory is not sorted"],
+        ),
+        ("dot-dot", dir_nar(&[(b"..", b"x")]), &["invalid file name"]),
+        ("slash", dir_nar(&[(b"a/b", b"x")]), &["invalid file name"]),
+        ("not a NAR", b"garbage that is not a NAR at all".to_vec(), &["doesn't look like a Nix archive"]),
     ];
     for (what, bad, nix_says) in cases {
         let dir = tempfile::tempdir().unwrap();
         let err = try_nix_restore(&bad, dir.path()).expect_err(what);
-        assert!(err.contains(nix_says), "{what}: nix said {err}");
+        assert!(nix_says.iter().any(|said| err.contains(said)), "{what}: nix said {err}");
         assert!(nar::validate(&bad[..]).is_err(), "{what}: we accepted it");
     }
 }
 
 #[test]
 fn what_nix_2_8_lets_through_but_is_not_canonical_we_reject() {
-    // `nix-store --restore` (2.8) accepts unsorted entries and trailing bytes. Neither NAR is
-    // what `nix-store --dump` gives for the tree it restores to, so its NarHash would not match
-    // the path's contents: a cache must refuse them.
+    // `nix-store --restore` (2.8) accepts unsorted entries and trailing bytes (later Nix refuses
+    // unsorted ones itself). Neither NAR is what `nix-store --dump` gives for the tree it
+    // restores to, so its NarHash would not match the path's contents: a cache must refuse them.
     let unsorted = dir_nar(&[(b"b", b"x"), (b"a", b"x")]);
     let mut trailing = dir_nar(&[(b"a", b"x")]);
     trailing.extend_from_slice(&[0; 8]);
+    let version = builder::nix::NixVersion::detect().expect("nix --version");
     for (what, bad) in [("unsorted", unsorted), ("trailing bytes", trailing)] {
         let dir = tempfile::tempdir().unwrap();
-        let restored =
-            try_nix_restore(&bad, dir.path()).unwrap_or_else(|e| panic!("{what}: nix refused: {e}"));
-        assert_ne!(nix_dump(&restored), bad, "{what}: the NAR is not the canonical one for its tree");
+        match try_nix_restore(&bad, dir.path()) {
+            Ok(restored) => {
+                assert_ne!(nix_dump(&restored), bad, "{what}: the NAR is not the canonical one for its tree")
+            }
+            Err(e) if (version.major, version.minor) > (2, 8) => {
+                eprintln!("{what}: this Nix refuses it too: {e}")
+            }
+            Err(e) => panic!("{what}: Nix {version:?} refused it: {e}"),
+        }
         assert!(nar::validate(&bad[..]).is_err(), "{what}: we accepted it");
     }
 }
