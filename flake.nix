@@ -6,7 +6,8 @@
 #     inputs.llama-cpp.follows = "llama-cpp";
 #   };
 #
-# (Let `nixpkgs` follow too only if the fleet's nixpkgs has Rust 1.85 or later: 25.05 on.)
+# (Let `nixpkgs` follow too only if the fleet's nixpkgs has rustc 1.94.1 or later, the lock's
+# minimum (`scripts/check-msrv`): NixOS 26.05 and later.)
 {
   description = "fleetcache: a Nix binary cache and build orchestrator for a NixOS fleet's hardware variants";
 
@@ -75,6 +76,19 @@
           orchestrator = program "orchestrator";
           cache-server = program "cache-server";
           builder = program "builder";
+          # deploy/s3/garage-setup, for `nix run .#garage-setup` on the host that runs Garage
+          # (services.garage puts `garage` on its PATH; GARAGE names another).
+          garage-setup =
+            pkgs.runCommand "garage-setup"
+              {
+                meta.mainProgram = "garage-setup";
+                meta.description = "gives a fresh Garage node its role, the cache's bucket and cache-server's key";
+              }
+              ''
+                mkdir -p $out/bin
+                cp ${./deploy/s3/garage-setup} $out/bin/garage-setup
+                chmod +x $out/bin/garage-setup
+              '';
         }
       );
 

@@ -1,5 +1,6 @@
 # fleetcache's three binaries (orchestrator, cache-server, builder) from this workspace and its
-# committed Cargo.lock. Needs Rust 1.85 or later (edition 2024): nixpkgs 25.05 or newer.
+# committed Cargo.lock. Needs rustc 1.94.1 or later (what the locked AWS SDK asks for; checked by
+# scripts/check-msrv): NixOS 26.05 or newer.
 #
 # The test suite is not run here: its end-to-end tests start Nix, Garage and PostgreSQL
 # (`scripts/test` runs it).

@@ -259,10 +259,10 @@ pub fn status(
                 if !v.machines.is_empty() {
                     println!("             installed by {}", v.machines.join(", "));
                 }
-                if let Some(e) = v.error.as_deref().or(last.and_then(|a| a.error.as_deref())) {
-                    if v.status == "failed" {
-                        println!("             {}", e.lines().next().unwrap_or_default());
-                    }
+                if let Some(e) = v.error.as_deref().or(last.and_then(|a| a.error.as_deref()))
+                    && v.status == "failed"
+                {
+                    println!("             {}", e.lines().next().unwrap_or_default());
                 }
             }
         }

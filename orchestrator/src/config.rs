@@ -412,13 +412,12 @@ impl Config {
             }
             _ => {}
         }
-        if let Some(db) = &self.database {
-            if !(db.starts_with("postgres://")
+        if let Some(db) = &self.database
+            && !(db.starts_with("postgres://")
                 || db.starts_with("postgresql://")
                 || db.starts_with("sqlite://"))
-            {
-                return Err(format!("database {db:?}: use postgres://… (or sqlite://…)"));
-            }
+        {
+            return Err(format!("database {db:?}: use postgres://… (or sqlite://…)"));
         }
         if let Some(store) = &self.cache.store {
             cache_server::config::StoreUrl::parse(store).map_err(|e| e.to_string())?;

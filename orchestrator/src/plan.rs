@@ -59,10 +59,8 @@ impl Selection {
     pub fn new(config: &Config, names: &[String]) -> Result<Self, String> {
         let machines = config.builds_machines();
         let known: Vec<&str> = config.variants.iter().map(|v| v.name.as_str()).collect();
-        if !machines {
-            if let Some(n) = names.iter().find(|n| !known.contains(&n.as_str())) {
-                return Err(format!("no variant {n:?} is configured (known: {})", known.join(", ")));
-            }
+        if !machines && let Some(n) = names.iter().find(|n| !known.contains(&n.as_str())) {
+            return Err(format!("no variant {n:?} is configured (known: {})", known.join(", ")));
         }
         // A name that is not a configured variant may be a machine, whose derivation may be a
         // configured variant's: then every configured variant is evaluated and matched later.
@@ -158,14 +156,11 @@ pub async fn plan(
     // Known failures, then one question to the cache for every output.
     for job in jobs.iter_mut().filter(|j| j.status.is_none()) {
         let drv = job.eval.as_ref().expect("evaluated").drv_path.to_absolute();
-        if let (DerivationStatus::Failed, failure) = ctx.state.derivation(&drv).await? {
-            if !ctx.options.retry_failed {
-                let why = failure.map(|f| f.error).unwrap_or_default();
-                job.fail(
-                    start,
-                    format!("{drv} failed before (pass --retry-failed to build it again): {why}"),
-                );
-            }
+        if let (DerivationStatus::Failed, failure) = ctx.state.derivation(&drv).await?
+            && !ctx.options.retry_failed
+        {
+            let why = failure.map(|f| f.error).unwrap_or_default();
+            job.fail(start, format!("{drv} failed before (pass --retry-failed to build it again): {why}"));
         }
     }
     let wanted: Vec<StorePath> = jobs

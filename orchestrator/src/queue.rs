@@ -517,10 +517,10 @@ impl State {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(|e| self.err(e))?;
-        if let Some(row) = row {
-            if row.get::<&str, _>(0) == "claimed" {
-                return Ok(Some((row.get(1), true)));
-            }
+        if let Some(row) = row
+            && row.get::<&str, _>(0) == "claimed"
+        {
+            return Ok(Some((row.get(1), true)));
         }
         let last = sqlx::query(
             &self.sql("SELECT log, status FROM attempts WHERE drv_path = ? ORDER BY id DESC LIMIT 1"),

@@ -19,5 +19,5 @@
     device = "/dev/disk/by-label/nixos";
     fsType = "ext4";
   };
-  system.stateVersion = "25.05";
+  system.stateVersion = "26.05";
 }

@@ -281,38 +281,36 @@ impl Server {
                 let settled = |v: &Option<Verification>| {
                     v.as_ref().is_some_and(|v| v.status != VerifyStatus::Unverified)
                 };
-                if let (Status::Built, Some(spec), Some(output)) = (status, &e.verify, &e.main_output) {
-                    if !settled(&verification) {
-                        match checks.get(&drv) {
-                            Some(check) if check.status == "built" => {
-                                verification = check.verification.clone()
+                if let (Status::Built, Some(spec), Some(output)) = (status, &e.verify, &e.main_output)
+                    && !settled(&verification)
+                {
+                    match checks.get(&drv) {
+                        Some(check) if check.status == "built" => verification = check.verification.clone(),
+                        Some(check) if check.status == "failed" => {
+                            verification = Some(unverified(format!(
+                                "the verification could not run: {}",
+                                check.error.as_deref().unwrap_or("?")
+                            )));
+                        }
+                        Some(_) => continue,
+                        None => {
+                            if builders.is_none() {
+                                builders = Some(self.state.builders().await?);
                             }
-                            Some(check) if check.status == "failed" => {
-                                verification = Some(unverified(format!(
-                                    "the verification could not run: {}",
-                                    check.error.as_deref().unwrap_or("?")
-                                )));
+                            let alive = builders
+                                .as_deref()
+                                .unwrap_or_default()
+                                .iter()
+                                .filter(|b| now() - b.last_seen < BUILDER_ALIVE);
+                            if alive.clone().any(|b| b.can_take(&job.system, &spec.features)) {
+                                self.state.enqueue_verification(&drv, &job.system, output, spec).await?;
+                                self.work.notify_waiters();
+                                continue;
                             }
-                            Some(_) => continue,
-                            None => {
-                                if builders.is_none() {
-                                    builders = Some(self.state.builders().await?);
-                                }
-                                let alive = builders
-                                    .as_deref()
-                                    .unwrap_or_default()
-                                    .iter()
-                                    .filter(|b| now() - b.last_seen < BUILDER_ALIVE);
-                                if alive.clone().any(|b| b.can_take(&job.system, &spec.features)) {
-                                    self.state.enqueue_verification(&drv, &job.system, output, spec).await?;
-                                    self.work.notify_waiters();
-                                    continue;
-                                }
-                                verification = Some(unverified(format!(
-                                    "no registered builder has {} to verify it",
-                                    spec.features.join(", ")
-                                )));
-                            }
+                            verification = Some(unverified(format!(
+                                "no registered builder has {} to verify it",
+                                spec.features.join(", ")
+                            )));
                         }
                     }
                 }
