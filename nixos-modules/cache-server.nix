@@ -102,14 +102,18 @@ in
       description = "File of `name:token` lines allowed to read. Without it reads are public.";
     };
     s3CredentialsFile = common.secretFileOption {
-      description = "File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines for an `s3://` store.";
+      description = ''
+        File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines for an `s3://`
+        store. The service waits for it: on a host where the bucket's key is made after the first
+        deployment (Garage on the same host), it starts by itself once the file is there.
+      '';
     };
 
     settings = lib.mkOption {
       type = lib.types.submodule { freeformType = common.settingsFormat.type; };
       default = { };
       example = {
-        priority = 30;
+        priority = 30; # ask this cache before cache.nixos.org (default 41: after it)
         narinfo-cache-seconds = 30;
       };
       description = ''
@@ -126,7 +130,11 @@ in
       description = "fleetcache cache-server";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
+      after = [ "network-online.target" ] ++ lib.optional config.services.garage.enable "garage.service";
+      # Without its S3 key the service is skipped, not failed; the path unit below starts it.
+      unitConfig = lib.optionalAttrs (cfg.s3CredentialsFile != null) {
+        ConditionPathExists = cfg.s3CredentialsFile;
+      };
       serviceConfig = common.hardening // {
         ExecStart = "${exe} --config ${configFile}";
         DynamicUser = true;
@@ -135,6 +143,12 @@ in
         Restart = "on-failure";
         RestartSec = 5;
       };
+    };
+
+    systemd.paths.${unit} = lib.mkIf (cfg.s3CredentialsFile != null) {
+      description = "start the fleetcache cache-server once its S3 credentials exist";
+      wantedBy = [ "multi-user.target" ];
+      pathConfig.PathExists = cfg.s3CredentialsFile;
     };
 
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];

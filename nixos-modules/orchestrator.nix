@@ -195,15 +195,17 @@ in
       example = [
         {
           name = "cuda";
-          attr = "nixosConfigurations.carbon.pkgs.llama-cpp-cuda";
+          attr = "nixosConfigurations.carbon.config.services.fleetcache.client.package";
           features = [ "cuda" ];
-          files = [ "lib/libggml-cuda.so" ];
+          files = [ "bin/libggml-cuda.so" ];
         }
       ];
       description = ''
-        The variants to build: what the fleet's machines install, by attribute path in the
-        fleet flake. Default: `default`, `cuda` and `vulkan` of the fleet's `inputs.llama-cpp`
-        for this machine's system.
+        Variants by attribute path in the fleet flake. By default (none) the orchestrator builds
+        what the fleet's machines install: every `nixosConfigurations` machine that enables
+        `services.fleetcache.client` contributes its package. Listed variants replace that,
+        unless `settings.fleet.machines = true`, with which they join it and lend their name
+        and checks to the machines' derivation they equal.
       '';
     };
 

@@ -63,8 +63,9 @@ pub struct Config {
     /// those environment variables.
     #[serde(default)]
     pub s3_credentials_file: Option<PathBuf>,
-    /// Substituter priority advertised in `nix-cache-info` (lower wins; cache.nixos.org is 40).
-    /// Default 30.
+    /// Substituter priority advertised in `nix-cache-info` (lower is asked first;
+    /// cache.nixos.org is 40). Default 41: machines ask cache.nixos.org first for what it has and
+    /// this cache for the rest; 30 puts this cache first.
     #[serde(default = "default_priority")]
     pub priority: u32,
     /// Seconds a narinfo that exists is kept in memory (0 turns this off; misses are never
@@ -83,7 +84,7 @@ fn default_store() -> String {
     "file:///var/lib/fleetcache/cache".to_owned()
 }
 fn default_priority() -> u32 {
-    30
+    nix_formats::CacheInfo::FLEETCACHE_PRIORITY
 }
 fn default_narinfo_cache_seconds() -> u64 {
     30
@@ -172,7 +173,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.store, "file:///var/lib/fleetcache/cache");
         assert!(c.signing_key_files.is_empty() && c.upload_tokens_file.is_none());
-        assert_eq!(c.priority, 30);
+        assert_eq!(c.priority, 41);
     }
 
     #[test]

@@ -34,10 +34,19 @@ pub struct CacheInfo {
 }
 
 impl CacheInfo {
-    /// What fleetcache serves: `/nix/store`, mass queries welcome, priority 30 (before
-    /// cache.nixos.org, so the fleet's own builds win).
+    /// The priority fleetcache advertises by default: just after cache.nixos.org's 40. A
+    /// machine then asks cache.nixos.org first for the thousands of paths of its system, which
+    /// it has, and the fleet's cache for the few it lacks (the fleet's own builds), instead of
+    /// sending the fleet's cache a miss for nearly every path.
+    pub const FLEETCACHE_PRIORITY: u32 = 41;
+
+    /// What fleetcache serves: `/nix/store`, mass queries welcome, [`Self::FLEETCACHE_PRIORITY`].
     pub fn fleetcache_default() -> Self {
-        CacheInfo { store_dir: STORE_DIR.to_owned(), want_mass_query: true, priority: Some(30) }
+        CacheInfo {
+            store_dir: STORE_DIR.to_owned(),
+            want_mass_query: true,
+            priority: Some(Self::FLEETCACHE_PRIORITY),
+        }
     }
 
     /// Parses the file; unknown keys are ignored, as Nix does.
@@ -87,7 +96,7 @@ mod tests {
     #[test]
     fn round_trip_and_nix_written_file() {
         let d = CacheInfo::fleetcache_default();
-        assert_eq!(d.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
+        assert_eq!(d.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n");
         assert_eq!(CacheInfo::parse(&d.to_string()).unwrap(), d);
         // `nix copy --to file://` writes only the store dir (parsed here without its newline too).
         let nix = CacheInfo::parse("StoreDir: /nix/store\n").unwrap();

@@ -126,7 +126,7 @@ async fn a_truthful_upload_is_published_signed_and_served_with_ranges() {
     assert_eq!(missing.headers()["cache-control"], "no-store");
     assert_eq!(
         c.get("nix-cache-info").await.text().await.unwrap(),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n"
     );
 
     // The same upload twice, and two at once, all succeed.

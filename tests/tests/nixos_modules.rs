@@ -297,6 +297,10 @@ fn evaluate_host(bench: &Bench, host: &str) -> Value {
            orchestratorCredentials = m.config.systemd.services.fleetcache-orchestrator.serviceConfig.LoadCredential;
            gitSsh = m.config.systemd.services.fleetcache-orchestrator.environment.GIT_SSH_COMMAND or null;
            trusted = m.config.nix.settings.trusted-users;
+           waitsFor = {{
+             condition = m.config.systemd.services.fleetcache-cache-server.unitConfig.ConditionPathExists or null;
+             path = m.config.systemd.paths.fleetcache-cache-server.pathConfig.PathExists or null;
+           }};
            nixConf = m.nixConf;
            hardening = builtins.mapAttrs (u: s: {{ user = s.serviceConfig.User or \"dynamic\";
              wxDenied = s.serviceConfig.MemoryDenyWriteExecute or false;
@@ -332,6 +336,8 @@ fn service_configurations_pass_the_binaries_check_config_at_build_time() {
         ])
     );
     assert_eq!(v["trusted"], json!(["root", "fleetcache-builder"]));
+    // The S3 key may be made after the first deployment: the unit waits for it, then starts.
+    assert_eq!(v["waitsFor"], json!({"condition": "/run/secrets/s3", "path": "/run/secrets/s3"}));
     // A private fleet repository: git and nix's fetcher use the deploy key.
     assert!(
         v["orchestratorCredentials"].as_array().unwrap().contains(&json!("ssh-key:/run/secrets/deploy-key"))
@@ -482,7 +488,7 @@ fn the_flake_exports_what_a_fleet_uses() {
         v,
         json!({
             "modules": ["builder", "cache-server", "client", "default", "orchestrator"],
-            "packages": ["builder", "cache-server", "default", "orchestrator"],
+            "packages": ["builder", "cache-server", "default", "garage-setup", "orchestrator"],
             "systems": ["aarch64-linux", "x86_64-linux"],
             "overlay": true,
         })
@@ -501,6 +507,16 @@ fn the_flake_exports_what_a_fleet_uses() {
     let out = bench.realise(drv.as_str().unwrap()).unwrap();
     let version = Command::new(format!("{out}/bin/cache-server")).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("cache-server "), "{version:?}");
+    // garage-setup, packaged for `nix run .#garage-setup`: the script in deploy/s3, runnable.
+    let drv = bench.eval("t.flake.packages.x86_64-linux.garage-setup.drvPath");
+    let out = bench.realise(drv.as_str().unwrap()).unwrap();
+    let packaged = format!("{out}/bin/garage-setup");
+    assert_eq!(
+        std::fs::read(&packaged).unwrap(),
+        std::fs::read(repo_root().join("deploy/s3/garage-setup")).unwrap()
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_ne!(std::fs::metadata(&packaged).unwrap().permissions().mode() & 0o111, 0);
 
     // checks.modules: every service of a host enabled, its assertions held, each configuration
     // file built (so checked by its binary) and nix.conf checked for what the modules add.

@@ -14,7 +14,8 @@ in
   # S3 for the cache: one Garage node (see ../../s3/garage.toml for the same without NixOS).
   services.garage = {
     enable = true;
-    package = pkgs.garage;
+    # A Garage major version, named: the module wants one chosen (upgrading is a migration).
+    package = pkgs.garage_2;
     environmentFile = "/run/secrets/garage.env"; # GARAGE_RPC_SECRET=<64 hex digits>
     settings = {
       replication_factor = 1;
@@ -44,8 +45,10 @@ in
     cacheTokenFile = "/run/secrets/fleetcache-orchestrator-upload-token";
     builderTokensFile = "/run/secrets/fleetcache-builder-tokens";
     apiTokensFile = "/run/secrets/fleetcache-api-tokens";
-    # The same variants `orchestrator build --config fleetcache.toml` builds by hand.
+    # What `orchestrator build --config fleetcache.toml` builds by hand: the machines' packages,
+    # with the checks of the variants named there.
     variants = fleetcacheToml.variant;
+    settings.fleet.machines = fleetcacheToml.fleet.machines;
     webhooks = {
       repository = "ops/fleet";
       giteaSecretFile = "/run/secrets/fleetcache-webhook-secret";
