@@ -15,7 +15,7 @@ use futures_util::{Stream, StreamExt as _, TryStreamExt as _};
 use nix_formats::hash::{Hash, HashingWriter};
 use nix_formats::nar::{NarError, NarVerifier};
 use nix_formats::narinfo::{Compression, NarInfoError};
-use nix_formats::{NarInfo, SecretKey, nixbase32};
+use nix_formats::{NarInfo, SecretKey, StorePath, nixbase32};
 use sha2::Digest as _;
 use thiserror::Error;
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -223,23 +223,37 @@ pub async fn ingest_narinfo(
     publish(storage, keys, info).await
 }
 
-/// Checks that every reference has a narinfo, signs with every key and writes the narinfo:
-/// the last step of every upload. Returns the signed text.
-pub(crate) async fn publish(
+/// Refuses `references` of `path` that have no narinfo in this cache.
+pub(crate) async fn check_references(
     storage: &dyn Storage,
-    keys: &[SecretKey],
-    mut info: NarInfo,
-) -> Result<String, IngestError> {
-    let checks = info.references.iter().filter(|r| **r != info.store_path).map(|r| async move {
+    path: &StorePath,
+    references: &[StorePath],
+) -> Result<(), IngestError> {
+    let checks = references.iter().filter(|r| *r != path).map(|r| async move {
         let key = Key::narinfo(r.hash_part()).expect("a store path's hash part is a valid key");
         storage.head(&key).await.map(|found| (r, found.is_some()))
     });
     let results = futures_util::future::try_join_all(checks).await?;
-    let missing: Vec<String> =
+    let mut missing: Vec<String> =
         results.into_iter().filter(|(_, ok)| !ok).map(|(r, _)| r.to_string()).collect();
+    missing.sort();
+    missing.dedup();
     if !missing.is_empty() {
         return Err(IngestError::MissingReferences(missing));
     }
+    Ok(())
+}
+
+/// Checks that every reference has a narinfo, signs with every key and writes the narinfo:
+/// the last step of every upload. What is written holds only checked fields
+/// ([`NarInfo::into_published`]). Returns the signed text.
+pub(crate) async fn publish(
+    storage: &dyn Storage,
+    keys: &[SecretKey],
+    info: NarInfo,
+) -> Result<String, IngestError> {
+    let mut info = info.into_published();
+    check_references(storage, &info.store_path, &info.references).await?;
     for key in keys {
         info.sign(key);
     }

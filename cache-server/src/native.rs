@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
 use nix_formats::hash::HashingWriter;
-use nix_formats::{Hash, NarInfo, SecretKey, StorePath};
+use nix_formats::{ContentAddress, Hash, NarInfo, SecretKey, StorePath};
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::IngestError;
@@ -169,11 +169,20 @@ where
     if meta.nar_size == 0 {
         return Err(bad("nar_size", "must not be 0"));
     }
+    let ca = meta.ca.as_deref().map(ContentAddress::parse).transpose().map_err(|e| bad("ca", e))?;
+    // A path this cache could not publish is refused before its bytes are read.
+    crate::ingest::check_references(storage, &store_path, &references).await?;
 
-    // Named by the NAR hash: known before the bytes arrive, and checked before commit.
+    // Named by the NAR hash: known before the bytes arrive, and checked before commit. A NAR
+    // stored under the name already is never replaced (narinfos point at it, with its size):
+    // this upload is then only verified, not stored again.
     let file_name = format!("{}.nar.zst", nar_hash.to_nix32());
     let key = Key::nar(&file_name).expect("a nix32 sha256 is a valid NAR file name");
-    let mut upload = storage.begin_put(&key).await?;
+    let existing = storage.head(&key).await?;
+    let mut upload = match existing {
+        Some(_) => None,
+        None => Some(storage.begin_put(&key).await?),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let verifier =
         tokio::task::spawn_blocking(move || verify_zstd_stream(ChannelReader { rx, current: Bytes::new() }));
@@ -190,9 +199,14 @@ where
                 },
             }?;
             io::Write::write_all(&mut file, &chunk).expect("sink");
-            // A closed channel means the verifier already failed; its error is reported below.
-            let _ = tx.send(chunk.clone()).await;
-            upload.write(chunk).await?;
+            // A closed channel means the verifier already failed: stop reading, its error is
+            // the answer.
+            if tx.send(chunk.clone()).await.is_err() {
+                break;
+            }
+            if let Some(upload) = upload.as_mut() {
+                upload.write(chunk).await?;
+            }
         }
         Ok(())
     }
@@ -201,7 +215,9 @@ where
     let verified = verifier.await.map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
     let (found_hash, found_size) = match (streamed, verified) {
         (Err(e), _) | (Ok(()), Err(e)) => {
-            let _ = upload.abort().await;
+            if let Some(upload) = upload {
+                let _ = upload.abort().await;
+            }
             return Err(e);
         }
         (Ok(()), Ok(v)) => v,
@@ -214,17 +230,32 @@ where
         None
     };
     if let Some((field, claimed, actual)) = mismatch {
-        let _ = upload.abort().await;
+        if let Some(upload) = upload {
+            let _ = upload.abort().await;
+        }
         return Err(IngestError::Mismatch { field, claimed, actual });
     }
-    let file_size = upload.commit().await?;
-    metrics.ingested(file_size);
     let (file_hash, _, _) = file.finish();
+    let committed = match upload {
+        Some(upload) => upload.commit_new().await?,
+        None => None,
+    };
+    // The file the narinfo names: ours, or the one that was there (whose hash we do not know).
+    let (file_hash, file_size) = match committed {
+        Some(size) => {
+            metrics.ingested(size);
+            (Some(file_hash), size)
+        }
+        None => match storage.head(&key).await? {
+            Some(size) => (None, size),
+            None => return Err(IngestError::NarMissing(key.to_string())),
+        },
+    };
     let info = NarInfo {
         store_path,
         url: format!("nar/{file_name}"),
         compression: Some("zstd".to_owned()),
-        file_hash: Some(file_hash),
+        file_hash,
         file_size: Some(file_size),
         nar_hash,
         nar_size: found_size,
@@ -232,7 +263,7 @@ where
         deriver,
         system: None,
         signatures: Vec::new(),
-        ca: meta.ca,
+        ca,
         unknown: Vec::new(),
     };
     let narinfo = crate::ingest::publish(storage, keys, info).await?;

@@ -8,10 +8,12 @@
 //! - [`store_path`]: `/nix/store/<hash>-<name>` parsing and validation.
 //! - [`nar`]: the NAR archive format (streaming writer, validating reader, unpacker).
 //! - [`narinfo`]: `.narinfo` files and the fingerprint that signatures cover.
+//! - [`content_address`]: the `CA:` of content-addressed paths.
 //! - [`cache_info`]: the `nix-cache-info` file.
 //! - [`signing`]: ed25519 keys and signatures in Nix's text format.
 
 pub mod cache_info;
+pub mod content_address;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;
@@ -20,6 +22,7 @@ pub mod signing;
 pub mod store_path;
 
 pub use cache_info::CacheInfo;
+pub use content_address::ContentAddress;
 pub use hash::{Hash, HashAlgo};
 pub use narinfo::NarInfo;
 pub use signing::{PublicKey, SecretKey, Signature};

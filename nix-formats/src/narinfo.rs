@@ -5,14 +5,20 @@
 //! the wild are accepted by name:
 //!
 //! - `Deriver: unknown-deriver` (written by old tools) means "no deriver".
-//! - Unknown keys are kept, in order, and written after the known ones.
+//! - Unknown keys are kept, in order, and written after the known ones (but never published:
+//!   see [`NarInfo::into_published`]).
 //! - A missing `Compression:` means `bzip2`, as in Nix; it stays missing when serialised.
 //! - Blank lines are skipped; the last line may lack its newline.
+//!
+//! Lines are split as Nix splits them: the key is everything before the first `:`, the value
+//! everything after the `": "` that must follow it. A line Nix would read differently (no
+//! space after the colon) is refused rather than read another way.
 
 use std::fmt::{self, Write as _};
 
 use thiserror::Error;
 
+use crate::content_address::{ContentAddress, ContentAddressError};
 use crate::hash::{Hash, HashError};
 use crate::signing::{KeyError, PublicKey, SecretKey, Signature};
 use crate::store_path::{StorePath, StorePathError};
@@ -100,6 +106,12 @@ pub enum LineError {
     /// A field that must not be empty is empty.
     #[error("empty value")]
     Empty,
+    /// `CA:` is not a content address.
+    #[error(transparent)]
+    ContentAddress(#[from] ContentAddressError),
+    /// A control character, which no field may hold.
+    #[error("control character in the value")]
+    Control,
 }
 
 /// Why a narinfo could not be parsed.
@@ -152,7 +164,7 @@ pub struct NarInfo {
     /// Signatures over [`NarInfo::fingerprint`].
     pub signatures: Vec<Signature>,
     /// Content address (`fixed:r:sha256:…`, `text:sha256:…`) for content-addressed paths.
-    pub ca: Option<String>,
+    pub ca: Option<ContentAddress>,
     /// Keys this parser does not know, with their values, in file order.
     pub unknown: Vec<(String, String)>,
 }
@@ -193,7 +205,7 @@ struct Fields {
     deriver: Option<Option<StorePath>>,
     system: Option<String>,
     signatures: Vec<Signature>,
-    ca: Option<String>,
+    ca: Option<ContentAddress>,
     unknown: Vec<(String, String)>,
 }
 
@@ -220,7 +232,7 @@ impl Fields {
                 self.signatures.push(Signature::parse(v)?);
                 Ok(())
             }
-            "CA" => set_once(&mut self.ca, key, non_empty(v)?),
+            "CA" => set_once(&mut self.ca, key, ContentAddress::parse(v)?),
             _ => {
                 self.unknown.push((key.to_owned(), v.to_owned()));
                 Ok(())
@@ -243,16 +255,20 @@ impl NarInfo {
                 continue;
             }
             let bad = |error| NarInfoError::Line { line: i + 1, text: shorten(line), error };
-            let (key, value) = match line.split_once(": ") {
-                Some(kv) => kv,
+            // Nix: the key is what precedes the first ':', the value what follows the two
+            // characters after it. Anything but ": " there would be read differently by us.
+            let (key, rest) = line.split_once(':').ok_or_else(|| bad(LineError::NotKeyValue))?;
+            let value = match rest.strip_prefix(' ') {
+                Some(v) => v,
                 // `References:` with nothing after it, as some writers trim the space.
-                None => match line.strip_suffix(':') {
-                    Some(key) if !key.is_empty() => (key, ""),
-                    _ => return Err(bad(LineError::NotKeyValue)),
-                },
+                None if rest.is_empty() => "",
+                None => return Err(bad(LineError::NotKeyValue)),
             };
-            if key.is_empty() || key.contains(char::is_whitespace) {
+            if key.is_empty() || key.contains(|c: char| c.is_whitespace() || c.is_control()) {
                 return Err(bad(LineError::NotKeyValue));
+            }
+            if value.contains(|c: char| c.is_control()) {
+                return Err(bad(LineError::Control));
             }
             f.line(key, value).map_err(bad)?;
         }
@@ -306,12 +322,27 @@ impl NarInfo {
     pub fn file_name(&self) -> String {
         format!("{}.narinfo", self.store_path.hash_part())
     }
+
+    /// The narinfo a cache publishes for these fields, before it signs it: only the fields
+    /// Nix reads and the cache has checked or set. References are deduplicated and sorted (Nix
+    /// keeps them as a set, so its fingerprint has each once); `System:`, signatures and keys
+    /// this parser does not know are dropped, so nothing a client sent unchecked is echoed.
+    pub fn into_published(mut self) -> NarInfo {
+        self.references.sort();
+        self.references.dedup();
+        self.system = None;
+        self.signatures.clear();
+        self.unknown.clear();
+        self
+    }
 }
 
-/// The fingerprint of a store path's metadata (see [`NarInfo::fingerprint`]).
+/// The fingerprint of a store path's metadata (see [`NarInfo::fingerprint`]): references as
+/// the set Nix keeps them in, sorted, each once.
 pub fn fingerprint(path: &StorePath, nar_hash: &Hash, nar_size: u64, references: &[StorePath]) -> String {
     let mut refs: Vec<String> = references.iter().map(StorePath::to_absolute).collect();
     refs.sort();
+    refs.dedup();
     format!("1;{path};{};{nar_size};{}", nar_hash.to_nix32_prefixed(), refs.join(","))
 }
 
@@ -435,6 +466,44 @@ mod tests {
     }
 
     #[test]
+    fn lines_nix_would_read_differently_are_refused() {
+        let n = NarInfo::parse(FROM_NIX).unwrap();
+        let nar_hash = n.nar_hash.to_nix32_prefixed();
+        // Nix takes the key up to the first ':' and skips the next character whatever it is:
+        // it would read these as NarHash, StorePath and URL lines.
+        for line in [
+            format!("NarHash:X{nar_hash}"),
+            format!("StorePath:/{}", n.store_path),
+            "URL:Xnar/elsewhere.nar".to_owned(),
+            "X-Key:value".to_owned(),
+        ] {
+            let err = NarInfo::parse(&format!("{FROM_NIX}{line}\n")).unwrap_err();
+            assert!(matches!(err, NarInfoError::Line { error: LineError::NotKeyValue, .. }), "{line}: {err}");
+        }
+        // No field holds a control character (a `\r` would end a line for some readers).
+        let err = NarInfo::parse(&FROM_NIX.replacen("Compression: xz", "Compression: xz\r", 1)).unwrap_err();
+        assert!(matches!(err, NarInfoError::Line { error: LineError::Control, .. }), "{err}");
+        let err = NarInfo::parse(&format!("{FROM_NIX}CA: garbage\n")).unwrap_err();
+        assert!(matches!(err, NarInfoError::Line { error: LineError::ContentAddress(_), .. }), "{err}");
+    }
+
+    #[test]
+    fn published_narinfos_hold_only_what_was_checked() {
+        let n = NarInfo::parse(FROM_NIX).unwrap();
+        let dup = n.references[0].base_name();
+        let text = FROM_NIX.replacen("References: ", &format!("References: {dup} "), 1);
+        let mut wild = NarInfo::parse(&format!("{text}System: x86_64-linux\nX-Custom: echo me\n")).unwrap();
+        wild.sign(&SecretKey::generate("client").unwrap());
+        // A duplicate reference does not change the fingerprint: Nix keeps references as a set.
+        assert_eq!(wild.fingerprint(), n.fingerprint());
+        let published = wild.into_published();
+        assert_eq!(published.references, n.references);
+        assert_eq!((published.system.as_deref(), published.signatures.len()), (None, 0));
+        assert!(published.unknown.is_empty());
+        assert!(!published.to_string().contains("X-Custom"));
+    }
+
+    #[test]
     fn signing_replaces_own_signature_and_keeps_others() {
         let mut n = NarInfo::parse(FROM_NIX).unwrap();
         let a = SecretKey::generate("a").unwrap();
@@ -466,7 +535,10 @@ mod tests {
             nar in any::<[u8; 32]>(),
             file in proptest::option::of(any::<[u8; 32]>()),
             nar_size in 1u64..u64::MAX,
-            ca in proptest::option::of("fixed:r:sha256:[0-9a-df-np-sv-z]{52}"),
+            ca in proptest::option::of(any::<[u8; 32]>().prop_map(|h| ContentAddress {
+                method: crate::content_address::Method::Recursive,
+                hash: Hash::sha256(h),
+            })),
         ) {
             let mut n = NarInfo {
                 url: format!("nar/{}.nar.zst", path.hash_part()),

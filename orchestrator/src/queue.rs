@@ -66,6 +66,19 @@ pub struct JobView {
     pub verification: Option<Verification>,
 }
 
+/// A claimed job as its lease holder's requests are checked against it.
+#[derive(Debug, Clone)]
+pub struct LeasedJob {
+    /// The builder holding it.
+    pub builder: String,
+    /// A build or a verification.
+    pub kind: JobKind,
+    /// The outputs a build must have put into the cache.
+    pub out_paths: Vec<String>,
+    /// The check it asked for, if any.
+    pub verify: Option<VerifySpec>,
+}
+
 /// What a job needs to be queued.
 pub struct NewJob<'a> {
     /// Its derivation.
@@ -323,6 +336,24 @@ impl State {
             lease_seconds,
             required_files: strings(c.get(7)),
             verify: c.get::<Option<&str>, _>(8).and_then(|v| serde_json::from_str(v).ok()),
+        }))
+    }
+
+    /// The claimed job `id` if `lease` holds it.
+    pub async fn leased_job(&self, id: i64, lease: &str) -> Result<Option<LeasedJob>, StateError> {
+        let row = sqlx::query(&self.sql(
+            "SELECT builder, kind, out_paths, verify FROM jobs WHERE id = ? AND lease = ? AND status = 'claimed'",
+        ))
+        .bind(id)
+        .bind(lease)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(row.map(|r| LeasedJob {
+            builder: r.get::<Option<String>, _>(0).unwrap_or_default(),
+            kind: if r.get::<&str, _>(1) == "verify" { JobKind::Verify } else { JobKind::Build },
+            out_paths: serde_json::from_str(r.get::<&str, _>(2)).unwrap_or_default(),
+            verify: r.get::<Option<&str>, _>(3).and_then(|v| serde_json::from_str(v).ok()),
         }))
     }
 

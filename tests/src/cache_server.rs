@@ -4,10 +4,15 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix_formats::SecretKey;
+use cache_server::native::UploadMeta;
+use nix_formats::nar::dump_path;
+use nix_formats::{SecretKey, StorePath};
+use reqwest::StatusCode;
+use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::bin;
+use crate::nix;
 use crate::process::ChildGuard;
 
 /// A running cache-server.
@@ -116,5 +121,67 @@ impl CacheServer {
     /// The directory holding its key and token files.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// The closure of `top` with `nix path-info` metadata, dependencies before dependents.
+pub fn closure_in_upload_order(top: &StorePath) -> Vec<Value> {
+    let mut todo = nix::path_info(&[top], true);
+    let mut done: Vec<Value> = Vec::new();
+    while !todo.is_empty() {
+        let ready = todo
+            .iter()
+            .position(|i| {
+                i["references"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|r| r == &i["path"] || done.iter().any(|d| &d["path"] == r))
+            })
+            .expect("closure is acyclic");
+        done.push(todo.remove(ready));
+    }
+    done
+}
+
+/// The body of a native upload (`POST /api/v1/upload`) of the path `info` describes (a
+/// [`closure_in_upload_order`] element), its NAR compressed at `level`.
+pub fn body_at_level(info: &Value, level: i32) -> Vec<u8> {
+    let meta = UploadMeta {
+        store_path: info["path"].as_str().unwrap().to_owned(),
+        references: info["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect(),
+        deriver: info["deriver"].as_str().map(str::to_owned),
+        ca: info["ca"].as_str().map(str::to_owned),
+        nar_hash: info["narHash"].as_str().unwrap().to_owned(),
+        nar_size: info["narSize"].as_u64().unwrap(),
+    };
+    let nar = dump_path(Path::new(&meta.store_path), Vec::new()).unwrap();
+    let mut body = serde_json::to_vec(&meta).unwrap();
+    body.push(b'\n');
+    body.extend(zstd::encode_all(&nar[..], level).unwrap());
+    body
+}
+
+/// [`body_at_level`] at zstd level 1, as `orchestrator push` compresses.
+pub fn body_for(info: &Value) -> Vec<u8> {
+    body_at_level(info, 1)
+}
+
+/// Sends a native upload with the server's upload token; 599 if the connection failed.
+pub async fn upload(server: &CacheServer, body: impl Into<reqwest::Body>) -> (StatusCode, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/upload", server.url))
+        .bearer_auth(&server.token)
+        .body(body)
+        .send()
+        .await;
+    match resp {
+        Ok(r) => (r.status(), r.text().await.unwrap()),
+        Err(e) => (StatusCode::from_u16(599).unwrap(), e.to_string()),
     }
 }

@@ -1,71 +1,14 @@
 //! The builder's protocol against the real cache-server: one streamed request per path, a
 //! batch "missing" query, and what happens when the client or S3 goes away mid-upload.
 
-use std::path::Path;
-
 use bytes::Bytes;
-use cache_server::native::{MissingResponse, UploadMeta};
-use fleetcache_tests::cache_server::{CacheServer, Options};
+use cache_server::native::MissingResponse;
+use fleetcache_tests::cache_server::{CacheServer, Options, body_for, closure_in_upload_order, upload};
 use fleetcache_tests::garage::Garage;
 use fleetcache_tests::nix::{self, TempStore};
-use nix_formats::nar::dump_path;
 use nix_formats::{Hash, StorePath};
 use reqwest::StatusCode;
 use serde_json::Value;
-
-/// The closure of `top` with `nix path-info` metadata, dependencies before dependents.
-fn closure_in_upload_order(top: &StorePath) -> Vec<Value> {
-    let mut todo = nix::path_info(&[top], true);
-    let mut done: Vec<Value> = Vec::new();
-    while !todo.is_empty() {
-        let ready = todo
-            .iter()
-            .position(|i| {
-                i["references"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|r| r == &i["path"] || done.iter().any(|d| &d["path"] == r))
-            })
-            .expect("closure is acyclic");
-        done.push(todo.remove(ready));
-    }
-    done
-}
-
-fn body_for(info: &Value) -> Vec<u8> {
-    let meta = UploadMeta {
-        store_path: info["path"].as_str().unwrap().to_owned(),
-        references: info["references"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap().to_owned())
-            .collect(),
-        deriver: info["deriver"].as_str().map(str::to_owned),
-        ca: info["ca"].as_str().map(str::to_owned),
-        nar_hash: info["narHash"].as_str().unwrap().to_owned(),
-        nar_size: info["narSize"].as_u64().unwrap(),
-    };
-    let nar = dump_path(Path::new(&meta.store_path), Vec::new()).unwrap();
-    let mut body = serde_json::to_vec(&meta).unwrap();
-    body.push(b'\n');
-    body.extend(zstd::encode_all(&nar[..], 1).unwrap());
-    body
-}
-
-async fn upload(server: &CacheServer, body: impl Into<reqwest::Body>) -> (StatusCode, String) {
-    let resp = reqwest::Client::new()
-        .post(format!("{}/api/v1/upload", server.url))
-        .bearer_auth(&server.token)
-        .body(body)
-        .send()
-        .await;
-    match resp {
-        Ok(r) => (r.status(), r.text().await.unwrap()),
-        Err(e) => (StatusCode::from_u16(599).unwrap(), e.to_string()),
-    }
-}
 
 async fn missing(server: &CacheServer, paths: &[&str]) -> Vec<String> {
     let resp = reqwest::Client::new()

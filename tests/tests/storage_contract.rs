@@ -69,6 +69,19 @@ async fn contract(s: &dyn Storage) {
     let got = get_bytes(s, &narinfo).await.unwrap().unwrap();
     assert!(got == a || got == b);
 
+    // A write that must not replace: the first lands, a later one (small or multipart) keeps
+    // what is there and says so.
+    s.delete(&nar).await.unwrap();
+    let mut first = s.begin_put(&nar).await.unwrap();
+    first.write(Bytes::from_static(b"first")).await.unwrap();
+    assert_eq!(first.commit_new().await.unwrap(), Some(5));
+    for size in [6usize, 9 << 20] {
+        let mut later = s.begin_put(&nar).await.unwrap();
+        later.write(Bytes::from(vec![b'x'; size])).await.unwrap();
+        assert_eq!(later.commit_new().await.unwrap(), None, "{size} bytes replaced the object");
+        assert_eq!(get_bytes(s, &nar).await.unwrap().unwrap(), &b"first"[..]);
+    }
+
     s.delete(&nar).await.unwrap();
     assert!(s.head(&nar).await.unwrap().is_none());
 }

@@ -152,6 +152,26 @@ impl Upload for LocalUpload {
         Ok(self.size)
     }
 
+    async fn commit_new(mut self: Box<Self>) -> Result<Option<u64>, StorageError> {
+        let key = self.key.clone();
+        let mut file = self.file.take().expect("committed once");
+        file.flush().await.map_err(io_err(&key))?;
+        file.sync_all().await.map_err(io_err(&key))?;
+        drop(file);
+        if let Some(parent) = self.dest.parent() {
+            fs::create_dir_all(parent).await.map_err(io_err(&key))?;
+        }
+        // A hard link, unlike a rename, never replaces what is there.
+        let linked = fs::hard_link(&self.tmp, &self.dest).await;
+        self.finished = true;
+        fs::remove_file(&self.tmp).await.map_err(io_err(&key))?;
+        match linked {
+            Ok(()) => Ok(Some(self.size)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(io_err(&key)(e)),
+        }
+    }
+
     async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
         self.file = None;
         self.finished = true;

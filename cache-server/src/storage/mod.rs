@@ -113,6 +113,11 @@ pub trait Upload: Send {
     /// Makes the object visible, replacing any previous one; returns its size.
     async fn commit(self: Box<Self>) -> Result<u64, StorageError>;
 
+    /// Makes the object visible only if none exists under its key yet; returns its size, or
+    /// `None` when an object was there (it is kept, and what was written is discarded). For
+    /// content-addressed names that must never change once a narinfo points at them.
+    async fn commit_new(self: Box<Self>) -> Result<Option<u64>, StorageError>;
+
     /// Discards what was written. Dropping an upload without committing does the same.
     async fn abort(self: Box<Self>) -> Result<(), StorageError>;
 }

@@ -160,7 +160,73 @@ struct S3Upload {
     size: u64,
 }
 
+/// Whether S3 refused a conditional write because the object exists (412).
+fn precondition_failed<E>(e: &SdkError<E>) -> bool {
+    e.raw_response().is_some_and(|r| r.status().as_u16() == 412)
+}
+
 impl S3Upload {
+    /// Completes the upload; with `only_new`, on the condition that no object exists yet,
+    /// `None` when one does. The condition is sent as `If-None-Match: *` (AWS, R2 and MinIO
+    /// hold it even against a concurrent writer); S3 servers that ignore it (Garage) are asked
+    /// first, which holds against every earlier write.
+    async fn finish(mut self: Box<Self>, only_new: bool) -> Result<Option<u64>, StorageError> {
+        let key = self.key.clone();
+        let condition = only_new.then_some("*");
+        if only_new {
+            let there = self.client.head_object().bucket(&self.bucket).key(key.as_str()).send().await;
+            match there {
+                Ok(_) => return Ok(None),
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {}
+                Err(e) => return Err(s3_err("HeadObject", &key)(e)),
+            }
+        }
+        if self.multipart.is_none() {
+            let body = self.buf.split().freeze();
+            let sent = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key.as_str())
+                .set_if_none_match(condition.map(str::to_owned))
+                .body(ByteStream::from(body))
+                .send()
+                .await;
+            return match sent {
+                Ok(_) => Ok(Some(self.size)),
+                Err(e) if only_new && precondition_failed(&e) => Ok(None),
+                Err(e) => Err(s3_err("PutObject", &key)(e)),
+            };
+        }
+        if !self.buf.is_empty() {
+            self.flush_part().await?;
+        }
+        let mp = self.multipart.take().expect("multipart");
+        let done = CompletedMultipartUpload::builder().set_parts(Some(mp.parts)).build();
+        let result = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .upload_id(&mp.upload_id)
+            .set_if_none_match(condition.map(str::to_owned))
+            .multipart_upload(done)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Some(self.size)),
+            Err(e) => {
+                // Aborted by Drop, in the background.
+                self.multipart = Some(Multipart { upload_id: mp.upload_id, parts: Vec::new() });
+                if only_new && precondition_failed(&e) {
+                    Ok(None)
+                } else {
+                    Err(s3_err("CompleteMultipartUpload", &key)(e))
+                }
+            }
+        }
+    }
+
     async fn flush_part(&mut self) -> Result<(), StorageError> {
         let key = self.key.clone();
         if self.multipart.is_none() {
@@ -207,40 +273,12 @@ impl Upload for S3Upload {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<u64, StorageError> {
-        let key = self.key.clone();
-        if self.multipart.is_none() {
-            let body = self.buf.split().freeze();
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key.as_str())
-                .body(ByteStream::from(body))
-                .send()
-                .await
-                .map_err(s3_err("PutObject", &key))?;
-            return Ok(self.size);
-        }
-        if !self.buf.is_empty() {
-            self.flush_part().await?;
-        }
-        let mp = self.multipart.take().expect("multipart");
-        let done = CompletedMultipartUpload::builder().set_parts(Some(mp.parts)).build();
-        let result = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key.as_str())
-            .upload_id(&mp.upload_id)
-            .multipart_upload(done)
-            .send()
-            .await
-            .map_err(s3_err("CompleteMultipartUpload", &key));
-        if result.is_err() {
-            self.multipart = Some(Multipart { upload_id: mp.upload_id, parts: Vec::new() });
-        }
-        result?;
-        Ok(self.size)
+    async fn commit(self: Box<Self>) -> Result<u64, StorageError> {
+        Ok(self.finish(false).await?.expect("an unconditional write happens"))
+    }
+
+    async fn commit_new(self: Box<Self>) -> Result<Option<u64>, StorageError> {
+        self.finish(true).await
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {

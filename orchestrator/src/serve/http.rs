@@ -172,13 +172,25 @@ fn gone() -> ApiError {
     ApiError(StatusCode::GONE, "this lease is no longer yours: the job went back to the queue".to_owned())
 }
 
+impl Server {
+    /// The job `id` if builder `name` holds it with `lease` (a lease is only ever good for the
+    /// builder it was handed to).
+    async fn held_job(&self, id: i64, lease: &str, name: &str) -> ApiResult<crate::queue::LeasedJob> {
+        match self.state.leased_job(id, lease).await? {
+            Some(job) if job.builder == name => Ok(job),
+            _ => Err(gone()),
+        }
+    }
+}
+
 async fn heartbeat(
     AxState(s): AxState<Arc<Server>>,
     Path(id): Path<i64>,
     headers: HeaderMap,
     body: axum::Json<Heartbeat>,
 ) -> ApiResult {
-    s.builder_name(&headers)?;
+    let name = s.builder_name(&headers)?;
+    s.held_job(id, &body.lease, &name).await?;
     if s.state
         .heartbeat(id, &body.lease, &body.phase, body.pushed_bytes, s.config.server.lease_seconds)
         .await?
@@ -195,7 +207,8 @@ async fn log(
     headers: HeaderMap,
     body: axum::Json<LogChunk>,
 ) -> ApiResult {
-    s.builder_name(&headers)?;
+    let name = s.builder_name(&headers)?;
+    s.held_job(id, &body.lease, &name).await?;
     if s.state.append_log(id, &body.lease, &body.text, s.config.build.max_log_bytes).await? {
         Ok(StatusCode::OK.into_response())
     } else {
@@ -210,18 +223,52 @@ async fn result(
     body: axum::Json<JobResult>,
 ) -> ApiResult {
     let name = s.builder_name(&headers)?;
-    let end = match body.outcome {
+    let job = s.held_job(id, &body.lease, &name).await?;
+    let mut end = match body.outcome {
         Outcome::Built => AttemptEnd::Built,
         Outcome::Failed => AttemptEnd::Failed,
         Outcome::PushFailed => AttemptEnd::PushFailed,
         Outcome::Refused => AttemptEnd::Interrupted,
     };
-    let error = match (body.outcome, &body.error) {
+    let mut error = match (body.outcome, &body.error) {
         (Outcome::Refused, Some(e)) => Some(format!("refused by {name}: {e}")),
         (_, e) => e.clone(),
     };
+    // "Built" is what the cache says, not what the builder says: every output must be there.
+    if end == AttemptEnd::Built && job.kind == builder::api::JobKind::Build {
+        let outputs = job
+            .out_paths
+            .iter()
+            .map(|p| nix_formats::StorePath::from_absolute(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("job {id}: {e}")))?;
+        match s.cache.client.missing(&outputs).await {
+            Ok(missing) if missing.is_empty() => {}
+            Ok(missing) => {
+                let missing: Vec<String> = missing.iter().map(|p| p.to_string()).collect();
+                tracing::warn!(builder = %name, job = id, ?missing, "reported built, but the cache lacks outputs");
+                end = AttemptEnd::PushFailed;
+                error = Some(format!("{name} reported it built, but the cache lacks {}", missing.join(", ")));
+            }
+            Err(e) => {
+                // The builder retries its result; the job keeps its lease meanwhile.
+                return Err(ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot ask the cache whether the outputs are there ({e}); retry"),
+                ));
+            }
+        }
+    }
+    // A verification counts only for a job that asked for one.
+    let verification = match (&job.verify, &body.verification) {
+        (Some(_), v) => v.as_ref(),
+        (None, Some(_)) => {
+            tracing::warn!(builder = %name, job = id, "a verification for a job that asked for none; ignored");
+            None
+        }
+        (None, None) => None,
+    };
     let max = s.config.server.max_attempts;
-    let verification = body.verification.as_ref();
     if s.state.finish_job(id, &body.lease, end, error.as_deref(), verification, body.seconds, max).await? {
         tracing::info!(builder = %name, job = id, outcome = ?body.outcome, "job ended");
         s.work.notify_waiters();
