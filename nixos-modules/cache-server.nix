@@ -135,7 +135,7 @@ in
       unitConfig = lib.optionalAttrs (cfg.s3CredentialsFile != null) {
         ConditionPathExists = cfg.s3CredentialsFile;
       };
-      serviceConfig = common.hardening // {
+      serviceConfig = common.hardening // common.serverLimits // {
         ExecStart = "${exe} --config ${configFile}";
         DynamicUser = true;
         StateDirectory = unit;

@@ -113,6 +113,12 @@ rec {
     address: port:
     if lib.hasInfix ":" address then "[${address}]:${toString port}" else "${address}:${toString port}";
 
+  # Open files for a server: systemd's default soft limit (1024) is exhausted by that many idle
+  # clients; the servers bound their connections below whatever limit they get.
+  serverLimits = {
+    LimitNOFILE = 65536;
+  };
+
   # systemd hardening for a network service that needs nothing of the host but its own
   # directories; services that run Nix or GPU programs relax parts of it.
   hardening = {

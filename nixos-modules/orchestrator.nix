@@ -258,7 +258,7 @@ in
       after = [ "network-online.target" ];
       # It evaluates the fleet with nix and fetches it with git.
       inherit (nixClient) path environment;
-      serviceConfig = common.hardening // {
+      serviceConfig = common.hardening // common.serverLimits // {
         ExecStart = "${exe} serve --config ${configFile}";
         DynamicUser = true;
         StateDirectory = unit;

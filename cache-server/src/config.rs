@@ -75,6 +75,18 @@ pub struct Config {
     /// Largest narinfo upload accepted, in bytes. Default 1 MiB.
     #[serde(default = "default_max_narinfo_bytes")]
     pub max_narinfo_bytes: usize,
+    /// Connections served at once (more wait; never more than the open-files limit allows,
+    /// raised to its hard limit at start). Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from when it is
+    /// ready for the next request (so also how long an idle keep-alive connection stays).
+    /// Default 10.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_seconds: u64,
+    /// Seconds an upload's body may send nothing before it is cut. Default 60.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout_seconds: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -92,6 +104,15 @@ fn default_narinfo_cache_seconds() -> u64 {
 fn default_max_narinfo_bytes() -> usize {
     1024 * 1024
 }
+fn default_max_connections() -> usize {
+    crate::listener::Limits::default().max_connections
+}
+fn default_header_timeout() -> u64 {
+    crate::listener::Limits::default().header_timeout.as_secs()
+}
+fn default_body_idle_timeout() -> u64 {
+    crate::listener::Limits::default().body_idle_timeout.as_secs()
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -100,6 +121,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The listener limits these settings give.
+    pub fn limits(&self) -> crate::listener::Limits {
+        crate::listener::Limits {
+            max_connections: self.max_connections,
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_seconds),
+            body_idle_timeout: std::time::Duration::from_secs(self.body_idle_timeout_seconds),
+            ..crate::listener::Limits::default()
+        }
+    }
+
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)

@@ -39,7 +39,18 @@ pub struct AppState {
     pub narinfo_cache: NarinfoCache,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The listener's limits (the body idle timeout applies to every upload).
+    pub limits: crate::listener::Limits,
 }
+
+/// Largest build log accepted (`PUT /log/…`).
+pub const MAX_LOG_BYTES: usize = 64 << 20;
+/// Largest NAR listing accepted (`PUT /<hash>.ls`).
+pub const MAX_LISTING_BYTES: usize = 64 << 20;
+/// Largest NAR file accepted (`PUT /nar/…`, a native upload's compressed NAR).
+pub const MAX_NAR_FILE_BYTES: u64 = 1 << 40;
+/// Most paths one `POST /api/v1/missing` may ask about.
+pub const MAX_MISSING_PATHS: usize = 100_000;
 
 impl AppState {
     /// True if uploads are possible at all.
@@ -113,8 +124,66 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Why a request body could not be read.
+#[derive(Debug)]
+enum BodyError {
+    /// It is longer than its kind may be.
+    TooLarge(u64),
+    /// It stalled or broke off.
+    Broken(String),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge(limit) => write!(f, "the body is over {limit} bytes"),
+            BodyError::Broken(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A request body, cut when it stalls for the body idle timeout or grows past `limit`.
+fn upload_body(
+    state: &AppState,
+    body: Body,
+    limit: u64,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BodyError>> + Send + use<> {
+    let mut seen = 0u64;
+    crate::listener::idle_limited(body.into_data_stream(), state.limits.body_idle_timeout).map(move |chunk| {
+        let chunk = chunk.map_err(BodyError::Broken)?;
+        seen += chunk.len() as u64;
+        if seen > limit { Err(BodyError::TooLarge(limit)) } else { Ok(chunk) }
+    })
+}
+
+/// Reads a whole (small) request body, refusing one over `limit` by its declared length before
+/// reading anything (so a client that sent `Expect: 100-continue` never sends it).
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> ApiResult<bytes::Bytes> {
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes"));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut stream = std::pin::pin!(upload_body(state, body, limit as u64));
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => bytes.extend_from_slice(&c),
+            Err(BodyError::TooLarge(_)) => return Err(too_large()),
+            Err(e) => return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}"))),
+        }
+    }
+    Ok(bytes.freeze())
+}
+
 /// Request span, metrics by route and status.
 async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let private = state.read_tokens.is_some();
     let route: &'static str = match req.extensions().get::<MatchedPath>().map(|m| m.as_str()) {
         Some("/healthz") => "healthz",
         Some("/metrics") => "metrics",
@@ -137,7 +206,11 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
     let start = Instant::now();
     // Only copied when it will be logged: this runs on every request.
     let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if private && resp.headers().contains_key(header::CACHE_CONTROL) {
+        // Behind read tokens nothing may sit in a shared cache (a CDN, a proxy).
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    }
     let status = resp.status();
     state.metrics.request(route, method, status.as_u16());
     if let Some(path) = path {
@@ -175,8 +248,10 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    // With read tokens, what the cache holds and serves is no anonymous visitor's business.
+    check_read(&state, &headers)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response())
 }
 
 async fn cache_info(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
@@ -381,16 +456,9 @@ async fn put_top(
 ) -> ApiResult {
     let who = check_upload(&s, &h)?.to_owned();
     let (key, _, _) = top_key(&file)?;
-    let limit = s.max_narinfo_bytes;
-    // Refuse by the declared length before reading anything, so a client that sent
-    // `Expect: 100-continue` (curl does for large bodies) never sends the body at all.
-    let declared = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes")));
-    }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes, or interrupted"))
-    })?;
+    let narinfo = file.ends_with(".narinfo");
+    let limit = if narinfo { s.max_narinfo_bytes } else { MAX_LISTING_BYTES };
+    let bytes = read_body(&s, &h, body, limit).await?;
     if let Some(hash) = file.strip_suffix(".narinfo") {
         let text = ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, hash, &bytes)
             .await
@@ -398,6 +466,12 @@ async fn put_top(
         s.narinfo_cache.insert(hash, text.into());
         tracing::info!(uploader = %who, %key, "published");
     } else {
+        // A NAR listing: Nix's JSON, version 1, or nothing.
+        let listing: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("a NAR listing is JSON: {e}")))?;
+        if listing.get("version") != Some(&serde_json::json!(1)) || listing.get("root").is_none() {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "a NAR listing has version 1 and a root"));
+        }
         crate::storage::put_bytes(s.storage.as_ref(), &key, bytes).await?;
     }
     Ok(StatusCode::OK.into_response())
@@ -411,7 +485,7 @@ async fn put_nar(
 ) -> ApiResult {
     check_upload(&s, &h)?;
     let key = Key::nar(&file)?;
-    ingest::ingest_nar_file(s.storage.as_ref(), &s.metrics, &key, body.into_data_stream())
+    ingest::ingest_nar_file(s.storage.as_ref(), &s.metrics, &key, upload_body(&s, body, MAX_NAR_FILE_BYTES))
         .await
         .map_err(|e| count_failure(&s, e))?;
     Ok(StatusCode::OK.into_response())
@@ -425,20 +499,15 @@ async fn put_log(
 ) -> ApiResult {
     check_upload(&s, &h)?;
     let key = Key::log(&drv)?;
-    let mut up = s.storage.begin_put(&key).await?;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))?;
-        up.write(chunk).await?;
-    }
-    up.commit().await?;
+    let log = read_body(&s, &h, body, MAX_LOG_BYTES).await?;
+    crate::storage::put_bytes(s.storage.as_ref(), &key, log).await?;
     Ok(StatusCode::OK.into_response())
 }
 
 async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
     let who = check_upload(&s, &h)?.to_owned();
-    let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.metrics, body.into_data_stream())
+    let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
+    let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.metrics, body)
         .await
         .map_err(|e| count_failure(&s, e))?;
     tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
@@ -446,12 +515,18 @@ async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body)
 }
 
 async fn native_missing(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
-    check_read(&s, &h)?;
-    let bytes = axum::body::to_bytes(body, 64 * 1024 * 1024)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request over 64 MiB"))?;
+    // Part of the upload protocol, and a batch of storage lookups: uploaders only.
+    check_upload(&s, &h)?;
+    // A store path is under 256 bytes: this many of them, as a JSON list, fit.
+    let bytes = read_body(&s, &h, body, MAX_MISSING_PATHS * 256).await?;
     let req: native::MissingRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    if req.paths.len() > MAX_MISSING_PATHS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_MISSING_PATHS} paths per request"),
+        ));
+    }
     Ok(json(&native::missing(s.storage.as_ref(), req).await?))
 }
 

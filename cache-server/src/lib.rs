@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod listener;
 pub mod metrics;
 pub mod narinfo_cache;
 pub mod native;
@@ -97,6 +98,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         max_narinfo_bytes: config.max_narinfo_bytes,
         narinfo_cache: NarinfoCache::new(Duration::from_secs(config.narinfo_cache_seconds), 100_000),
         metrics,
+        limits: config.limits(),
     })
 }
 
@@ -120,20 +122,13 @@ fn s3_credentials(path: &std::path::Path) -> Result<(String, String), SetupError
     }
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight.
+/// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight
+/// (within the drain deadline), with the listener limits of its configuration.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    let state = Arc::new(state);
-    // Headers and a small body go out in separate writes; without TCP_NODELAY, Nagle's
-    // algorithm and the client's delayed ACK hold the second one back for ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown).await
+    let limits = state.limits.clone();
+    listener::serve(listener, http::router(Arc::new(state)), limits, shutdown).await
 }

@@ -38,6 +38,8 @@ pub struct Options {
     pub env: Vec<(&'static str, String)>,
     /// A configuration file's text, passed with --config (the flags above still win).
     pub config: Option<String>,
+    /// Run it with this limit on open files (soft and hard, as `ulimit -n` sets them).
+    pub open_files: Option<u64>,
 }
 
 impl CacheServer {
@@ -49,8 +51,13 @@ impl CacheServer {
     /// Starts a writable server on a fresh temporary directory; returns the directory too (drop
     /// it after the server).
     pub fn start_local() -> (TempDir, Self) {
+        Self::start_local_with(Options::default())
+    }
+
+    /// [`CacheServer::start_local`] with options.
+    pub fn start_local_with(opts: Options) -> (TempDir, Self) {
         let dir = tempfile::Builder::new().prefix("fleetcache-cache-").tempdir().expect("tempdir");
-        let server = Self::start(&format!("file://{}", dir.path().display()));
+        let server = Self::start_with(&format!("file://{}", dir.path().display()), opts);
         (dir, server)
     }
 
@@ -61,7 +68,14 @@ impl CacheServer {
         let token = format!("tok-{}", std::process::id());
         std::fs::write(dir.path().join("signing.key"), key.to_nix_string()).expect("write key");
         std::fs::write(dir.path().join("upload-tokens"), format!("tester:{token}\n")).expect("write tokens");
-        let mut cmd = Command::new(bin("cache-server"));
+        let mut cmd = match opts.open_files {
+            None => Command::new(bin("cache-server")),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string()]).arg(bin("cache-server"));
+                sh
+            }
+        };
         cmd.args(["--listen", "127.0.0.1:0", "--store", store]);
         if !opts.read_only {
             cmd.arg("--signing-key-file").arg(dir.path().join("signing.key"));

@@ -13,6 +13,7 @@ use serde_json::Value;
 async fn missing(server: &CacheServer, paths: &[&str]) -> Vec<String> {
     let resp = reqwest::Client::new()
         .post(format!("{}/api/v1/missing", server.url))
+        .bearer_auth(&server.token)
         .json(&serde_json::json!({ "paths": paths }))
         .send()
         .await

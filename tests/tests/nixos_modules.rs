@@ -305,7 +305,7 @@ fn evaluate_host(bench: &Bench, host: &str) -> Value {
            hardening = builtins.mapAttrs (u: s: {{ user = s.serviceConfig.User or \"dynamic\";
              wxDenied = s.serviceConfig.MemoryDenyWriteExecute or false;
              privateDevices = s.serviceConfig.PrivateDevices or false;
-             strict = s.serviceConfig.ProtectSystem; }}) m.config.systemd.services;
+             strict = s.serviceConfig.ProtectSystem; openFiles = s.serviceConfig.LimitNOFILE or null; }}) m.config.systemd.services;
          }}",
         UNITS.map(|u| format!("{u:?}")).join(" ")
     ))
@@ -351,13 +351,14 @@ fn service_configurations_pass_the_binaries_check_config_at_build_time() {
     );
     // The servers run as throw-away users with the full hardening; the builder, which needs the
     // Nix daemon's trust and runs GPU programs, as its own user without W^X or private devices.
-    let strict = |user: &str, on: bool| json!({"user": user, "wxDenied": on, "privateDevices": on, "strict": "strict"});
+    // The two servers may hold many connections: more open files than systemd's default 1024.
+    let strict = |user: &str, on: bool, files: Value| json!({"user": user, "wxDenied": on, "privateDevices": on, "strict": "strict", "openFiles": files});
     assert_eq!(
         v["hardening"],
         json!({
-            "fleetcache-cache-server": strict("dynamic", true),
-            "fleetcache-orchestrator": strict("dynamic", true),
-            "fleetcache-builder": strict("fleetcache-builder", false),
+            "fleetcache-cache-server": strict("dynamic", true, json!(65536)),
+            "fleetcache-orchestrator": strict("dynamic", true, json!(65536)),
+            "fleetcache-builder": strict("fleetcache-builder", false, Value::Null),
         })
     );
 

@@ -468,7 +468,8 @@ pub async fn run(
             }
         })
     };
-    let served = axum::serve(listener, router(server)).with_graceful_shutdown(shutdown).await;
+    let limits = cache_server::listener::Limits::default();
+    let served = cache_server::listener::serve(listener, router(server), limits, shutdown).await;
     ticker.abort();
     served
 }
