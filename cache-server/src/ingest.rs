@@ -141,15 +141,33 @@ pub fn verify_decompressed(decoder: impl Read) -> Result<(Hash, u64), IngestErro
     })
 }
 
+/// Memory an xz stream may ask for to be decompressed: `xz -9` needs 65 MiB; a stream that
+/// declares a larger dictionary is refused instead of taking the server's memory.
+pub const XZ_MEMORY_LIMIT: u64 = 96 << 20;
+
+/// Largest zstd window accepted (2^27 = 128 MiB, zstd's own default limit, what `--long`
+/// uses): a frame asking for more is refused.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
+/// A zstd decoder over `reader` that refuses windows over [`ZSTD_WINDOW_LOG_MAX`].
+pub fn zstd_decoder<R: Read>(reader: R) -> Result<impl Read, IngestError> {
+    let bad = |e: io::Error| IngestError::InvalidNar(e.to_string());
+    let mut decoder = zstd::Decoder::new(reader).map_err(bad)?;
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(bad)?;
+    Ok(decoder)
+}
+
 /// Decompresses and verifies a NAR file read from `reader` (blocking).
 pub fn verify_nar_file(reader: impl Read, compression: Compression) -> Result<NarSummary, IngestError> {
     let mut file = HashingReader { inner: reader, hasher: sha2::Sha256::new(), size: 0 };
     let (nar_hash, nar_size) = match compression {
         Compression::None => verify_decompressed(&mut file)?,
-        Compression::Zstd => verify_decompressed(
-            zstd::Decoder::new(&mut file).map_err(|e| IngestError::InvalidNar(e.to_string()))?,
-        )?,
-        Compression::Xz => verify_decompressed(xz2::read::XzDecoder::new(&mut file))?,
+        Compression::Zstd => verify_decompressed(zstd_decoder(&mut file)?)?,
+        Compression::Xz => {
+            let stream = xz2::stream::Stream::new_stream_decoder(XZ_MEMORY_LIMIT, 0)
+                .map_err(|e| IngestError::InvalidNar(format!("xz: {e}")))?;
+            verify_decompressed(xz2::read::XzDecoder::new_stream(&mut file, stream))?
+        }
         other => return Err(IngestError::UnsupportedCompression(other.name().to_owned())),
     };
     // Anything after the compressed stream ends is not part of the NAR: count it in the file.

@@ -96,7 +96,10 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         read_tokens,
         cache_info: cache_info.to_string(),
         max_narinfo_bytes: config.max_narinfo_bytes,
-        narinfo_cache: NarinfoCache::new(Duration::from_secs(config.narinfo_cache_seconds), 100_000),
+        narinfo_cache: NarinfoCache::new(
+            Duration::from_secs(config.narinfo_cache_seconds),
+            narinfo_cache::DEFAULT_BUDGET,
+        ),
         metrics,
         limits: config.limits(),
     })

@@ -4,24 +4,46 @@
 //! change except to gain signatures during a key rotation, so holding hits for a few seconds
 //! saves a storage round trip (an S3 request) per lookup. Misses are never cached: a path
 //! published by another replica must be seen at once.
+//!
+//! Its memory is bounded by bytes, not by count: entries leave when they expire (the oldest
+//! first, as every entry lives for the same time) or when the budget is spent, and a narinfo
+//! larger than [`MAX_ENTRY_BYTES`] (real ones are a few hundred bytes) is never held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+/// Largest narinfo held.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// Bytes all held narinfos may take by default (keys and bookkeeping included).
+pub const DEFAULT_BUDGET: usize = 64 << 20;
+
+/// What each entry costs beside its bytes: its key twice, the map and queue slots.
+const OVERHEAD: usize = 128;
+
+struct Entries {
+    by_hash: HashMap<String, (Instant, Bytes)>,
+    /// Insertion order (so expiry order), with the time each was inserted: a key here whose
+    /// map entry has another time was replaced since and is skipped.
+    order: VecDeque<(Instant, String)>,
+    bytes: usize,
+}
+
 /// The cache. A TTL of zero disables it.
 pub struct NarinfoCache {
     ttl: Duration,
-    capacity: usize,
-    entries: Mutex<HashMap<String, (Instant, Bytes)>>,
+    budget: usize,
+    entries: Mutex<Entries>,
 }
 
 impl NarinfoCache {
-    /// A cache holding at most `capacity` narinfos for `ttl` each.
-    pub fn new(ttl: Duration, capacity: usize) -> Self {
-        NarinfoCache { ttl, capacity, entries: Mutex::new(HashMap::new()) }
+    /// A cache holding narinfos for `ttl` each, in at most `budget` bytes.
+    pub fn new(ttl: Duration, budget: usize) -> Self {
+        let entries = Entries { by_hash: HashMap::new(), order: VecDeque::new(), bytes: 0 };
+        NarinfoCache { ttl, budget, entries: Mutex::new(entries) }
     }
 
     /// The narinfo for `hash_part`, if cached and fresh.
@@ -30,23 +52,38 @@ impl NarinfoCache {
             return None;
         }
         let entries = self.entries.lock().expect("narinfo cache lock");
-        entries.get(hash_part).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, b)| b.clone())
+        entries.by_hash.get(hash_part).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, b)| b.clone())
     }
 
     /// Remembers a narinfo that exists.
     pub fn insert(&self, hash_part: &str, narinfo: Bytes) {
-        if self.ttl.is_zero() {
+        if self.ttl.is_zero() || narinfo.len() > MAX_ENTRY_BYTES {
             return;
         }
-        let mut entries = self.entries.lock().expect("narinfo cache lock");
-        if entries.len() >= self.capacity {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if entries.len() >= self.capacity {
-                entries.clear();
+        let cost = narinfo.len() + hash_part.len() * 2 + OVERHEAD;
+        let mut e = self.entries.lock().expect("narinfo cache lock");
+        let now = Instant::now();
+        if let Some((_, old)) = e.by_hash.insert(hash_part.to_owned(), (now, narinfo)) {
+            e.bytes -= old.len() + hash_part.len() * 2 + OVERHEAD;
+        }
+        e.order.push_back((now, hash_part.to_owned()));
+        e.bytes += cost;
+        // The oldest go first: expired ones, then as many as the budget needs.
+        while let Some((at, key)) = e.order.front().cloned() {
+            if at.elapsed() < self.ttl && e.bytes <= self.budget {
+                break;
+            }
+            e.order.pop_front();
+            if e.by_hash.get(&key).is_some_and(|(t, _)| *t == at) {
+                let (_, gone) = e.by_hash.remove(&key).expect("present");
+                e.bytes -= gone.len() + key.len() * 2 + OVERHEAD;
             }
         }
-        entries.insert(hash_part.to_owned(), (Instant::now(), narinfo));
+    }
+
+    /// Bytes held now (for `/metrics` and tests).
+    pub fn bytes(&self) -> usize {
+        self.entries.lock().expect("narinfo cache lock").bytes
     }
 }
 
@@ -55,22 +92,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hits_expire_and_capacity_is_bounded() {
-        let c = NarinfoCache::new(Duration::from_secs(60), 2);
-        c.insert("a", Bytes::from_static(b"1"));
-        c.insert("b", Bytes::from_static(b"2"));
-        assert_eq!(c.get("a").unwrap(), &b"1"[..]);
-        c.insert("c", Bytes::from_static(b"3"));
-        assert!(c.entries.lock().unwrap().len() <= 2);
-        assert_eq!(c.get("c").unwrap(), &b"3"[..]);
+    fn hits_expire_and_bytes_are_bounded() {
+        let entry = |n: usize| Bytes::from(vec![b'x'; n]);
+        let c = NarinfoCache::new(Duration::from_secs(60), 3 * (1000 + 2 + OVERHEAD));
+        c.insert("a", entry(1000));
+        c.insert("b", entry(1000));
+        c.insert("c", entry(1000));
+        assert!(c.get("a").is_some());
+        // A fourth does not fit: the oldest leaves.
+        c.insert("d", entry(1000));
+        assert!(c.get("a").is_none() && c.get("d").is_some());
+        assert!(c.bytes() <= 3 * (1000 + 2 + OVERHEAD));
+        // Replacing an entry counts it once.
+        c.insert("d", entry(10));
+        assert_eq!(c.bytes(), 2 * (1000 + 2 + OVERHEAD) + 10 + 2 + OVERHEAD);
+        // Too large to hold at all.
+        c.insert("e", entry(MAX_ENTRY_BYTES + 1));
+        assert!(c.get("e").is_none());
 
-        let off = NarinfoCache::new(Duration::ZERO, 10);
-        off.insert("a", Bytes::from_static(b"1"));
+        let off = NarinfoCache::new(Duration::ZERO, 1 << 20);
+        off.insert("a", entry(1));
         assert!(off.get("a").is_none());
 
-        let short = NarinfoCache::new(Duration::from_millis(1), 10);
-        short.insert("a", Bytes::from_static(b"1"));
+        // Expired entries are gone, and their bytes with them, once anything is inserted.
+        let short = NarinfoCache::new(Duration::from_millis(1), 1 << 20);
+        for i in 0..100 {
+            short.insert(&format!("k{i}"), entry(1000));
+        }
         std::thread::sleep(Duration::from_millis(5));
-        assert!(short.get("a").is_none());
+        assert!(short.get("k1").is_none());
+        short.insert("fresh", entry(1));
+        assert_eq!(short.bytes(), 1 + 10 + OVERHEAD);
     }
 }

@@ -121,8 +121,7 @@ impl Read for ChannelReader {
 }
 
 fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError> {
-    let decoder = zstd::Decoder::new(reader).map_err(|e| IngestError::InvalidNar(e.to_string()))?;
-    crate::ingest::verify_decompressed(decoder)
+    crate::ingest::verify_decompressed(crate::ingest::zstd_decoder(reader)?)
 }
 
 /// Handles `POST /api/v1/upload`.

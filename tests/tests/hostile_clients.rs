@@ -322,3 +322,136 @@ async fn the_orchestrator_believes_the_cache_not_the_builder() {
     assert_eq!(results["default"]["status"], "built");
     assert!(results["default"].get("verification").is_none_or(Value::is_null), "{:?}", results["default"]);
 }
+
+/// CRC-32 (IEEE), as the xz format checks its headers with.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// `data` as an xz file whose LZMA2 block header declares a `dict_code` dictionary (38: 2 GiB)
+/// although it was compressed with a small one: what a decoder must allocate before it reads
+/// anything else.
+fn xz_declaring_a_huge_dictionary(data: &[u8], dict_code: u8) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = xz2::write::XzEncoder::new(Vec::new(), 0);
+    enc.write_all(data).unwrap();
+    let mut xz = enc.finish().unwrap();
+    // The block header follows the 12-byte stream header: its size, flags, optional sizes,
+    // then the filter (LZMA2 is 0x21, one byte of properties: the dictionary), padding, CRC32.
+    let start = 12;
+    let size = (usize::from(xz[start]) + 1) * 4;
+    let flags = xz[start + 1];
+    let mut at = start + 2;
+    let skip_vli = |at: &mut usize, xz: &[u8]| {
+        while xz[*at] & 0x80 != 0 {
+            *at += 1;
+        }
+        *at += 1;
+    };
+    if flags & 0x40 != 0 {
+        skip_vli(&mut at, &xz);
+    }
+    if flags & 0x80 != 0 {
+        skip_vli(&mut at, &xz);
+    }
+    assert_eq!((xz[at], xz[at + 1]), (0x21, 0x01), "an LZMA2 filter with one property byte");
+    xz[at + 2] = dict_code;
+    let crc = crc32(&xz[start..start + size - 4]);
+    xz[start + size - 4..start + size].copy_from_slice(&crc.to_le_bytes());
+    xz
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decompressors_and_nar_depth_are_bounded_in_memory() {
+    let (_dir, server) = CacheServer::start_local();
+    let infos = closure_in_upload_order(&nix::build_closure("hostile-memory", 1, 0));
+    let leaf = &infos[0];
+
+    // An xz NAR declaring a 2 GiB dictionary, uploaded the `nix copy --to` way: its name is its
+    // hash, so it is stored; verifying it for the narinfo must not allocate the dictionary.
+    let path = leaf["path"].as_str().unwrap();
+    let nar = dump_path(Path::new(path), Vec::new()).unwrap();
+    let file = xz_declaring_a_huge_dictionary(&nar, 38);
+    let file_hash = Hash::sha256_of(&file);
+    let name = format!("{}.nar.xz", file_hash.to_nix32());
+    assert_eq!(put(&server, &format!("nar/{name}"), file.clone()).await.0, StatusCode::OK);
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/{name}\nCompression: xz\nFileHash: {}\nFileSize: {}\nNarHash: {}\nNarSize: {}\nReferences: \n",
+        file_hash.to_nix32_prefixed(),
+        file.len(),
+        Hash::sha256_of(&nar).to_nix32_prefixed(),
+        nar.len()
+    );
+    let (s, body) = put(&server, &format!("{}.narinfo", path_of(leaf).hash_part()), narinfo.into_bytes()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("memory"), "{body}");
+
+    // A NAR of 2000 nested directories with 64 KiB names (128 MiB, a few hundred KiB
+    // compressed): refused at the first name no Linux can create, its memory never held.
+    let mut hashing = nix_formats::hash::HashingWriter::new(zstd::Encoder::new(Vec::new(), 3).unwrap());
+    {
+        let mut e = nix_formats::nar::NarEncoder::new(&mut hashing).unwrap();
+        let name = vec![b'd'; 64 * 1024];
+        e.directory_start().unwrap();
+        for _ in 0..2000 {
+            e.entry_start(&name).unwrap();
+            e.directory_start().unwrap();
+        }
+        for _ in 0..2000 {
+            e.directory_end().unwrap();
+            e.entry_end().unwrap();
+        }
+        e.directory_end().unwrap();
+        e.finish().unwrap();
+    }
+    let (nar_hash, nar_size, zstd) = hashing.finish();
+    let compressed = zstd.finish().unwrap();
+    let meta = json!({ "store_path": path, "references": [], "deriver": null, "ca": null,
+                       "nar_hash": nar_hash.to_string(), "nar_size": nar_size });
+    let mut body = serde_json::to_vec(&meta).unwrap();
+    body.push(b'\n');
+    body.extend(compressed);
+    let (s, answer) = upload(&server, body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer.contains("longer than the 255 bytes Linux allows"), "{answer}");
+
+    let peak = server.peak_rss_mib();
+    eprintln!("cache-server peak RSS after both: {peak} MiB");
+    assert!(peak < 200, "the server held {peak} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_narinfo_cache_holds_bytes_not_a_count() {
+    // A cache written by another tool (served read-only, as is): 3000 narinfos of 60 KiB.
+    let dir = tempfile::tempdir().unwrap();
+    let filler = "X".repeat(60 * 1024);
+    let mut names = Vec::new();
+    for i in 0..3000u32 {
+        let hash = nix_formats::nixbase32::encode(&Hash::sha256_of(&i.to_le_bytes()).digest()[..20]);
+        std::fs::write(dir.path().join(format!("{hash}.narinfo")), format!("StorePath: x\n{filler}\n")).unwrap();
+        names.push(format!("{hash}.narinfo"));
+    }
+    let server = CacheServer::start_with(
+        &format!("file://{}", dir.path().display()),
+        fleetcache_tests::cache_server::Options { read_only: true, ..Default::default() },
+    );
+    let http = reqwest::Client::new();
+    for round in 0..2 {
+        for name in &names {
+            let resp = http.get(format!("{}/{name}", server.url)).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+            resp.bytes().await.unwrap();
+        }
+    }
+    let peak = server.peak_rss_mib();
+    eprintln!("cache-server peak RSS after 6000 GETs of 60 KiB narinfos: {peak} MiB");
+    // 180 MiB of narinfos were served; the cache holds at most its 64 MiB budget.
+    assert!(peak < 150, "the server held {peak} MiB");
+}

@@ -19,10 +19,20 @@ pub use writer::{DumpError, NarEncoder, dump_path};
 /// The first token of every NAR.
 pub const MAGIC: &str = "nix-archive-1";
 
-/// Longest token other than file contents that the parser accepts (names, symlink targets).
-/// Linux limits names to 255 bytes and symlink targets to 4095; this leaves room and bounds
-/// memory whatever a client sends.
+/// Longest token other than file contents that the parser reads at all; names and symlink
+/// targets are held to the tighter limits below.
 pub const MAX_TOKEN_LEN: u64 = 64 * 1024;
+
+/// Longest entry name accepted: Linux's `NAME_MAX`, so every accepted NAR can be unpacked.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Longest symlink target accepted: Linux's `PATH_MAX` less the terminating NUL.
+pub const MAX_TARGET_LEN: usize = 4095;
+
+/// Longest path of an entry inside a NAR (`a/b/c`) accepted: what fits in Linux's `PATH_MAX`
+/// behind `/nix/store/<hash>-<name of up to 211 bytes>/`, where Nix unpacks it. It also bounds
+/// the depth, and so the parser's memory.
+pub const MAX_PATH_LEN: usize = 4096 - 256;
 
 /// Padding needed after `len` bytes to reach a multiple of 8.
 pub(crate) const fn padding(len: u64) -> u64 {

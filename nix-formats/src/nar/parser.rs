@@ -3,14 +3,15 @@
 //! Feed it bytes in chunks of any size as they arrive (from a socket, a decompressor, a file);
 //! it reports the archive's structure to a [`NarVisitor`] and rejects everything the real Nix
 //! rejects, plus every non-canonical encoding, so that an accepted NAR is exactly the one
-//! `nix-store --dump` would write for the tree it describes. Memory is bounded by
-//! [`MAX_TOKEN_LEN`] times the directory depth, whatever the size of the files.
+//! `nix-store --dump` would write for the tree it describes, and that Linux can unpack: names,
+//! symlink targets and paths within [`MAX_NAME_LEN`], [`MAX_TARGET_LEN`] and [`MAX_PATH_LEN`].
+//! Memory is bounded by those, whatever the size of the files and however deep the tree.
 
 use std::io::{self, Read};
 
 use thiserror::Error;
 
-use super::{MAGIC, MAX_TOKEN_LEN, padding};
+use super::{MAGIC, MAX_NAME_LEN, MAX_PATH_LEN, MAX_TARGET_LEN, MAX_TOKEN_LEN, padding};
 
 /// Why a byte stream is not a valid NAR. Offsets count bytes from the start of the NAR.
 #[derive(Debug, Error)]
@@ -67,6 +68,18 @@ pub enum NarError {
         offset: u64,
         /// The name.
         name: String,
+    },
+    /// A name, symlink target or path longer than Linux can create.
+    #[error("invalid NAR at byte {offset}: a {len}-byte {what}, longer than the {max} bytes Linux allows")]
+    TooLong {
+        /// Where it starts.
+        offset: u64,
+        /// `entry name`, `symlink target` or `path`.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
     },
     /// An empty symlink target or one containing NUL.
     #[error("invalid NAR at byte {offset}: invalid symlink target {target:?}")]
@@ -398,6 +411,10 @@ impl NarParser {
                 if target.is_empty() || target.contains(&0) {
                     return Err(NarError::InvalidSymlinkTarget { offset, target: lossy(target) });
                 }
+                if target.len() > MAX_TARGET_LEN {
+                    let (what, len, max) = ("symlink target", target.len(), MAX_TARGET_LEN);
+                    return Err(NarError::TooLong { offset, what, len, max });
+                }
                 visitor.event(NarEvent::Symlink { path: &self.path, target }).map_err(NarError::Visitor)?;
                 Expect::NodeClose
             }
@@ -417,6 +434,13 @@ impl NarParser {
                     || name.contains(&0)
                 {
                     return Err(NarError::InvalidName { offset, name: lossy(name) });
+                }
+                if name.len() > MAX_NAME_LEN {
+                    return Err(NarError::TooLong { offset, what: "entry name", len: name.len(), max: MAX_NAME_LEN });
+                }
+                let path_len = self.path.len() + usize::from(!self.path.is_empty()) + name.len();
+                if path_len > MAX_PATH_LEN {
+                    return Err(NarError::TooLong { offset, what: "path", len: path_len, max: MAX_PATH_LEN });
                 }
                 let prev = self.dirs.last_mut().expect("an entry is always inside a directory");
                 match prev.as_deref() {

@@ -148,6 +148,44 @@ fn unsorted_duplicate_and_invalid_names_are_rejected() {
     }
 }
 
+/// A NAR of directories nested `depth` deep, each named `name`, with a file at the bottom.
+fn nested(depth: usize, name: &[u8]) -> Vec<u8> {
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.directory_start().unwrap();
+    for _ in 0..depth {
+        e.entry_start(name).unwrap();
+        e.directory_start().unwrap();
+    }
+    e.entry_start(b"f").unwrap();
+    e.regular(false, b"x").unwrap();
+    e.entry_end().unwrap();
+    for _ in 0..depth {
+        e.directory_end().unwrap();
+        e.entry_end().unwrap();
+    }
+    e.directory_end().unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn what_linux_cannot_unpack_is_rejected() {
+    let long = |n| vec![b'n'; n];
+    assert!(parse_all(&dir_with(&[&long(MAX_NAME_LEN)])).is_ok());
+    let err = parse_all(&dir_with(&[&long(MAX_NAME_LEN + 1)])).unwrap_err();
+    assert!(matches!(err, NarError::TooLong { what: "entry name", .. }), "{err}");
+
+    // A path within PATH_MAX passes; one deeper than that is refused however short its names.
+    let fits = MAX_PATH_LEN / (2 + 1) - 1;
+    assert!(parse_all(&nested(fits, b"ab")).is_ok());
+    let err = parse_all(&nested(MAX_PATH_LEN, b"a")).unwrap_err();
+    assert!(matches!(err, NarError::TooLong { what: "path", .. }), "{err}");
+
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.symlink(&long(MAX_TARGET_LEN + 1)).unwrap();
+    let err = parse_all(&e.finish().unwrap()).unwrap_err();
+    assert!(matches!(err, NarError::TooLong { what: "symlink target", .. }), "{err}");
+}
+
 #[test]
 fn structural_errors_are_rejected() {
     let mut bad_magic = sample();
