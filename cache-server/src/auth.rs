@@ -1,7 +1,11 @@
 //! Tokens: files of `name:token` lines, presented as `Authorization: Bearer <token>` or as the
 //! password of HTTP Basic auth (what `nix copy --netrc-file` sends). Comparison is constant time.
+//! A [`TokenFile`] is read again whenever it changes, so removing a line revokes that token at
+//! its next request, without a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -39,8 +43,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Reads a file of `name:token` lines; blank lines and `#` comments are skipped. Removing a
-    /// line and restarting the server revokes that token.
+    /// Reads a file of `name:token` lines; blank lines and `#` comments are skipped, and space
+    /// around the name and the token is not part of them (so `name: token` works for every
+    /// scheme).
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| TokenFileError::Read { path: path.to_owned(), source })?;
@@ -50,7 +55,7 @@ impl Tokens {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            match line.split_once(':') {
+            match line.split_once(':').map(|(n, t)| (n.trim(), t.trim())) {
                 Some((name, token)) if !name.is_empty() && !token.is_empty() => {
                     entries.push((name.to_owned(), token.as_bytes().to_vec()))
                 }
@@ -77,6 +82,47 @@ impl Tokens {
             }
         }
         found
+    }
+}
+
+/// A `name:token` file, read again whenever it changes (or a fixed set held in memory).
+pub struct TokenFile {
+    path: Option<PathBuf>,
+    cached: Mutex<(Option<SystemTime>, Tokens)>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl TokenFile {
+    /// Reads `path`; an unreadable or malformed file is an error here.
+    pub fn load(path: &Path) -> Result<Self, TokenFileError> {
+        let mtime = modified(path);
+        let tokens = Tokens::load(path)?;
+        Ok(TokenFile { path: Some(path.to_owned()), cached: Mutex::new((mtime, tokens)) })
+    }
+
+    /// Tokens that never change (the embedded cache-server of `orchestrator build`).
+    pub fn fixed(tokens: Tokens) -> Self {
+        TokenFile { path: None, cached: Mutex::new((None, tokens)) }
+    }
+
+    /// The name of the token `presented`, reading the file again if it changed. A file that has
+    /// become unreadable or malformed revokes every token until it is fixed (failing closed).
+    pub fn check(&self, presented: &[u8]) -> Option<String> {
+        let mut cached = self.cached.lock().expect("token cache");
+        if let Some(path) = &self.path {
+            let mtime = modified(path);
+            if mtime != cached.0 || mtime.is_none() {
+                let tokens = Tokens::load(path).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "token file unusable: refusing every token until it is fixed");
+                    Tokens::default()
+                });
+                *cached = (mtime, tokens);
+            }
+        }
+        cached.1.check(presented).map(str::to_owned)
     }
 }
 
@@ -120,5 +166,40 @@ mod tests {
 
         std::fs::write(&f, "ok:1\nnocolon\n").unwrap();
         assert!(matches!(Tokens::load(&f).unwrap_err(), TokenFileError::Malformed { line: 2, .. }));
+
+        // `name: token` means the token without the space, whichever way it is presented.
+        std::fs::write(&f, "spaced: s3cret \n").unwrap();
+        let t = Tokens::load(&f).unwrap();
+        h.insert(AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert_eq!(t.check(&presented_token(&h).unwrap()), Some("spaced"));
+        h.insert(AUTHORIZATION, format!("Basic {}", BASE64.encode("u:s3cret")).parse().unwrap());
+        assert_eq!(t.check(&presented_token(&h).unwrap()), Some("spaced"));
+    }
+
+    #[test]
+    fn a_removed_line_revokes_at_once_and_a_broken_file_revokes_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "a:one\nb:two\n").unwrap();
+        let file = TokenFile::load(&path).unwrap();
+        assert_eq!(file.check(b"two").as_deref(), Some("b"));
+        std::fs::write(&path, "a:one\n").unwrap();
+        // The modification time moves on every write on any file system we run on, but make
+        // sure the test does not depend on its resolution.
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
+        assert_eq!(file.check(b"two"), None);
+        assert_eq!(file.check(b"one").as_deref(), Some("a"));
+        std::fs::write(&path, "no colon here\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(file.check(b"one"), None);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(file.check(b"one"), None);
+        assert_eq!(TokenFile::fixed(Tokens::single("x", "t")).check(b"t").as_deref(), Some("x"));
     }
 }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use futures_util::StreamExt as _;
 use nix_formats::SecretKey;
 
-use crate::auth::{Tokens, presented_token};
+use crate::auth::{TokenFile, presented_token};
 use crate::ingest::{self, IngestError};
 use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
@@ -27,10 +27,10 @@ pub struct AppState {
     pub storage: Arc<dyn Storage>,
     /// Keys that sign every published narinfo; empty means read-only.
     pub signing_keys: Vec<SecretKey>,
-    /// Who may upload; `None` means read-only.
-    pub upload_tokens: Option<Tokens>,
-    /// Who may read; `None` means public.
-    pub read_tokens: Option<Tokens>,
+    /// Who may upload; `None` means read-only. Read again when the file changes.
+    pub upload_tokens: Option<TokenFile>,
+    /// Who may read; `None` means public. Read again when the file changes.
+    pub read_tokens: Option<TokenFile>,
     /// The `nix-cache-info` served.
     pub cache_info: String,
     /// Largest narinfo body accepted.
@@ -232,7 +232,7 @@ fn check_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_upload<'a>(state: &'a AppState, headers: &HeaderMap) -> ApiResult<&'a str> {
+fn check_upload(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
     let Some(uploaders) = state.upload_tokens.as_ref().filter(|_| state.writable()) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -454,7 +454,7 @@ async fn put_top(
     h: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let who = check_upload(&s, &h)?.to_owned();
+    let who = check_upload(&s, &h)?;
     let (key, _, _) = top_key(&file)?;
     let narinfo = file.ends_with(".narinfo");
     let limit = if narinfo { s.max_narinfo_bytes } else { MAX_LISTING_BYTES };
@@ -505,7 +505,7 @@ async fn put_log(
 }
 
 async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
-    let who = check_upload(&s, &h)?.to_owned();
+    let who = check_upload(&s, &h)?;
     let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
     let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.metrics, body)
         .await

@@ -22,7 +22,7 @@ use std::time::Duration;
 use nix_formats::{CacheInfo, SecretKey};
 use thiserror::Error;
 
-use crate::auth::{TokenFileError, Tokens};
+use crate::auth::{TokenFile, TokenFileError};
 use crate::config::{Config, ConfigError, StoreUrl};
 use crate::http::AppState;
 use crate::metrics::{Metrics, TimedStorage};
@@ -73,8 +73,8 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
             SecretKey::parse(&text).map_err(|e| err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let upload_tokens = config.upload_tokens_file.as_deref().map(Tokens::load).transpose()?;
-    let read_tokens = config.read_tokens_file.as_deref().map(Tokens::load).transpose()?;
+    let upload_tokens = config.upload_tokens_file.as_deref().map(TokenFile::load).transpose()?;
+    let read_tokens = config.read_tokens_file.as_deref().map(TokenFile::load).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let backend: Box<dyn Storage> = match StoreUrl::parse(&config.store)? {
         StoreUrl::File(dir) => Box::new(LocalStorage::open(&dir).await?),

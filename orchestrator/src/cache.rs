@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use builder::client::CacheClient;
-use cache_server::auth::Tokens;
+use cache_server::auth::{TokenFile, Tokens};
 use thiserror::Error;
 
 use crate::config::{CacheConfig, xdg_dir};
@@ -101,7 +101,7 @@ impl CacheTarget {
         };
         let mut state = cache_server::setup(&server_config).await?;
         let token = random_token();
-        state.upload_tokens = Some(Tokens::single("orchestrator", &token));
+        state.upload_tokens = Some(TokenFile::fixed(Tokens::single("orchestrator", &token)));
         let public_keys = state.signing_keys.iter().map(|k| k.public_key().to_string()).collect();
         // The store alone must be a valid cache (cache-server or Nix may serve it later).
         let info = bytes::Bytes::from(state.cache_info.clone());

@@ -373,7 +373,7 @@ pub fn serve(
     state_dir_flag: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<(), CliError> {
-    use orchestrator::tokens::TokenFile;
+    use cache_server::auth::TokenFile;
     let config = load_config(config_path)?;
     let need = |what: &str| CliError::Error(format!("orchestrator serve needs {what} in the configuration"));
     if config.cache.url.is_none() {
@@ -385,6 +385,10 @@ pub fn serve(
     let api_tokens =
         config.server.api_tokens_file.as_deref().ok_or_else(|| need("server.api-tokens-file"))?;
     let api_tokens = TokenFile::load(api_tokens)?;
+    // An endpoint with an empty secret would take anyone's deliveries: refuse to start.
+    for secret in config.webhook_secret_files() {
+        orchestrator::webhooks::read_secret(secret)?;
+    }
     let dir = state_dir(&config, state_dir_flag)?;
     let flake = match config.fleet.flake.clone() {
         Some(f) => f,
@@ -415,6 +419,7 @@ pub fn serve(
             claims: Default::default(),
             refused: Default::default(),
             hooks: Default::default(),
+            hook_bytes: tokio::sync::Semaphore::new(orchestrator::webhooks::DELIVERY_BUDGET),
         });
         tracing::info!(fleet = %server.repo.reference, state = %dir.display(), "serving");
         println!("listening on http://{addr}");
@@ -435,6 +440,11 @@ pub fn serve(
 /// `orchestrator check-config`.
 pub fn check_config(path: Option<&Path>) -> Result<(), CliError> {
     let config = load_config(path)?;
+    // Secrets exist only on the machine (not where a NixOS module checks its file): those that
+    // are here must not be empty.
+    for secret in config.webhook_secret_files().filter(|p| p.exists()) {
+        orchestrator::webhooks::read_secret(secret)?;
+    }
     let text = toml::to_string_pretty(&config)?;
     print!("{text}");
     eprintln!("configuration OK");

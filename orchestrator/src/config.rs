@@ -434,6 +434,15 @@ impl Config {
         }
     }
 
+    /// The webhook secret files configured.
+    pub fn webhook_secret_files(&self) -> impl Iterator<Item = &Path> {
+        let w = &self.webhooks;
+        [&w.github_secret_file, &w.gitea_secret_file, &w.gitlab_token_file]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+    }
+
     /// Whether the fleet's machines say what to build (`fleet.machines`, by default when no
     /// `[[variant]]` is configured).
     pub fn builds_machines(&self) -> bool {

@@ -19,5 +19,4 @@ pub mod remote;
 pub mod report;
 pub mod serve;
 pub mod state;
-pub mod tokens;
 pub mod webhooks;

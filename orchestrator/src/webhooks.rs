@@ -120,12 +120,22 @@ fn normalise(name: &str) -> String {
     n.split_once('@').map_or(n.clone(), |(_, rest)| rest.replacen(':', "/", 1))
 }
 
-/// Whether the payload's repository is the configured one.
+/// Whether a repository name's first part is a host (`github.com`, `git.lan:3000`), not an
+/// owner.
+fn is_host(part: &str) -> bool {
+    part.contains('.') || part.contains(':') || part == "localhost"
+}
+
+/// Whether the payload's repository is the configured one: the same name or URL, or, for a
+/// configured name without a host (`ops/fleet`), that name on whatever host the payload's URLs
+/// name — exactly, never as a suffix of a longer path.
 pub fn same_repository(configured: &str, payload_names: &[String]) -> bool {
     let want = normalise(configured);
+    let want_has_host = want.split('/').next().is_some_and(is_host);
     payload_names.iter().any(|n| {
         let n = normalise(n);
-        n == want || n.ends_with(&format!("/{want}"))
+        n == want
+            || (!want_has_host && n.split_once('/').is_some_and(|(host, path)| is_host(host) && path == want))
     })
 }
 
@@ -174,25 +184,39 @@ pub async fn deliver(server: Arc<Server>, forge: Forge, headers: HeaderMap, body
         tracing::warn!(forge = forge.name(), delivery = %delivery, outcome, "webhook rejected");
         answer(status, outcome, None)
     };
-    let body: Bytes = match axum::body::to_bytes(body, cfg.max_body_bytes).await {
-        Ok(b) => b,
-        Err(_) => return reject(StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+    // What the forge signs with, checked before a byte of the body is read: a delivery without a
+    // well-formed signature (or token) costs nothing.
+    let signature = match forge {
+        Forge::GitHub => header(&headers, &["x-hub-signature-256"]).and_then(|v| v.strip_prefix("sha256=")),
+        Forge::Gitea => header(&headers, &["x-gitea-signature", "x-forgejo-signature"]),
+        Forge::GitLab => header(&headers, &["x-gitlab-token"]),
     };
-    let secret = match std::fs::read(secret_file) {
-        Ok(s) => s.trim_ascii().to_vec(),
+    let well_formed = |s: &&str| match forge {
+        Forge::GitHub | Forge::Gitea => s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+        Forge::GitLab => !s.trim().is_empty(),
+    };
+    let Some(signature) = signature.filter(well_formed) else {
+        return reject(StatusCode::UNAUTHORIZED, "bad signature");
+    };
+    let secret = match read_secret(secret_file) {
+        Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, file = %secret_file.display(), "webhook secret unreadable");
-            return reject(StatusCode::SERVICE_UNAVAILABLE, "secret unreadable");
+            tracing::error!(error = %e, "webhook secret unusable");
+            return reject(StatusCode::SERVICE_UNAVAILABLE, "secret unusable");
         }
     };
+    let delivery_body = match read_delivery(&server, body, cfg.max_body_bytes).await {
+        Ok(b) => b,
+        Err(DeliveryError::TooLarge) => return reject(StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+        Err(DeliveryError::Busy) => {
+            return reject(StatusCode::SERVICE_UNAVAILABLE, "too many deliveries at once");
+        }
+        Err(DeliveryError::Broken) => return reject(StatusCode::BAD_REQUEST, "body interrupted"),
+    };
+    let body = &delivery_body.bytes;
     let authentic = match forge {
-        Forge::GitHub => header(&headers, &["x-hub-signature-256"])
-            .and_then(|v| v.strip_prefix("sha256="))
-            .is_some_and(|sig| hmac_matches(&secret, &body, sig)),
-        Forge::Gitea => header(&headers, &["x-gitea-signature", "x-forgejo-signature"])
-            .is_some_and(|sig| hmac_matches(&secret, &body, sig)),
-        Forge::GitLab => header(&headers, &["x-gitlab-token"])
-            .is_some_and(|t| bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), secret.as_slice()))),
+        Forge::GitHub | Forge::Gitea => hmac_matches(&secret, body, signature),
+        Forge::GitLab => bool::from(subtle::ConstantTimeEq::ct_eq(signature.as_bytes(), secret.as_slice())),
     };
     if !authentic {
         return reject(StatusCode::UNAUTHORIZED, "bad signature");
@@ -203,7 +227,7 @@ pub async fn deliver(server: Arc<Server>, forge: Forge, headers: HeaderMap, body
         server.hooks.count(forge, "ping");
         return answer(StatusCode::OK, "pong", None);
     }
-    let payload: Value = match serde_json::from_slice(&body) {
+    let payload: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(_) => return reject(StatusCode::BAD_REQUEST, "malformed JSON"),
     };
@@ -229,7 +253,8 @@ pub async fn deliver(server: Arc<Server>, forge: Forge, headers: HeaderMap, body
     if zeros(&push.after) {
         return ignore("ignored: branch deleted");
     }
-    if delivery.is_empty() || !push.after.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let commit = matches!(push.after.len(), 40 | 64) && push.after.bytes().all(|b| b.is_ascii_hexdigit());
+    if delivery.is_empty() || !commit {
         return reject(StatusCode::BAD_REQUEST, "no delivery id or no commit");
     }
     match record(&server, forge, &delivery, &push).await {
@@ -247,6 +272,73 @@ pub async fn deliver(server: Arc<Server>, forge: Forge, headers: HeaderMap, body
             reject(StatusCode::SERVICE_UNAVAILABLE, "state database failed")
         }
     }
+}
+
+/// Why a webhook secret cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file cannot be read.
+    #[error("webhook secret {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It holds nothing but blanks: anyone could sign with it (an empty HMAC key, an empty
+    /// GitLab token).
+    #[error("webhook secret {} is empty: the endpoint would accept anyone's deliveries", path.display())]
+    Empty {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+}
+
+/// A webhook secret file's secret, refused when empty.
+pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, SecretError> {
+    let text = std::fs::read(path).map_err(|source| SecretError::Read { path: path.to_owned(), source })?;
+    let secret = text.trim_ascii();
+    if secret.is_empty() {
+        return Err(SecretError::Empty { path: path.to_owned() });
+    }
+    Ok(secret.to_vec())
+}
+
+/// Bytes of webhook bodies held at once across deliveries, before their signature is checked:
+/// parallel unsigned deliveries cannot take more memory than this.
+pub const DELIVERY_BUDGET: usize = 32 << 20;
+
+enum DeliveryError {
+    TooLarge,
+    Busy,
+    Broken,
+}
+
+/// A delivery's body, holding its share of [`DELIVERY_BUDGET`] for as long as it lives.
+struct Delivery<'a> {
+    bytes: Bytes,
+    _held: Vec<tokio::sync::SemaphorePermit<'a>>,
+}
+
+/// Reads a delivery's body, up to `max` bytes, taking its bytes from the shared budget; a
+/// budget spent by other deliveries is "busy" (503), not a wait.
+async fn read_delivery(server: &Server, body: Body, max: usize) -> Result<Delivery<'_>, DeliveryError> {
+    use futures_util::StreamExt as _;
+    let idle = cache_server::listener::Limits::default().body_idle_timeout;
+    let mut stream = std::pin::pin!(cache_server::listener::idle_limited(body.into_data_stream(), idle));
+    let mut held = Vec::new();
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| DeliveryError::Broken)?;
+        if bytes.len() + chunk.len() > max {
+            return Err(DeliveryError::TooLarge);
+        }
+        let permit = u32::try_from(chunk.len()).ok().and_then(|n| server.hook_bytes.try_acquire_many(n).ok());
+        held.push(permit.ok_or(DeliveryError::Busy)?);
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Delivery { bytes: bytes.freeze(), _held: held })
 }
 
 /// Unix milliseconds: the debounce is shorter than a second in tests.
@@ -445,5 +537,12 @@ mod tests {
         assert!(!same_repository("ops/fleet-old", &gh));
         assert!(!same_repository("evil/ops/fleet2", &gh));
         assert!(!same_repository("other/fleet", &gh));
+        // Another repository whose path merely ends in the configured name.
+        let evil = names(&["x/ops/fleet", "https://evil.org/x/ops/fleet", "git@evil.org:x/ops/fleet.git"]);
+        assert!(!same_repository("ops/fleet", &evil));
+        // GitLab's nested groups are names like any other.
+        let lab = names(&["infra/ops/fleet", "https://gitlab.example.org/infra/ops/fleet.git"]);
+        assert!(same_repository("infra/ops/fleet", &lab));
+        assert!(!same_repository("ops/fleet", &lab));
     }
 }

@@ -134,13 +134,7 @@ impl CacheServer {
 
     /// The most memory the process has held so far (its `VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM");
-        kib / 1024
+        self.child.peak_rss_mib()
     }
 
     /// The directory holding its key and token files.

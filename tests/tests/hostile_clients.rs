@@ -389,7 +389,8 @@ async fn decompressors_and_nar_depth_are_bounded_in_memory() {
         Hash::sha256_of(&nar).to_nix32_prefixed(),
         nar.len()
     );
-    let (s, body) = put(&server, &format!("{}.narinfo", path_of(leaf).hash_part()), narinfo.into_bytes()).await;
+    let (s, body) =
+        put(&server, &format!("{}.narinfo", path_of(leaf).hash_part()), narinfo.into_bytes()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.contains("memory"), "{body}");
 
@@ -435,7 +436,8 @@ async fn the_narinfo_cache_holds_bytes_not_a_count() {
     let mut names = Vec::new();
     for i in 0..3000u32 {
         let hash = nix_formats::nixbase32::encode(&Hash::sha256_of(&i.to_le_bytes()).digest()[..20]);
-        std::fs::write(dir.path().join(format!("{hash}.narinfo")), format!("StorePath: x\n{filler}\n")).unwrap();
+        std::fs::write(dir.path().join(format!("{hash}.narinfo")), format!("StorePath: x\n{filler}\n"))
+            .unwrap();
         names.push(format!("{hash}.narinfo"));
     }
     let server = CacheServer::start_with(
@@ -454,4 +456,19 @@ async fn the_narinfo_cache_holds_bytes_not_a_count() {
     eprintln!("cache-server peak RSS after 6000 GETs of 60 KiB narinfos: {peak} MiB");
     // 180 MiB of narinfos were served; the cache holds at most its 64 MiB budget.
     assert!(peak < 150, "the server held {peak} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_upload_token_is_refused_without_a_restart() {
+    let (_dir, server) = CacheServer::start_local();
+    let infos = closure_in_upload_order(&nix::build_closure("hostile-revoke", 1, 0));
+    assert_eq!(upload(&server, body_for(&infos[0])).await.0, StatusCode::OK);
+    // The line is removed (a stolen builder token): its next request is refused.
+    let tokens = server.dir().join("upload-tokens");
+    std::fs::write(&tokens, "someone-else:another-token\n").unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options().write(true).open(&tokens).unwrap().set_modified(later).unwrap();
+    let (s, body) = upload(&server, body_for(&infos[1])).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(narinfo_of(&server, &path_of(&infos[1])).await, None);
 }

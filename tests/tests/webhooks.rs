@@ -363,3 +363,90 @@ async fn an_endpoint_without_a_secret_is_off() {
         assert_eq!(code, 404, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_secret_is_refused_and_unsigned_deliveries_cost_nothing() {
+    let s = Setup::new();
+    let (_dir, cache) = CacheServer::start_local();
+    let secrets = s.home.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("github"), "gh-secret\n").unwrap();
+    std::fs::write(secrets.join("empty"), " \n").unwrap();
+    let hooks_config = |gitlab: &str| {
+        format!(
+            "\n[webhooks]\nrepository = \"ops/fleet\"\ndebounce-seconds = 1\n\
+             github-secret-file = \"{0}/github\"\ngitlab-token-file = \"{0}/{gitlab}\"\n",
+            secrets.display()
+        )
+    };
+
+    // An empty (or blank) secret would let anyone deliver: check-config and serve refuse it.
+    let (config, api_token) = configure(&s, &cache, "", &format!("{VARIANTS}{}", hooks_config("empty")));
+    let out = s.orchestrator(&["check-config", "--config", config.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is empty"), "{err}");
+    let out = s
+        .orchestrator(&["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is empty"), "{err}");
+
+    std::fs::write(secrets.join("gitlab"), "gl-token\n").unwrap();
+    let (config, api_token2) = configure(&s, &cache, "", &format!("{VARIANTS}{}", hooks_config("gitlab")));
+    assert_eq!(api_token, api_token2);
+    let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    let hooks = Hooks { http: reqwest::Client::new(), url: o.url.clone() };
+    let before = s.fleet.head();
+    let after = s.fleet.bump_nixpkgs("2");
+
+    // No signature, or an empty GitLab token: 401 without the body being read.
+    let push = serde_json::to_vec(&github_push("refs/heads/main", &before, &after, "ops/fleet")).unwrap();
+    let (code, _) = hooks.post("/hooks/github", &[("x-github-event", "push".into())], push.clone()).await;
+    assert_eq!(code, 401);
+    let (code, _) = hooks
+        .post("/hooks/gitlab", &[("x-gitlab-event", "Push Hook".into()), ("x-gitlab-token", "".into())], push)
+        .await;
+    assert_eq!(code, 401);
+
+    // An empty commit is no commit, however well signed.
+    let mut empty = github_push("refs/heads/main", &before, &after, "ops/fleet");
+    empty["after"] = json!("");
+    let body = serde_json::to_vec(&empty).unwrap();
+    let sig = format!("sha256={}", sign("gh-secret", &body));
+    let headers = [
+        ("x-github-event", "push".to_owned()),
+        ("x-github-delivery", "e-1".to_owned()),
+        ("x-hub-signature-256", sig),
+    ];
+    assert_eq!(hooks.post("/hooks/github", &headers, body).await.0, 400);
+
+    // Forty deliveries of 24 MiB at once with a well-formed but wrong signature: each is
+    // refused, and the bodies held at once stay within the budget.
+    let start_rss = o.child.peak_rss_mib();
+    let big = vec![b' '; 24 << 20];
+    let wrong = format!("sha256={}", "0".repeat(64));
+    let posts = (0..40).map(|i| {
+        let (http, url, big, wrong) = (hooks.http.clone(), o.url.clone(), big.clone(), wrong.clone());
+        async move {
+            let sent = http
+                .post(format!("{url}/hooks/github"))
+                .header("x-github-event", "push")
+                .header("x-github-delivery", format!("big-{i}"))
+                .header("x-hub-signature-256", wrong)
+                .body(big)
+                .send()
+                .await;
+            // A busy server answers 503 before the body is all sent, and closes: also a refusal.
+            sent.map(|r| r.status().as_u16()).unwrap_or(0)
+        }
+    });
+    let codes = futures_util::future::join_all(posts).await;
+    assert!(codes.iter().all(|c| matches!(c, 0 | 401 | 503)), "{codes:?}");
+    assert!(codes.contains(&401), "some were read and checked: {codes:?}");
+    let grew = o.child.peak_rss_mib().saturating_sub(start_rss);
+    eprintln!(
+        "orchestrator serve: peak RSS grew by {grew} MiB over 40 parallel 24 MiB deliveries ({codes:?})"
+    );
+    assert!(grew < 150, "grew by {grew} MiB");
+}

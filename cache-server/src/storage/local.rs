@@ -16,23 +16,45 @@ use super::{ByteRange, Key, Object, SMALL_OBJECT, Storage, StorageError, Upload}
 /// Nix never asks for names starting with a dot, and [`Key`] cannot name them.
 const TMP_DIR: &str = ".fleetcache-tmp";
 
+/// Uploads older than this in [`TMP_DIR`] were left by a process that died (no upload of ours
+/// stalls that long: a stalled body is cut after a minute); they are removed at start.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A cache in a local directory.
 pub struct LocalStorage {
     root: PathBuf,
 }
 
 impl LocalStorage {
-    /// Opens (creating if needed) a cache directory.
+    /// Opens (creating if needed) a cache directory, removing uploads a killed process left.
     pub async fn open(root: &Path) -> Result<Self, StorageError> {
         let io_err = |source| StorageError::Io { key: root.display().to_string(), source };
         fs::create_dir_all(root.join(TMP_DIR)).await.map_err(io_err)?;
         fs::create_dir_all(root.join("nar")).await.map_err(io_err)?;
+        let removed = remove_abandoned(&root.join(TMP_DIR), ABANDONED_AFTER).await.map_err(io_err)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed uploads a stopped server left behind");
+        }
         Ok(LocalStorage { root: root.to_owned() })
     }
 
     fn path(&self, key: &Key) -> PathBuf {
         self.root.join(key.as_str())
     }
+}
+
+/// Removes the files in `dir` not modified for `age` (another process's uploads in flight are
+/// younger); returns how many.
+async fn remove_abandoned(dir: &Path, age: std::time::Duration) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut entries = fs::read_dir(dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let old = entry.metadata().await?.modified()?.elapsed().is_ok_and(|a| a >= age);
+        if old && fs::remove_file(entry.path()).await.is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn io_err(key: &Key) -> impl Fn(io::Error) -> StorageError + '_ {
@@ -184,5 +206,25 @@ impl Drop for LocalUpload {
         if !self.finished {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn uploads_a_killed_process_left_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(TMP_DIR);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let (old, fresh) = (tmp.join("0000000000000001"), tmp.join("0000000000000002"));
+        std::fs::write(&old, b"half an upload").unwrap();
+        std::fs::write(&fresh, b"an upload in flight").unwrap();
+        let long_ago = std::time::SystemTime::now() - 2 * ABANDONED_AFTER;
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(long_ago).unwrap();
+        LocalStorage::open(dir.path()).await.unwrap();
+        assert!(!old.exists(), "an abandoned upload stayed");
+        assert!(fresh.exists(), "an upload in flight was removed");
     }
 }

@@ -436,7 +436,12 @@ impl NarParser {
                     return Err(NarError::InvalidName { offset, name: lossy(name) });
                 }
                 if name.len() > MAX_NAME_LEN {
-                    return Err(NarError::TooLong { offset, what: "entry name", len: name.len(), max: MAX_NAME_LEN });
+                    return Err(NarError::TooLong {
+                        offset,
+                        what: "entry name",
+                        len: name.len(),
+                        max: MAX_NAME_LEN,
+                    });
                 }
                 let path_len = self.path.len() + usize::from(!self.path.is_empty()) + name.len();
                 if path_len > MAX_PATH_LEN {

@@ -22,7 +22,7 @@ use crate::plan::{Plan, Selection, plan};
 use crate::queue::{BuilderInfo, NewJob};
 use crate::report::Quiet;
 use crate::state::{State, StateError, now};
-use crate::tokens::TokenFile;
+use cache_server::auth::TokenFile;
 
 mod http;
 
@@ -55,6 +55,8 @@ pub struct Server {
     pub refused: AtomicU64,
     /// Webhook deliveries by forge and outcome.
     pub hooks: crate::webhooks::HookMetrics,
+    /// Bytes of webhook bodies that may be held at once ([`crate::webhooks::DELIVERY_BUDGET`]).
+    pub hook_bytes: tokio::sync::Semaphore,
 }
 
 /// A submitted build, as the CLI sends it.
