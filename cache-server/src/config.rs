@@ -219,6 +219,12 @@ mod tests {
         let c: Config = toml::from_str(text).unwrap();
         assert_ne!(c, Config::default(), "the example sets something");
         StoreUrl::parse(&c.store).unwrap();
+        // What it says of the limits is the default.
+        let d = Config::default();
+        assert_eq!(
+            (c.priority, c.narinfo_cache_seconds, c.max_narinfo_bytes, c.limits()),
+            (d.priority, d.narinfo_cache_seconds, d.max_narinfo_bytes, d.limits())
+        );
     }
 
     #[test]

@@ -41,6 +41,13 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The listener's limits (the body idle timeout applies to every upload).
     pub limits: crate::listener::Limits,
+    /// Uploads verified at once (each decompresses and hashes a NAR on a core); more wait.
+    pub verifications: tokio::sync::Semaphore,
+}
+
+/// Uploads verified at once by default: two per core.
+pub fn default_verifications() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 /// Largest build log accepted (`PUT /log/…`).
@@ -460,6 +467,7 @@ async fn put_top(
     let limit = if narinfo { s.max_narinfo_bytes } else { MAX_LISTING_BYTES };
     let bytes = read_body(&s, &h, body, limit).await?;
     if let Some(hash) = file.strip_suffix(".narinfo") {
+        let _verifying = s.verifications.acquire().await.expect("never closed");
         let text = ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, hash, &bytes)
             .await
             .map_err(|e| count_failure(&s, e))?;
@@ -506,6 +514,7 @@ async fn put_log(
 
 async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
     let who = check_upload(&s, &h)?;
+    let _verifying = s.verifications.acquire().await.expect("never closed");
     let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
     let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.metrics, body)
         .await

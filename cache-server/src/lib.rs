@@ -102,6 +102,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         ),
         metrics,
         limits: config.limits(),
+        verifications: tokio::sync::Semaphore::new(http::default_verifications()),
     })
 }
 
