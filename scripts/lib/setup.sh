@@ -44,7 +44,8 @@ ensure_debian_packages() {
     fi
 }
 
-# nginx (Debian's package): the TLS proxy the HTTPS tests put in front of our servers.
+# nginx (Debian's package): the TLS proxy the HTTPS tests put in front of our servers; and
+# tinyproxy, the HTTP proxy they go through.
 ensure_nginx() {
     if ! [ -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null; then
         step "installing Debian packages: nginx"
@@ -52,6 +53,12 @@ ensure_nginx() {
         apt_install nginx
     fi
     command -v openssl >/dev/null || apt_install openssl
+    # An HTTP proxy for the HTTPS_PROXY test; the package's own daemon is not wanted.
+    if ! command -v tinyproxy >/dev/null; then
+        step "installing Debian packages: tinyproxy"
+        apt_install tinyproxy
+        as_root service tinyproxy stop >/dev/null 2>&1 || true
+    fi
 }
 
 # A current Nix beside Debian 12's 2.8 (Debian sid's nix-bin, run from its own directory under

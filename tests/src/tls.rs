@@ -150,3 +150,53 @@ impl TlsProxy {
         self.child.stop();
     }
 }
+
+/// tinyproxy (Debian's), an HTTP proxy that tunnels HTTPS with CONNECT, as a fleet behind a
+/// corporate proxy has one.
+pub struct HttpProxy {
+    child: ChildGuard,
+    dir: TempDir,
+    /// `http://127.0.0.1:<port>`, for `HTTPS_PROXY`.
+    pub url: String,
+}
+
+impl HttpProxy {
+    /// Starts tinyproxy on a free loopback port.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("fleetcache-proxy-").tempdir().expect("tempdir");
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 32\nAllow 127.0.0.1\nLogLevel Info\nLogFile \"{}\"\n",
+                dir.path().join("proxy.log").display()
+            );
+            std::fs::write(dir.path().join("tinyproxy.conf"), conf).expect("tinyproxy.conf");
+            let mut child = ChildGuard::spawn(
+                "tinyproxy",
+                Command::new("tinyproxy")
+                    .arg("-d")
+                    .arg("-c")
+                    .arg(dir.path().join("tinyproxy.conf"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            if child.try_alive() {
+                wait_for_port(&mut child, ([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+                return HttpProxy { child, dir, url: format!("http://127.0.0.1:{port}") };
+            }
+        }
+        panic!("tinyproxy did not start (scripts/test installs Debian's tinyproxy)");
+    }
+
+    /// What it logged: each tunnel shows as a `CONNECT` to its host and port.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// Stops it.
+    pub fn stop(&mut self) {
+        self.child.stop();
+    }
+}

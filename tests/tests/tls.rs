@@ -12,7 +12,7 @@ use fleetcache_tests::forge::{FakeForge, github_push, sign};
 use fleetcache_tests::nix::{TempStore, build_closure, run};
 use fleetcache_tests::orchestrator::Setup;
 use fleetcache_tests::serve::{DEFAULT_AND_CUDA, configure_with, start_builder, start_orchestrator};
-use fleetcache_tests::tls::{TestCa, TlsProxy};
+use fleetcache_tests::tls::{HttpProxy, TestCa, TlsProxy};
 
 fn push(cache: &str, token: &PathBuf, path: &str, env: &[(&str, &PathBuf)]) -> Output {
     let mut c = Command::new(fleetcache_tests::bin("orchestrator"));
@@ -21,6 +21,10 @@ fn push(cache: &str, token: &PathBuf, path: &str, env: &[(&str, &PathBuf)]) -> O
         .arg(path)
         .env_remove("SSL_CERT_FILE")
         .env_remove("NIX_SSL_CERT_FILE")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
         .env("NIX_CONFIG", fleetcache_tests::nix::NIX_CONFIG);
     for (k, v) in env {
         c.env(k, v);
@@ -63,6 +67,27 @@ fn push_over_https_trusts_the_ca_nix_is_given_and_refuses_others() {
             assert_eq!((uploaded, summary["already_present"].as_u64()), (0, Some(4)), "{summary}");
         }
     }
+
+    // Through an HTTP proxy (HTTPS_PROXY, a CONNECT tunnel), unless NO_PROXY names the host.
+    let mut http_proxy = HttpProxy::start();
+    let port = proxy.url.rsplit(':').next().unwrap().to_owned();
+    let tunnels = |log: &str| log.matches(&format!("CONNECT 127.0.0.1:{port}")).count();
+    let ca_cert = ca.cert();
+    let via = |extra: &[(&str, &PathBuf)]| {
+        let mut env = vec![("SSL_CERT_FILE", &ca_cert)];
+        env.extend_from_slice(extra);
+        push(&proxy.url, &token, &top.to_absolute(), &env)
+    };
+    let proxy_url = PathBuf::from(&http_proxy.url);
+    let out = via(&[("HTTPS_PROXY", &proxy_url)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tunnelled = tunnels(&http_proxy.log());
+    assert!(tunnelled > 0, "the push did not go through the proxy:\n{}", http_proxy.log());
+    let bypass = PathBuf::from("127.0.0.1");
+    let out = via(&[("HTTPS_PROXY", &proxy_url), ("NO_PROXY", &bypass)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tunnels(&http_proxy.log()), tunnelled, "NO_PROXY was not honoured");
+    http_proxy.stop();
 
     // And a machine substitutes it over the same HTTPS, trusting the same CA.
     let machine = TempStore::new();
