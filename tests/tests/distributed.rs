@@ -327,3 +327,43 @@ verify = { features = ["rocm"], command = "llama-cli", expect = "rocm" }
     let status = o.status(&s);
     assert_eq!(attempts_by_builder(&status, "vulkan"), [("builder-a".to_owned(), "built".to_owned())]);
 }
+
+#[test]
+fn with_no_variant_configured_the_builders_build_what_the_machines_install() {
+    let s = Setup::new();
+    let (_dir, cache) = CacheServer::start_local();
+    let (config, api_token) = configure(&s, &cache, "", "");
+    let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
+    // A GPU builder (cuda and vulkan) and a CPU one: each derivation goes where its machines'
+    // builderFeatures say, the builder evaluating the machine's package itself.
+    let (_gpu, gpu_log) = start_builder(&s, &o, "builder-a", "token-a", "cuda,vulkan");
+    let (_cpu, cpu_log) = start_builder(&s, &o, "builder-b", "token-b", "");
+    o.wait_for_builders(&s, &["builder-a", "builder-b"]);
+    let mut args = vec!["build", "--json", "--rev", "main"];
+    let client = o.client_args();
+    args.extend(client.iter().map(String::as_str));
+    let (code, results, stderr) = parse_build(s.orchestrator(&args).output().unwrap());
+    let logs = || {
+        format!(
+            "{}\n{}\n{}",
+            o.log(),
+            std::fs::read_to_string(&gpu_log).unwrap_or_default(),
+            std::fs::read_to_string(&cpu_log).unwrap_or_default()
+        )
+    };
+    assert_eq!(code, 0, "{stderr}\n{}", logs());
+    assert_eq!(
+        status_of(&results),
+        BTreeMap::from([("cpu", "built"), ("cuda", "built"), ("vulkan", "built")])
+    );
+    assert_eq!(results["cpu"]["machines"], serde_json::json!(["beryllium", "boron"]));
+    assert_eq!(results["cuda"]["machines"], serde_json::json!(["carbon"]));
+    let status = o.status(&s);
+    let by = |v: &str| attempts_by_builder(&status, v);
+    assert!(by("cuda").iter().all(|(owner, _)| owner == "builder-a"), "{:?}", by("cuda"));
+    assert!(by("vulkan").iter().all(|(owner, _)| owner == "builder-a"), "{:?}", by("vulkan"));
+    // Every machine's package substitutes from the cache.
+    let machine = TempStore::new();
+    let outs: Vec<StorePath> = results.values().map(out_path).collect();
+    run(&mut machine.copy_from(&cache.url, &cache.public_key, &outs.iter().collect::<Vec<_>>()));
+}
