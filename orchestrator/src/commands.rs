@@ -407,20 +407,14 @@ pub fn serve(
             .await
             .map_err(|e| CliError::Error(format!("binding {addr}: {e}")))?;
         let addr = listener.local_addr()?;
-        let server = Arc::new(orchestrator::serve::Server {
-            state,
+        let server = Arc::new(orchestrator::serve::Server::new(
             config,
+            state,
             repo,
-            cache: Arc::new(cache),
+            cache,
             builder_tokens,
             api_tokens,
-            work: tokio::sync::Notify::new(),
-            claim_lock: tokio::sync::Mutex::new(()),
-            claims: Default::default(),
-            refused: Default::default(),
-            hooks: Default::default(),
-            hook_bytes: tokio::sync::Semaphore::new(orchestrator::webhooks::DELIVERY_BUDGET),
-        });
+        ));
         tracing::info!(fleet = %server.repo.reference, state = %dir.display(), "serving");
         println!("listening on http://{addr}");
         let shutdown = async {

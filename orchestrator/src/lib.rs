@@ -14,7 +14,6 @@ pub mod forge_status;
 pub mod keys;
 pub mod outcome;
 pub mod plan;
-pub mod queue;
 pub mod remote;
 pub mod report;
 pub mod serve;

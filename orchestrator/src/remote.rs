@@ -8,10 +8,10 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::outcome::BuildReport;
-use crate::queue::BuilderInfo;
 use crate::report::{Phase, Reporter};
 use crate::serve::{RequestView, Submit};
 use crate::state::RevisionReport;
+use crate::state::{BuilderInfo, RequestStatus};
 
 /// Why talking to the orchestrator failed.
 #[derive(Debug, Error)]
@@ -119,7 +119,7 @@ impl Remote {
                 }
                 Err(e) => return Err(e),
             };
-            if view.status == "error" {
+            if view.status == RequestStatus::Error {
                 return Err(RemoteError::Request(
                     view.error.unwrap_or_else(|| "the request failed".to_owned()),
                 ));
@@ -136,7 +136,7 @@ impl Remote {
                     reporter.phase(&v.label, phase);
                 }
             }
-            if view.status == "done" {
+            if view.status == RequestStatus::Done {
                 return Ok(BuildReport {
                     commit: view.commit.unwrap_or_default(),
                     inputs: view.inputs,

@@ -14,7 +14,7 @@ use builder::api::Register;
 use fleetcache_tests::cache_server::CacheServer;
 use fleetcache_tests::orchestrator::{Setup, parse_build};
 use fleetcache_tests::serve::{configure, start_builder, start_orchestrator};
-use orchestrator::queue::NewJob;
+use orchestrator::state::NewJob;
 use orchestrator::state::State;
 
 const AGENTS: usize = 4;

@@ -2,7 +2,7 @@
 
 use builder::api::Register;
 use fleetcache_tests::postgres::Postgres;
-use orchestrator::queue::NewJob;
+use orchestrator::state::NewJob;
 use orchestrator::state::{AttemptEnd, State};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

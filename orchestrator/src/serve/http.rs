@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::record::{alive, find_log, view};
+use super::server::{Server, Submit};
+use crate::state::{AttemptEnd, StateError};
 use axum::Router;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
@@ -13,10 +16,6 @@ use axum::routing::{get, post};
 use builder::api::{ClaimRequest, Heartbeat, JobResult, LogChunk, Outcome, Register, Registered};
 use cache_server::auth::presented_token;
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
-
-use super::{BUILDER_ALIVE, Server, Submit, find_log, submit_request};
-use crate::state::{AttemptEnd, StateError, now};
 
 struct ApiError(StatusCode, String);
 
@@ -89,17 +88,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
 async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
     let mut out = String::new();
     out.push_str("# TYPE fleetcache_jobs gauge\n");
-    for status in ["queued", "claimed", "built", "failed"] {
-        let n: i64 = sqlx::query(&s.state.sql("SELECT count(*) FROM jobs WHERE status = ?"))
-            .bind(status)
-            .fetch_one(&s.state.pool)
-            .await
-            .map_err(|e| ApiError::from(s.state.err(e)))?
-            .get(0);
-        out.push_str(&format!("fleetcache_jobs{{status=\"{status}\"}} {n}\n"));
+    for (status, n) in s.state.job_counts().await? {
+        out.push_str(&format!("fleetcache_jobs{{status=\"{}\"}} {n}\n", status.as_str()));
     }
-    let builders = s.state.builders().await?;
-    let alive = builders.iter().filter(|b| now() - b.last_seen < BUILDER_ALIVE).count();
+    let alive = alive(&s.state.builders().await?).count();
     out.push_str(&format!("# TYPE fleetcache_builders_alive gauge\nfleetcache_builders_alive {alive}\n"));
     out.push_str(&format!(
         "# TYPE fleetcache_claims_total counter\nfleetcache_claims_total {}\n",
@@ -109,7 +101,7 @@ async fn metrics(AxState(s): AxState<Arc<Server>>) -> ApiResult {
         "# TYPE fleetcache_refused_requests_total counter\nfleetcache_refused_requests_total {}\n",
         s.refused.load(Ordering::Relaxed)
     ));
-    out.push_str(&s.hooks.render());
+    out.push_str(&s.webhooks.metrics());
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
@@ -175,7 +167,7 @@ fn gone() -> ApiError {
 impl Server {
     /// The job `id` if builder `name` holds it with `lease` (a lease is only ever good for the
     /// builder it was handed to).
-    async fn held_job(&self, id: i64, lease: &str, name: &str) -> ApiResult<crate::queue::LeasedJob> {
+    async fn held_job(&self, id: i64, lease: &str, name: &str) -> ApiResult<crate::state::LeasedJob> {
         match self.state.leased_job(id, lease).await? {
             Some(job) if job.builder == name => Ok(job),
             _ => Err(gone()),
@@ -284,13 +276,13 @@ async fn submit(AxState(s): AxState<Arc<Server>>, headers: HeaderMap, body: axum
     if let Err(e) = crate::plan::Selection::new(&s.config, &body.variants) {
         return Err(ApiError(StatusCode::BAD_REQUEST, e));
     }
-    let id = submit_request(&s.state, &body.rev, &body.variants, body.retry_failed).await?;
+    let id = s.state.submit_request(&body.rev, &body.variants, body.retry_failed).await?;
     Ok(json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id })))
 }
 
 async fn list_pushes(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     s.api_user(&headers)?;
-    Ok(json(StatusCode::OK, &crate::webhooks::pushes(&s.state).await?))
+    Ok(json(StatusCode::OK, &s.state.pushes().await?))
 }
 
 async fn hook_github(
@@ -298,7 +290,7 @@ async fn hook_github(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    crate::webhooks::deliver(s, crate::webhooks::Forge::GitHub, headers, body).await
+    crate::webhooks::deliver(&s.webhooks, crate::webhooks::Forge::GitHub, headers, body).await
 }
 
 async fn hook_gitea(
@@ -306,7 +298,7 @@ async fn hook_gitea(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    crate::webhooks::deliver(s, crate::webhooks::Forge::Gitea, headers, body).await
+    crate::webhooks::deliver(&s.webhooks, crate::webhooks::Forge::Gitea, headers, body).await
 }
 
 async fn hook_gitlab(
@@ -314,12 +306,12 @@ async fn hook_gitlab(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    crate::webhooks::deliver(s, crate::webhooks::Forge::GitLab, headers, body).await
+    crate::webhooks::deliver(&s.webhooks, crate::webhooks::Forge::GitLab, headers, body).await
 }
 
 async fn request(AxState(s): AxState<Arc<Server>>, Path(id): Path<i64>, headers: HeaderMap) -> ApiResult {
     s.api_user(&headers)?;
-    match s.view(id).await? {
+    match view(&s.state, id).await? {
         Some(view) => Ok(json(StatusCode::OK, &view)),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no build request {id}"))),
     }
