@@ -18,8 +18,8 @@ use crate::api::{
     Verification,
 };
 use crate::client::CacheClient;
-use crate::nix_build::{self, BuildEnd};
-use crate::push::{PushOptions, push};
+use crate::pipeline::{End, Stage, Target};
+use crate::push::PushOptions;
 
 /// Why the agent stopped.
 #[derive(Debug, Error)]
@@ -84,11 +84,16 @@ struct Agent {
 }
 
 impl Agent {
-    /// Runs a verification with every feature this builder has (mandatory ones included).
-    async fn verify(&self, out: &StorePath, spec: &crate::api::VerifySpec) -> Verification {
+    /// Every feature this builder has, mandatory ones included: what a verification may use.
+    fn features(&self) -> Vec<String> {
         let mut have = self.opts.register.features.clone();
         have.extend(self.opts.register.mandatory_features.iter().cloned());
-        let mut v = crate::verify::verify(out, spec, &have).await;
+        have
+    }
+
+    /// Runs a verification with every feature this builder has.
+    async fn verify(&self, out: &StorePath, spec: &crate::api::VerifySpec) -> Verification {
+        let mut v = crate::verify::verify(out, spec, &self.features()).await;
         v.by = self.name.clone();
         v
     }
@@ -217,20 +222,31 @@ async fn worker(agent: Arc<Agent>, stop: CancellationToken) -> Result<(), AgentE
 }
 
 /// What the heartbeat reports.
+/// What the heartbeats report and the log chunks carry, as the job runs.
 struct Progress {
     phase: std::sync::Mutex<&'static str>,
     pushed: AtomicU64,
+    log: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
-impl crate::push::Progress for Progress {
-    fn planned(&self, _: usize, _: usize, _: u64) {}
-    fn started(&self, _: &StorePath, _: u64) {}
-    fn advanced(&self, _: &StorePath, n: u64) {
-        self.pushed.fetch_add(n, Ordering::Relaxed);
+impl Progress {
+    fn set_phase(&self, phase: &'static str) {
+        *self.phase.lock().expect("phase") = phase;
     }
-    fn finished(&self, _: &StorePath, _: &Result<u64, String>, _: bool) {}
+}
+
+impl crate::pipeline::Watcher for Progress {
+    fn stage(&self, stage: Stage) {
+        self.set_phase(stage.as_str());
+    }
+    fn log_line(&self, line: &str) {
+        let _ = self.log.send(line.to_owned());
+    }
+    fn pushed(&self, total: u64) {
+        self.pushed.store(total, Ordering::Relaxed);
+    }
     fn note(&self, message: &str) {
-        tracing::info!("{message}");
+        tracing::warn!("{message}");
     }
 }
 
@@ -238,9 +254,12 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
     let started = Instant::now();
     tracing::info!(job = job.id, drv = %job.drv_path, "building");
     let lost = CancellationToken::new();
-    let progress =
-        Arc::new(Progress { phase: std::sync::Mutex::new("evaluating"), pushed: AtomicU64::new(0) });
     let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let progress = Arc::new(Progress {
+        phase: std::sync::Mutex::new("evaluating"),
+        pushed: AtomicU64::new(0),
+        log: log_tx,
+    });
     // Heartbeats and log chunks, until the attempt ends (`done`).
     let done = CancellationToken::new();
     let beat = {
@@ -299,7 +318,7 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
             cancel.cancel();
         })
     };
-    let (outcome, error, verification) = attempt(agent, &job, &progress, &cancel, log_tx).await;
+    let (outcome, error, verification) = attempt(agent, &job, progress, &cancel).await;
     link.abort();
     done.cancel();
     let _ = beat.await;
@@ -328,13 +347,12 @@ async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) 
 async fn attempt(
     agent: &Agent,
     job: &ClaimedJob,
-    progress: &Arc<Progress>,
+    progress: Arc<Progress>,
     cancel: &CancellationToken,
-    log: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> (Outcome, Option<String>, Option<Verification>) {
     let refuse = |why: String| (Outcome::Refused, Some(why), None);
     if job.kind == JobKind::Verify {
-        return verify_built(agent, job, progress).await;
+        return verify_built(agent, job, &progress).await;
     }
     let eval = match crate::eval::evaluate(&job.flake_url, &job.attr_path).await {
         Ok(e) => e,
@@ -347,46 +365,29 @@ async fn attempt(
             job.drv_path
         ));
     }
-    *progress.phase.lock().expect("phase") = "building";
-    let (end, _log) = nix_build::build(&eval.drv_path, agent.opts.max_log_bytes, cancel, |line| {
-        let _ = log.send(line.to_owned());
-    })
-    .await;
-    drop(log);
-    match end {
-        BuildEnd::Cancelled => return refuse("stopped".to_owned()),
-        BuildEnd::Failed(e) => return (Outcome::Failed, Some(e), None),
-        BuildEnd::Built => {}
-    }
-    let main_output = eval.main_output().cloned();
-    if let Some(why) = main_output.as_ref().and_then(|out| crate::verify::lacking(out, &job.required_files)) {
-        return (Outcome::Failed, Some(why), None);
-    }
-    *progress.phase.lock().expect("phase") = "pushing";
     let outputs: Vec<StorePath> = eval.outputs.values().cloned().collect();
-    let pushed = tokio::select! {
-        r = push(&agent.cache, &outputs, &agent.opts.push, progress.clone()) => r,
-        _ = cancel.cancelled() => return refuse("stopped while pushing".to_owned()),
+    let target = Target {
+        drv: &eval.drv_path,
+        outputs: &outputs,
+        main_output: eval.main_output(),
+        required_files: &job.required_files,
+        verify: job.verify.as_ref(),
     };
-    match pushed {
-        Err(e) => return (Outcome::PushFailed, Some(format!("push: {e}")), None),
-        Ok(s) => {
-            if let Some(why) = s.refusal() {
-                return (Outcome::PushFailed, Some(why), None);
-            }
-        }
-    }
-    if let Err(e) = nix_build::upload_stored_log(&agent.cache, &eval.drv_path).await {
-        tracing::warn!(error = %e, "the build log was not uploaded");
-    }
-    let verification = match (&job.verify, &main_output) {
-        (Some(spec), Some(out)) => {
-            *progress.phase.lock().expect("phase") = "verifying";
-            Some(agent.verify(out, spec).await)
-        }
-        _ => None,
+    let features = agent.features();
+    let settings = crate::pipeline::Settings {
+        cache: &agent.cache,
+        push: &agent.opts.push,
+        max_log_bytes: agent.opts.max_log_bytes,
+        features: &features,
+        name: &agent.name,
     };
-    (Outcome::Built, None, verification)
+    // The log goes to the orchestrator as it comes; the attempt's own copy is not needed.
+    match crate::pipeline::realise(&target, &settings, progress, cancel).await.end {
+        End::Built(verification) => (Outcome::Built, None, verification),
+        End::Failed(why) => (Outcome::Failed, Some(why), None),
+        End::PushFailed(why) => (Outcome::PushFailed, Some(why), None),
+        End::Stopped(at) => refuse(at.to_owned()),
+    }
 }
 
 /// A verify job: fetch the output from the cache (this builder trusts the cache it pushes to)
@@ -403,7 +404,7 @@ async fn verify_built(
         Ok(p) => p,
         Err(e) => return (Outcome::Refused, Some(format!("{output}: {e}")), None),
     };
-    *progress.phase.lock().expect("phase") = "fetching";
+    progress.set_phase("fetching");
     let fetched = crate::nix::async_command("nix")
         .args(["copy", "--no-check-sigs", "--from", &agent.cache_url, output])
         .stdin(std::process::Stdio::null())
@@ -417,7 +418,7 @@ async fn verify_built(
         }
         Err(e) => return (Outcome::Refused, Some(format!("running nix copy: {e}")), None),
     }
-    *progress.phase.lock().expect("phase") = "verifying";
+    progress.set_phase("verifying");
     (Outcome::Built, None, Some(agent.verify(&out, spec).await))
 }
 

@@ -1,7 +1,8 @@
 //! fleetcache's builder library: what a build machine does with the real `nix` and the
 //! cache-server — evaluate a variant ([`eval`]), build it ([`nix_build`]), put its closure
-//! into the cache ([`push`]) — and the agent that does it for an orchestrator ([`agent`],
-//! speaking [`api`]).
+//! into the cache ([`push`]), the whole way from `nix build` to a verified output in the cache
+//! ([`pipeline`]) — and the agent that does it for an orchestrator ([`agent`], speaking
+//! [`api`]).
 
 pub mod agent;
 pub mod api;
@@ -11,6 +12,7 @@ pub mod eval;
 pub mod http;
 pub mod nix;
 pub mod nix_build;
+pub mod pipeline;
 pub mod progress;
 pub mod push;
 pub mod verify;

@@ -1,11 +1,11 @@
 //! `orchestrator build --rev`: a fleet revision to signed variants in the cache, on this machine.
 //!
-//! Plan the revision ([`crate::plan`]), then build what the cache lacks with `nix build` (one
-//! derivation once, however many variants want it, and never by two runs at once), push each
-//! closure and its log.
+//! Plan the revision ([`crate::plan`]), then build what the cache lacks (one derivation once,
+//! however many variants want it, and never by two runs at once, each through the builder's
+//! [`builder::pipeline`]: `nix build`, checks, push, log, verification).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use builder::api::{Verification, VerifySpec};
 use nix_formats::StorePath;
@@ -17,7 +17,7 @@ use crate::outcome::{BuildReport, Status};
 use crate::plan::{Plan, PlanError, Selection, plan};
 use crate::report::{Phase, Reporter};
 use crate::state::{AttemptEnd, Claim, DerivationStatus, LEASE, StateError};
-use builder::nix_build::{self, BuildEnd};
+use builder::pipeline::{self, End, Settings, Stage, Target};
 
 /// How realising one derivation ended.
 enum Realised {
@@ -147,6 +147,8 @@ async fn realise(
     outcome
 }
 
+/// Runs the pipeline on a claimed derivation and records the attempt, its log and the
+/// derivation's standing.
 async fn build_and_push(
     ctx: &Context,
     drv: &StorePath,
@@ -156,7 +158,6 @@ async fn build_and_push(
     lost: &CancellationToken,
 ) -> Result<Realised, StateError> {
     let drv_abs = drv.to_absolute();
-    let phase = |p: Phase| labels.iter().for_each(|l| ctx.reporter.phase(l, p.clone()));
     let stop = CancellationToken::new();
     let _link = {
         let (stop, cancel, lost) = (stop.clone(), ctx.cancel.clone(), lost.clone());
@@ -165,96 +166,73 @@ async fn build_and_push(
             stop.cancel();
         })
     };
-    let attempt = ctx.state.start_attempt(&drv_abs, &ctx.owner).await?;
-    let started = Instant::now();
-    phase(Phase::Building);
-    let (end, log) = nix_build::build(drv, ctx.options.max_log_bytes, &stop, |line| {
-        labels.iter().for_each(|l| ctx.reporter.log_line(l, line))
-    })
-    .await;
-    let interrupted = |why: &str| {
-        if lost.is_cancelled() { format!("lost the claim on {drv_abs} ({why})") } else { why.to_owned() }
+    let attempt_id = ctx.state.start_attempt(&drv_abs, &ctx.owner).await?;
+    let target = Target {
+        drv,
+        outputs,
+        main_output: checks.main_output.as_ref(),
+        required_files: &checks.files,
+        verify: checks.verify.as_ref(),
     };
-    // Only a finished build has an output to check.
-    let lacking = match end {
-        BuildEnd::Built => {
-            checks.main_output.as_ref().and_then(|out| builder::verify::lacking(out, &checks.files))
+    let settings = Settings {
+        cache: &ctx.cache.client,
+        push: &ctx.options.push,
+        max_log_bytes: ctx.options.max_log_bytes,
+        features: &ctx.options.features,
+        name: &crate::state::hostname(),
+    };
+    let watcher = Arc::new(Watch { reporter: ctx.reporter.clone(), labels: labels.to_vec() });
+    let attempt = pipeline::realise(&target, &settings, watcher, &stop).await;
+    // A push that fails leaves a good build: the attempt failed, the derivation did not (the
+    // next run pushes it again without --retry-failed; nix has the outputs already).
+    let (end, error, standing, realised) = match attempt.end {
+        End::Built(v) => (AttemptEnd::Built, None, DerivationStatus::Built, Realised::Built(v)),
+        End::Failed(e) => {
+            (AttemptEnd::Failed, Some(e.clone()), DerivationStatus::Failed, Realised::Failed(e))
         }
-        _ => None,
-    };
-    let result = match (end, lacking) {
-        (BuildEnd::Cancelled, _) => Err((AttemptEnd::Interrupted, interrupted("stopped while building"))),
-        (BuildEnd::Failed(e), _) => Err((AttemptEnd::Failed, e)),
-        (BuildEnd::Built, Some(why)) => Err((AttemptEnd::Failed, why)),
-        // A push that fails leaves a good build: the attempt failed, the derivation did not
-        // (the next run pushes it again without --retry-failed; nix has the outputs already).
-        (BuildEnd::Built, None) => {
-            phase(Phase::Pushing(0));
-            let progress = Arc::new(PushProgress {
-                reporter: ctx.reporter.clone(),
-                labels: labels.to_vec(),
-                pushed: Default::default(),
-            });
-            let pushed = tokio::select! {
-                r = builder::push::push(&ctx.cache.client, outputs, &ctx.options.push, progress) => Some(r),
-                _ = stop.cancelled() => None,
+        End::PushFailed(e) => {
+            (AttemptEnd::PushFailed, Some(e.clone()), DerivationStatus::New, Realised::Failed(e))
+        }
+        End::Stopped(at) => {
+            let why = if lost.is_cancelled() {
+                format!("lost the claim on {drv_abs} ({at})")
+            } else {
+                at.to_owned()
             };
-            match pushed {
-                None => Err((AttemptEnd::Interrupted, interrupted("stopped while pushing"))),
-                Some(Err(e)) => Err((AttemptEnd::PushFailed, format!("push: {e}"))),
-                Some(Ok(summary)) => {
-                    summary.refusal().map_or(Ok(()), |why| Err((AttemptEnd::PushFailed, why)))
-                }
-            }
+            (AttemptEnd::Interrupted, Some(why), DerivationStatus::New, Realised::Interrupted)
         }
     };
-    let seconds = started.elapsed().as_secs_f64();
-    match result {
-        Ok(()) => {
-            if let Err(e) = nix_build::upload_stored_log(&ctx.cache.client, drv).await {
-                ctx.reporter.note(&format!("{drv_abs}: the build log was not uploaded: {e}"));
-            }
-            ctx.state.finish_attempt(attempt, AttemptEnd::Built, seconds, None, &log.text()).await?;
-            ctx.state.release(&drv_abs, &ctx.owner, DerivationStatus::Built).await?;
-            let verification = match (&checks.verify, &checks.main_output) {
-                (Some(spec), Some(out)) => {
-                    phase(Phase::Remote("verifying".to_owned()));
-                    let mut v = builder::verify::verify(out, spec, &ctx.options.features).await;
-                    v.by = crate::state::hostname();
-                    Some(v)
-                }
-                _ => None,
-            };
-            Ok(Realised::Built(verification))
-        }
-        Err((end, error)) => {
-            ctx.state.finish_attempt(attempt, end, seconds, Some(&error), &log.text()).await?;
-            let (status, realised) = match end {
-                AttemptEnd::Failed => (DerivationStatus::Failed, Realised::Failed(error)),
-                AttemptEnd::PushFailed => (DerivationStatus::New, Realised::Failed(error)),
-                AttemptEnd::Built | AttemptEnd::Interrupted => (DerivationStatus::New, Realised::Interrupted),
-            };
-            ctx.state.release(&drv_abs, &ctx.owner, status).await?;
-            Ok(realised)
-        }
-    }
+    ctx.state.finish_attempt(attempt_id, end, attempt.seconds, error.as_deref(), &attempt.log).await?;
+    ctx.state.release(&drv_abs, &ctx.owner, standing).await?;
+    Ok(realised)
 }
 
-/// Push progress shown on the variants' lines: NAR bytes read so far.
-struct PushProgress {
+/// The pipeline's steps shown on the variants' lines.
+struct Watch {
     reporter: Arc<dyn Reporter>,
     labels: Vec<String>,
-    pushed: std::sync::atomic::AtomicU64,
 }
 
-impl builder::push::Progress for PushProgress {
-    fn planned(&self, _closure: usize, _to_upload: usize, _nar_bytes: u64) {}
-    fn started(&self, _path: &StorePath, _nar_size: u64) {}
-    fn advanced(&self, _path: &StorePath, n: u64) {
-        let total = self.pushed.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-        self.labels.iter().for_each(|l| self.reporter.phase(l, Phase::Pushing(total)));
+impl Watch {
+    fn phase(&self, phase: Phase) {
+        self.labels.iter().for_each(|l| self.reporter.phase(l, phase.clone()));
     }
-    fn finished(&self, _path: &StorePath, _outcome: &Result<u64, String>, _will_retry: bool) {}
+}
+
+impl pipeline::Watcher for Watch {
+    fn stage(&self, stage: Stage) {
+        self.phase(match stage {
+            Stage::Building => Phase::Building,
+            Stage::Pushing => Phase::Pushing(0),
+            Stage::Verifying => Phase::Remote("verifying".to_owned()),
+        });
+    }
+    fn log_line(&self, line: &str) {
+        self.labels.iter().for_each(|l| self.reporter.log_line(l, line));
+    }
+    fn pushed(&self, total: u64) {
+        self.phase(Phase::Pushing(total));
+    }
     fn note(&self, message: &str) {
         self.reporter.note(message);
     }
