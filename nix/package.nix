@@ -22,6 +22,7 @@ rustPlatform.buildRustPackage {
       ../Cargo.lock
       ../rustfmt.toml
       ../nix-formats
+      ../cache-protocol
       ../cache-server
       ../builder
       ../orchestrator

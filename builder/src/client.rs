@@ -6,7 +6,6 @@
 use bytes::Bytes;
 use nix_formats::StorePath;
 use reqwest::StatusCode;
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Why a request to the cache failed.
@@ -43,32 +42,8 @@ impl ClientError {
     }
 }
 
-/// The metadata line of an upload.
-#[derive(Debug, Clone, Serialize)]
-pub struct UploadMeta {
-    /// Full store path.
-    pub store_path: String,
-    /// Full store paths it refers to.
-    pub references: Vec<String>,
-    /// Full path of its derivation.
-    pub deriver: Option<String>,
-    /// Content address.
-    pub ca: Option<String>,
-    /// NarHash as Nix records it.
-    pub nar_hash: String,
-    /// NarSize as Nix records it.
-    pub nar_size: u64,
-}
-
-#[derive(Deserialize)]
-struct MissingResponse {
-    missing: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct UploadResult {
-    file_size: u64,
-}
+pub use cache_protocol::UploadMeta;
+use cache_protocol::{MissingRequest, MissingResponse, UploadResult};
 
 /// A client for one cache-server.
 #[derive(Clone)]
@@ -102,23 +77,26 @@ impl CacheClient {
         Err(ClientError::Status { status, message })
     }
 
-    /// The subset of `paths` that the cache does not have, in one round trip.
+    /// The subset of `paths` that the cache does not have, in request order: one round trip
+    /// per [`cache_protocol::MAX_MISSING_PATHS`] paths.
     pub async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, ClientError> {
-        let body =
-            serde_json::json!({ "paths": paths.iter().map(StorePath::to_absolute).collect::<Vec<_>>() });
-        let resp = self
-            .http
-            .post(format!("{}/api/v1/missing", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await;
-        let resp: MissingResponse =
-            Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
-        resp.missing
-            .iter()
-            .map(|p| StorePath::from_absolute(p).map_err(|e| ClientError::Protocol(e.to_string())))
-            .collect()
+        let mut missing = Vec::new();
+        for batch in paths.chunks(cache_protocol::MAX_MISSING_PATHS) {
+            let body = MissingRequest { paths: batch.iter().map(StorePath::to_absolute).collect() };
+            let resp = self
+                .http
+                .post(format!("{}{}", self.base, cache_protocol::MISSING))
+                .bearer_auth(&self.token)
+                .json(&body)
+                .send()
+                .await;
+            let resp: MissingResponse =
+                Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            for p in &resp.missing {
+                missing.push(StorePath::from_absolute(p).map_err(|e| ClientError::Protocol(e.to_string()))?);
+            }
+        }
+        Ok(missing)
     }
 
     /// Stores the build log of `drv` as `log/<drv base name>`, where `nix log` looks for it.
@@ -142,7 +120,7 @@ impl CacheClient {
     ) -> Result<u64, ClientError> {
         let resp = self
             .http
-            .post(format!("{}/api/v1/upload", self.base))
+            .post(format!("{}{}", self.base, cache_protocol::UPLOAD))
             .bearer_auth(&self.token)
             .body(reqwest::Body::wrap_stream(body))
             .send()

@@ -56,8 +56,7 @@ pub const MAX_LOG_BYTES: usize = 64 << 20;
 pub const MAX_LISTING_BYTES: usize = 64 << 20;
 /// Largest NAR file accepted (`PUT /nar/…`, a native upload's compressed NAR).
 pub const MAX_NAR_FILE_BYTES: u64 = 1 << 40;
-/// Most paths one `POST /api/v1/missing` may ask about.
-pub const MAX_MISSING_PATHS: usize = 100_000;
+pub use cache_protocol::MAX_MISSING_PATHS;
 
 impl AppState {
     /// True if uploads are possible at all.
@@ -124,8 +123,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/nar/{file}", get(get_nar).head(head_nar).put(put_nar))
         .route("/log/{drv}", get(get_log).head(head_log).put(put_log))
         .route("/{file}", get(get_top).head(head_top).put(put_top))
-        .route("/api/v1/upload", post(native_upload))
-        .route("/api/v1/missing", post(native_missing))
+        .route(cache_protocol::UPLOAD, post(native_upload))
+        .route(cache_protocol::MISSING, post(native_missing))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)

@@ -1,5 +1,5 @@
-//! fleetcache's own upload protocol, for builders: one request per store path, and one request
-//! for "which of these paths are missing?".
+//! The server's side of fleetcache's own upload protocol ([`cache_protocol`]), for builders: one
+//! request per store path, and one request for "which of these paths are missing?".
 //!
 //! `POST /api/v1/upload`: the body is one line of JSON [`UploadMeta`], a newline, then the
 //! zstd-compressed NAR. The server stores the compressed bytes as they arrive (multipart on
@@ -16,58 +16,12 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
 use nix_formats::hash::HashingWriter;
 use nix_formats::{ContentAddress, Hash, NarInfo, SecretKey, StorePath};
-use serde::{Deserialize, Serialize};
 
 use crate::ingest::IngestError;
 use crate::metrics::Metrics;
 use crate::storage::{Key, Storage};
 
-/// Longest metadata line accepted.
-pub const MAX_META_BYTES: usize = 4 * 1024 * 1024;
-
-/// What a builder says about the path it uploads.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct UploadMeta {
-    /// Full store path.
-    pub store_path: String,
-    /// Full store paths it refers to.
-    pub references: Vec<String>,
-    /// Full path of its derivation, if known.
-    #[serde(default)]
-    pub deriver: Option<String>,
-    /// Content address, if content-addressed.
-    #[serde(default)]
-    pub ca: Option<String>,
-    /// NarHash as Nix knows it (any of Nix's hash formats).
-    pub nar_hash: String,
-    /// NarSize as Nix knows it.
-    pub nar_size: u64,
-}
-
-/// The answer to an upload.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct UploadResult {
-    /// The signed narinfo now published.
-    pub narinfo: String,
-    /// Compressed bytes stored.
-    pub file_size: u64,
-}
-
-/// `{"paths": [...]}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MissingRequest {
-    /// Full store paths.
-    pub paths: Vec<String>,
-}
-
-/// `{"missing": [...]}`: the requested paths without a narinfo, in request order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MissingResponse {
-    /// Full store paths.
-    pub missing: Vec<String>,
-}
+pub use cache_protocol::{MAX_META_BYTES, MissingRequest, MissingResponse, UploadMeta, UploadResult};
 
 fn bad(field: &str, e: impl std::fmt::Display) -> IngestError {
     IngestError::Body(format!("upload metadata {field}: {e}"))
