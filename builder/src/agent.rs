@@ -250,6 +250,7 @@ impl crate::pipeline::Watcher for Progress {
     }
 }
 
+#[tracing::instrument(skip_all, fields(job = job.id, kind = ?job.kind))]
 async fn run_job(agent: &Arc<Agent>, job: ClaimedJob, stop: &CancellationToken) {
     let started = Instant::now();
     tracing::info!(job = job.id, drv = %job.drv_path, "building");

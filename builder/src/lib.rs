@@ -28,10 +28,16 @@ pub fn local_system() -> String {
 
 /// Logs to standard error at `RUST_LOG` (default `info`), in colour only on a terminal.
 pub fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Logs to standard error at `RUST_LOG`, else at `default` (`warn` for a command whose own
+/// report is the output), in colour only on a terminal.
+pub fn init_logging_at(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

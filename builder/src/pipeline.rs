@@ -103,6 +103,7 @@ pub struct Attempt {
 }
 
 /// Builds `target`, checks it, pushes it, uploads its log and verifies it, until `cancel`.
+#[tracing::instrument(skip_all, fields(drv = %target.drv.to_absolute()))]
 pub async fn realise(
     target: &Target<'_>,
     settings: &Settings<'_>,
@@ -110,6 +111,7 @@ pub async fn realise(
     cancel: &CancellationToken,
 ) -> Attempt {
     let started = Instant::now();
+    tracing::debug!("building");
     watcher.stage(Stage::Building);
     let (built, log) =
         nix_build::build(target.drv, settings.max_log_bytes, cancel, |line| watcher.log_line(line)).await;
@@ -118,7 +120,9 @@ pub async fn realise(
         BuildEnd::Failed(e) => End::Failed(e),
         BuildEnd::Built => publish(target, settings, watcher, cancel).await,
     };
-    Attempt { end, log: log.text(), seconds: started.elapsed().as_secs_f64() }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::debug!(?end, seconds, "attempt ended");
+    Attempt { end, log: log.text(), seconds }
 }
 
 /// The steps after a good build.
@@ -132,6 +136,7 @@ async fn publish(
     if let Some(why) = lacking {
         return End::Failed(why);
     }
+    tracing::debug!("built; pushing the closure");
     watcher.stage(Stage::Pushing);
     let progress = Arc::new(PushProgress { watcher: watcher.clone(), pushed: AtomicU64::new(0) });
     let pushed = tokio::select! {
@@ -150,6 +155,7 @@ async fn publish(
         watcher.note(&format!("{}: the build log was not uploaded: {e}", target.drv.to_absolute()));
     }
     let (Some(spec), Some(out)) = (target.verify, target.main_output) else { return End::Built(None) };
+    tracing::debug!(command = %spec.command, "pushed; verifying");
     watcher.stage(Stage::Verifying);
     let mut verification = crate::verify::verify(out, spec, settings.features).await;
     verification.by = settings.name.to_owned();

@@ -78,6 +78,14 @@ pub enum IngestError {
         /// The hash of the body.
         actual: String,
     },
+    /// A native upload's metadata line is missing, malformed or names what is not a store path.
+    #[error("upload metadata {field}: {why}")]
+    Metadata {
+        /// The field (or `line`, `JSON`).
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The request body ended early or could not be read.
     #[error("upload interrupted: {0}")]
     Body(String),
@@ -97,6 +105,7 @@ impl IngestError {
             IngestError::Mismatch { .. } => "hash_or_size_mismatch",
             IngestError::MissingReferences(_) => "missing_references",
             IngestError::FileHashMismatch { .. } => "file_hash_mismatch",
+            IngestError::Metadata { .. } => "bad_metadata",
             IngestError::Body(_) => "interrupted",
             IngestError::Storage(_) => "storage",
         }

@@ -23,8 +23,8 @@ use crate::storage::{Key, Storage};
 
 pub use cache_protocol::{MAX_META_BYTES, MissingRequest, MissingResponse, UploadMeta, UploadResult};
 
-fn bad(field: &str, e: impl std::fmt::Display) -> IngestError {
-    IngestError::Body(format!("upload metadata {field}: {e}"))
+fn bad(field: &'static str, e: impl std::fmt::Display) -> IngestError {
+    IngestError::Metadata { field, why: e.to_string() }
 }
 
 /// Answers a batch "which are missing?" with bounded concurrency against storage.

@@ -28,6 +28,7 @@ enum Realised {
 }
 
 /// Runs the whole build of `requested` (a commit, tag or branch) for `selection` on this machine.
+#[tracing::instrument(skip_all, fields(rev = requested))]
 pub async fn build_revision(
     ctx: &Context,
     repo: &FleetRepo,
@@ -86,6 +87,7 @@ struct Checks {
 }
 
 /// Builds and publishes one derivation, or waits for the run that holds it.
+#[tracing::instrument(skip_all, fields(drv = %drv.to_absolute()))]
 async fn realise(
     ctx: &Context,
     drv: &StorePath,

@@ -79,6 +79,9 @@ fn cancel_on_signals(cancel: CancellationToken) {
 
 /// `orchestrator build`.
 pub fn build(args: BuildArgs) -> Result<(), CliError> {
+    // The report is the output; warnings and errors of the parts (the embedded cache's
+    // storage, say) still reach the terminal, and `RUST_LOG=debug` tells the whole story.
+    builder::init_logging_at("warn");
     let config = load_config(args.config.as_deref())?;
     // With --server the server's configuration names the variants.
     let selection = if args.server.is_some() {

@@ -194,9 +194,19 @@ enum CliError {
     Error(String),
 }
 
-impl<E: std::fmt::Display> From<E> for CliError {
+impl<E: std::error::Error> From<E> for CliError {
+    /// The error and each cause its message does not already say, one per line.
     fn from(e: E) -> Self {
-        CliError::Error(e.to_string())
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            let said = c.to_string();
+            if !text.contains(&said) {
+                text.push_str(&format!("\n  caused by: {said}"));
+            }
+            cause = c.source();
+        }
+        CliError::Error(text)
     }
 }
 

@@ -507,6 +507,28 @@ fn the_embedded_cache_can_publish_to_s3() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+
+    // With credentials S3 refuses, the command says what S3 said.
+    let out = s
+        .orchestrator(&[
+            "build",
+            "--rev",
+            "main",
+            "--variant",
+            "cpu",
+            "--retry-failed",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .envs(garage.credential_env())
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .env("RUST_LOG", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("AccessDenied") && err.contains("HTTP 403"), "what S3 said: {err}");
+    assert!(!err.contains("SdkBody"), "in a line, not a dump: {err}");
 }
 
 #[test]

@@ -86,7 +86,9 @@ async fn lies_and_broken_streams_publish_nothing() {
     assert!(!s.is_success());
 
     // Not JSON, and a reference that is not in the cache.
-    assert_eq!(upload(&server, b"garbage\n".to_vec()).await.0, StatusCode::BAD_REQUEST);
+    let (s, body) = upload(&server, b"garbage\n".to_vec()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body.contains("upload metadata JSON") && !body.contains("interrupted"), "{body}");
     let top_info = infos.last().unwrap();
     let (s, body) = upload(&server, body_for(top_info)).await;
     assert_eq!((s, body.contains("references not in this cache")), (StatusCode::BAD_REQUEST, true), "{body}");
@@ -99,6 +101,12 @@ async fn lies_and_broken_streams_publish_nothing() {
     while std::fs::read_dir(dir.path().join(".fleetcache-tmp")).unwrap().count() > 0 {
         assert!(std::time::Instant::now() < deadline, "temporary upload files left behind");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Each refusal is counted for what it was: the garbage line as bad metadata.
+    let metrics = reqwest::get(format!("{}/metrics", server.url)).await.unwrap().text().await.unwrap();
+    for reason in ["bad_metadata", "hash_or_size_mismatch", "missing_references"] {
+        assert!(metrics.contains(&format!("reason=\"{reason}\"")), "{reason} not counted:\n{metrics}");
     }
 
     // And the honest upload still works afterwards.

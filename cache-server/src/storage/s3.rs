@@ -11,7 +11,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
@@ -81,11 +81,23 @@ impl S3Storage {
     }
 }
 
-fn s3_err<'a, E: std::error::Error + 'static>(
+fn s3_err<'a, E: std::error::Error + ProvideErrorMetadata + 'static>(
     op: &'static str,
     key: &'a Key,
 ) -> impl Fn(SdkError<E>) -> StorageError + 'a {
-    move |e| StorageError::S3 { op, key: key.to_string(), message: DisplayErrorContext(&e).to_string() }
+    move |e| StorageError::S3 { op, key: key.to_string(), message: describe(&e) }
+}
+
+/// What S3 answered, in a line: its error code, message and HTTP status for a refusal; the
+/// whole chain (connection refused, timed out, …) when no answer came.
+fn describe<E: std::error::Error + ProvideErrorMetadata + 'static>(e: &SdkError<E>) -> String {
+    let Some(service) = e.as_service_error() else { return DisplayErrorContext(e).to_string() };
+    let status = e.raw_response().map(|r| format!(" (HTTP {})", r.status().as_u16())).unwrap_or_default();
+    match (service.code(), service.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}{status}"),
+        (Some(code), None) => format!("{code}{status}"),
+        _ => format!("{}{status}", DisplayErrorContext(e)),
+    }
 }
 
 #[async_trait]

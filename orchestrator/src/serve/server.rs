@@ -198,6 +198,7 @@ impl Server {
 
     /// Ends the variants of a running request whose jobs ended, queues the verifications that
     /// could not run where they were built, and ends the request when every variant ended.
+    #[tracing::instrument(level = "debug", skip_all, fields(request = request.id))]
     async fn settle_request(&self, request: &Request, builders: &[BuilderInfo]) -> Result<(), StateError> {
         let parsed = request.plan.as_deref().map(serde_json::from_str::<Snapshot>);
         let mut snap = match parsed {
@@ -223,10 +224,12 @@ impl Server {
                     let (drv, spec) = (e.result.drv_path.as_deref(), e.verify.as_ref());
                     let (Some(drv), Some(spec)) = (drv, spec) else { continue };
                     let system = jobs.get(drv).map_or(e.result.system.as_str(), |j| j.system.as_str());
+                    tracing::info!(drv, "queueing the verification where its hardware is");
                     self.state.enqueue_verification(drv, system, &output, spec).await?;
                     self.work.notify_waiters();
                 }
                 Step::Done { status, error, verification } => {
+                    tracing::info!(variant = %e.label, status = status.as_str(), "variant ended");
                     e.done = true;
                     e.result.status = status;
                     e.result.error = error;
