@@ -124,7 +124,7 @@ fn main() -> ExitCode {
         cache_url: settings.cache,
         cache_token,
         push: builder::push::PushOptions::default(),
-        max_log_bytes: 4 << 20,
+        max_log_bytes: builder::nix_build::DEFAULT_MAX_LOG_BYTES,
     };
     tracing::info!(systems = ?opts.register.systems, features = ?opts.register.features,
         mandatory = ?opts.register.mandatory_features, max_jobs = opts.register.max_jobs, "starting");

@@ -62,6 +62,10 @@ impl Log {
     }
 }
 
+/// Build log bytes kept (the tail) unless told otherwise: for the record and the failure
+/// message; the cache keeps the whole log.
+pub const DEFAULT_MAX_LOG_BYTES: usize = 4 << 20;
+
 /// Builds `drv` with the real `nix`, calling `on_line` for each line Nix prints (build output
 /// is prefixed by the derivation's name, as `nix build -L` does). Nix runs in its own process
 /// group so a terminal's Ctrl-C reaches us first; on `cancel` we stop Nix and its builders.

@@ -32,6 +32,10 @@ const MULTITHREAD_ABOVE: u64 = 32 * 1024 * 1024;
 /// Compressed bytes are handed to the HTTP body in chunks of this size.
 const CHUNK: usize = 1024 * 1024;
 
+/// The zstd level of a push unless told otherwise: fast, and within a few percent of level 3's
+/// size on store paths.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
 /// How a push runs.
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -55,7 +59,7 @@ impl Default for PushOptions {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         PushOptions {
             jobs: cores.max(2),
-            zstd_level: 1,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
             long_distance_matching: false,
             attempts: 5,
             backoff: Duration::from_millis(500),

@@ -1,7 +1,7 @@
 //! Commit statuses: a build started by a push shows on the commit in the forge (pending while
 //! it builds, success or failure when it ends).
 
-use crate::config::CommitStatusConfig;
+use crate::config::{CommitStatusConfig, Forge};
 
 /// A commit status's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,8 @@ pub async fn report(
     let token = token.trim();
     let api = cfg.api_url.trim_end_matches('/');
     let description: String = description.chars().take(140).collect();
-    let request = match cfg.forge.as_str() {
-        "gitlab" => {
+    let request = match cfg.forge {
+        Forge::GitLab => {
             let state = match state {
                 CommitState::Pending => "running",
                 CommitState::Success => "success",
@@ -50,7 +50,7 @@ pub async fn report(
             };
             let body =
                 serde_json::json!({ "state": state, "context": cfg.context, "description": description });
-            let (url, auth) = if forge == "github" {
+            let (url, auth) = if forge == Forge::GitHub {
                 (format!("{api}/repos/{repo}/statuses/{sha}"), format!("Bearer {token}"))
             } else {
                 (format!("{api}/api/v1/repos/{repo}/statuses/{sha}"), format!("token {token}"))

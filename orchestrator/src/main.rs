@@ -145,8 +145,8 @@ enum Command {
         /// Paths uploaded at once (default: the number of cores, at least 2).
         #[arg(long)]
         jobs: Option<usize>,
-        /// zstd level (default 1).
-        #[arg(long, default_value_t = 1)]
+        /// zstd level.
+        #[arg(long, default_value_t = builder::push::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
         /// zstd long-distance matching: ~16% fewer bytes on large NARs for ~40% more
         /// compression time and ~150 MiB more memory.

@@ -5,27 +5,7 @@ use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 
-/// A forge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forge {
-    /// github.com or GitHub Enterprise.
-    GitHub,
-    /// Gitea or Forgejo.
-    Gitea,
-    /// GitLab.
-    GitLab,
-}
-
-impl Forge {
-    /// Its name in URLs, metrics and the state.
-    pub fn name(self) -> &'static str {
-        match self {
-            Forge::GitHub => "github",
-            Forge::Gitea => "gitea",
-            Forge::GitLab => "gitlab",
-        }
-    }
-}
+pub use crate::config::Forge;
 
 /// What a push delivery says.
 #[derive(Debug, Clone, PartialEq)]
