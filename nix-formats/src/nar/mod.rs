@@ -6,12 +6,14 @@
 //! and the archive is the string `nix-archive-1` followed by the root node. Directory entries
 //! are sorted by the bytes of their names, so one tree has exactly one NAR.
 
+mod error;
 mod parser;
 mod unpack;
 mod verifier;
 mod writer;
 
-pub use parser::{NarError, NarEvent, NarParser, NarVisitor, validate};
+pub use error::NarError;
+pub use parser::{NarEvent, NarParser, NarVisitor, validate};
 pub use unpack::{UnpackError, unpack};
 pub use verifier::NarVerifier;
 pub use writer::{DumpError, NarEncoder, dump_path};

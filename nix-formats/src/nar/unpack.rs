@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::parser::{NarError, NarEvent, NarVisitor, parse_from};
+use super::error::NarError;
+use super::parser::{NarEvent, NarVisitor, parse_from};
 
 /// Why a NAR could not be unpacked.
 #[derive(Debug, Error)]

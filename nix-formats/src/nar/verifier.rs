@@ -4,7 +4,8 @@ use std::io::Read;
 
 use sha2::Digest as _;
 
-use super::parser::{NarError, NarParser, read_chunks};
+use super::error::NarError;
+use super::parser::{NarParser, read_chunks};
 use crate::hash::Hash;
 
 /// Feeds bytes to a validating [`NarParser`] and SHA-256 at once: what a cache needs to accept

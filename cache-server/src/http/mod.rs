@@ -1,0 +1,100 @@
+//! The HTTP interface: Nix's binary cache protocol (GET/HEAD), uploads (PUT), health and
+//! metrics. One error type maps every failure to a status code without leaking internals.
+//!
+//! [`app`] is what every handler shares, [`read`] the substituter side, [`upload`] the upload
+//! side; this file routes and observes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+mod app;
+mod read;
+mod upload;
+
+pub use app::{
+    ApiError, AppState, MAX_LISTING_BYTES, MAX_LOG_BYTES, MAX_MISSING_PATHS, MAX_NAR_FILE_BYTES,
+    default_verifications,
+};
+use app::{ApiResult, check_read};
+use read::{get_log, get_nar, get_top, head_log, head_nar, head_top};
+use upload::{native_missing, native_upload, put_log, put_nar, put_top};
+
+/// The router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/nix-cache-info", get(cache_info))
+        .route("/nar/{file}", get(get_nar).head(head_nar).put(put_nar))
+        .route("/log/{drv}", get(get_log).head(head_log).put(put_log))
+        .route("/{file}", get(get_top).head(head_top).put(put_top))
+        .route(cache_protocol::UPLOAD, post(native_upload))
+        .route(cache_protocol::MISSING, post(native_missing))
+        .fallback(fallback)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Request span, metrics by route and status.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let private = state.read_tokens.is_some();
+    let route: &'static str = match req.extensions().get::<MatchedPath>().map(|m| m.as_str()) {
+        Some("/healthz") => "healthz",
+        Some("/metrics") => "metrics",
+        Some("/nix-cache-info") => "nix-cache-info",
+        Some("/nar/{file}") => "nar",
+        Some("/log/{drv}") => "log",
+        Some("/api/v1/upload") => "api-upload",
+        Some("/api/v1/missing") => "api-missing",
+        Some("/{file}") if req.uri().path().ends_with(".ls") => "ls",
+        Some("/{file}") => "narinfo",
+        _ => "other",
+    };
+    let method: &'static str = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        _ => "other",
+    };
+    let start = Instant::now();
+    // Only copied when it will be logged: this runs on every request.
+    let path = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
+    let mut resp = next.run(req).await;
+    if private && resp.headers().contains_key(header::CACHE_CONTROL) {
+        // Behind read tokens nothing may sit in a shared cache (a CDN, a proxy).
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    }
+    let status = resp.status();
+    state.metrics.request(route, method, status.as_u16());
+    if let Some(path) = path {
+        tracing::debug!(method, %path, status = status.as_u16(), ms = start.elapsed().as_millis() as u64, "request");
+    }
+    resp
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    // With read tokens, what the cache holds and serves is no anonymous visitor's business.
+    check_read(&state, &headers)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response())
+}
+
+async fn cache_info(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    check_read(&state, &headers)?;
+    Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], state.cache_info.clone()).into_response())
+}
+
+async fn fallback() -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "not a binary cache path")
+}
