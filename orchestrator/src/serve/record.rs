@@ -195,3 +195,25 @@ pub async fn find_log(state: &State, rev: &str, variant: &str) -> Result<Option<
     let (log, running) = state.job_log(&drv_path).await?.unwrap_or_default();
     Ok(Some(LogView { drv_path, running, log }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_plan_written_at_schema_2_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::state::written_at_schema_2(dir.path()).await;
+        let view = view(&state, 1).await.unwrap().expect("request 1");
+        assert_eq!(
+            (view.status, view.commit.as_deref()),
+            (RequestStatus::Done, Some("c0ffee0000000000000000000000000000000000"))
+        );
+        assert_eq!(view.inputs["nixpkgs"].rev.as_deref(), Some("abc123"));
+        let v = &view.variants[0];
+        assert_eq!((v.label.as_str(), v.phase.as_str(), v.done), ("cuda", "built", true));
+        assert_eq!(v.result.machines, ["carbon"]);
+        let log = find_log(&state, "main", "cuda").await.unwrap().expect("its log");
+        assert_eq!((log.log.as_str(), log.running), ("building llama-cpp\n", false));
+    }
+}

@@ -207,9 +207,59 @@ impl State {
     }
 }
 
+/// A state database in `dir` holding `fixtures/schema-2.sql`: what fleetcache wrote at schema
+/// version 2, opened (and so migrated) by the current code.
+#[cfg(test)]
+pub(crate) async fn written_at_schema_2(dir: &Path) -> State {
+    {
+        let s = State::open(dir).await.expect("a new database");
+        sqlx::query("DELETE FROM schema_version").execute(&s.pool).await.unwrap();
+        sqlx::query("INSERT INTO schema_version (version) VALUES (2)").execute(&s.pool).await.unwrap();
+        sqlx::raw_sql(include_str!("fixtures/schema-2.sql"))
+            .execute(&s.pool)
+            .await
+            .expect("the fixture loads");
+        s.pool.close().await;
+    }
+    State::open(dir).await.expect("a database of schema 2 opens")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_database_written_at_schema_2_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = written_at_schema_2(dir.path()).await;
+        let report = s.report(10).await.unwrap();
+        assert_eq!((report.len(), report[0].inputs[0].name.as_str()), (1, "nixpkgs"));
+        let v = &report[0].variants[0];
+        assert_eq!(
+            (v.variant.as_str(), v.status.as_str(), v.machines.as_slice()),
+            ("cuda", "built", &["carbon".to_owned()][..])
+        );
+        assert_eq!(v.attempts.len(), 1);
+        let drv = "/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-llama-cpp.drv";
+        assert_eq!(s.variant_drv("c0ffee0", "cuda").await.unwrap().as_deref(), Some(drv));
+        assert_eq!(s.job_log(drv).await.unwrap(), Some(("building llama-cpp\n".to_owned(), false)));
+        let jobs = s.jobs_for(&[drv.to_owned()], builder::api::JobKind::Build).await.unwrap();
+        let job = &jobs[drv];
+        assert_eq!((job.status, job.pushed_bytes), (JobStatus::Built, 123456));
+        assert_eq!(job.verification.as_ref().map(|v| v.status), Some(builder::api::VerifyStatus::Verified));
+        assert_eq!(s.builders().await.unwrap()[0].features, ["cuda", "big-parallel"]);
+        assert_eq!(s.derivation(drv).await.unwrap().0, DerivationStatus::Built);
+        let request = s.request(1).await.unwrap().unwrap();
+        assert_eq!((request.status, request.plan.is_some()), (RequestStatus::Done, true));
+        assert_eq!(s.pushes().await.unwrap()[0].decision, "queued");
+        assert_eq!(
+            s.pushed_commit(1).await.unwrap().as_deref(),
+            Some("c0ffee0000000000000000000000000000000000")
+        );
+        let version: i64 =
+            sqlx::query("SELECT version FROM schema_version").fetch_one(&s.pool).await.unwrap().get(0);
+        assert_eq!(version, current_version());
+    }
 
     #[tokio::test]
     async fn a_database_of_the_first_schema_is_upgraded_and_a_newer_one_refused() {
