@@ -40,6 +40,12 @@ impl ClientError {
             ClientError::Protocol(_) => false,
         }
     }
+
+    /// The cache lacked a reference the path needs (409): a collection deleted it since the
+    /// cache said it had it. Asking again what is missing and uploading it mends that.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, ClientError::Status { status, .. } if *status == StatusCode::CONFLICT)
+    }
 }
 
 pub use cache_protocol::UploadMeta;
@@ -97,6 +103,22 @@ impl CacheClient {
             }
         }
         Ok(missing)
+    }
+
+    /// Asks the cache to collect garbage (the token must be one of its admin tokens); the
+    /// answer comes when the collection is done.
+    pub async fn collect(
+        &self,
+        req: &cache_protocol::GcRequest,
+    ) -> Result<cache_protocol::GcReport, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}{}", self.base, cache_protocol::GC))
+            .bearer_auth(&self.token)
+            .json(req)
+            .send()
+            .await;
+        Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Stores the build log of `drv` as `log/<drv base name>`, where `nix log` looks for it.

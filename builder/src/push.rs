@@ -225,6 +225,8 @@ fn produce(
 struct AttemptError {
     message: String,
     transient: bool,
+    /// The cache lacked a reference it had said it had ([`ClientError::is_stale`]).
+    stale: bool,
 }
 
 async fn upload_one(
@@ -249,15 +251,22 @@ async fn upload_one(
     let producer = tokio::task::spawn_blocking(move || produce(&owned, &opts, tx, progress));
     let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     let sent = client.upload(body).await;
-    let produced = producer.await.map_err(|e| AttemptError { message: e.to_string(), transient: false })?;
+    let produced = producer.await.map_err(|e| AttemptError {
+        message: e.to_string(),
+        transient: false,
+        stale: false,
+    })?;
     match (sent, produced) {
         (Ok(size), Ok(())) => Ok(size),
         (_, Err(e)) if e.kind() != io::ErrorKind::BrokenPipe => Err(AttemptError {
             message: format!("reading {} from the store: {e}", info.path),
             transient: false,
+            stale: false,
         }),
-        (Err(e), _) => Err(AttemptError { transient: e.is_transient(), message: e.to_string() }),
-        (Ok(_), Err(e)) => Err(AttemptError { message: e.to_string(), transient: true }),
+        (Err(e), _) => {
+            Err(AttemptError { transient: e.is_transient(), stale: e.is_stale(), message: e.to_string() })
+        }
+        (Ok(_), Err(e)) => Err(AttemptError { message: e.to_string(), transient: true, stale: false }),
     }
 }
 
@@ -267,6 +276,9 @@ fn backoff(opts: &PushOptions, tries: u32) -> Duration {
 }
 
 /// Pushes the closures of `roots` to the cache.
+///
+/// When the cache refuses a path because a reference it said it had is gone (a garbage
+/// collection ran meanwhile), the push asks once more what is missing and uploads that.
 pub async fn push(
     client: &CacheClient,
     roots: &[StorePath],
@@ -274,6 +286,29 @@ pub async fn push(
     progress: Arc<dyn Progress>,
 ) -> Result<PushSummary, PushError> {
     let start = Instant::now();
+    let (mut summary, stale) = push_round(client, roots, opts, progress.clone()).await?;
+    if stale {
+        progress.note(
+            "the cache lost a reference during the push (garbage collection?); asking again what it lacks",
+        );
+        let (again, _) = push_round(client, roots, opts, progress).await?;
+        summary.uploaded += again.uploaded;
+        summary.bytes += again.bytes;
+        summary.nar_bytes += again.nar_bytes;
+        summary.failed = again.failed;
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// One round of [`push`]: what the cache lacks, uploaded in dependency order. Also says
+/// whether a path was refused for a reference the cache no longer has.
+async fn push_round(
+    client: &CacheClient,
+    roots: &[StorePath],
+    opts: &PushOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<(PushSummary, bool), PushError> {
     let roots_owned = roots.to_vec();
     let infos = tokio::task::spawn_blocking(move || nix::closure_info(&roots_owned))
         .await
@@ -316,6 +351,7 @@ pub async fn push(
     }
 
     let mut running = FuturesUnordered::new();
+    let mut stale = false;
     let mut attempts: HashMap<&StorePath, u32> = HashMap::new();
     let attempt = |path: &'_ StorePath, delay: Duration| {
         let info = &infos[path];
@@ -354,6 +390,7 @@ pub async fn push(
                 running.push(attempt(path, backoff(opts, *tries)));
             }
             Err(e) => {
+                stale |= e.stale;
                 progress.finished(path, &Err(e.message.clone()), false);
                 summary.failed.push(FailedPath { path: path.to_string(), reason: e.message });
                 // Everything that needs this path can never be published: say so.
@@ -372,6 +409,5 @@ pub async fn push(
             }
         }
     }
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok((summary, stale))
 }

@@ -16,6 +16,10 @@ pub const UPLOAD: &str = "/api/v1/upload";
 /// The route of "which of these paths are missing?".
 pub const MISSING: &str = "/api/v1/missing";
 
+/// The route of a garbage collection (admin tokens only): a [`GcRequest`] in, a [`GcReport`]
+/// out.
+pub const GC: &str = "/api/v1/gc";
+
 /// Longest metadata line accepted.
 pub const MAX_META_BYTES: usize = 4 * 1024 * 1024;
 
@@ -82,3 +86,66 @@ mod tests {
         );
     }
 }
+
+/// Collect garbage: keep what `roots` reach through narinfo references, delete the rest that is
+/// older than the grace period.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Full store paths to keep, with everything they refer to.
+    pub roots: Vec<String>,
+    /// Only say what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Objects written less than this many seconds ago stay whatever they are (default: the
+    /// server's, an hour).
+    #[serde(default)]
+    pub grace_seconds: Option<u64>,
+}
+
+/// How many objects of each kind, and their bytes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tally {
+    /// `<hash>.narinfo`.
+    pub narinfos: u64,
+    /// `nar/…`.
+    pub nars: u64,
+    /// `<hash>.ls`.
+    pub listings: u64,
+    /// `log/…`.
+    pub logs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// What a collection did (or, on a dry run, would do).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GcReport {
+    /// Nothing was deleted.
+    pub dry_run: bool,
+    /// Roots asked for.
+    pub roots: u64,
+    /// Roots this cache does not hold (nothing to keep for them).
+    pub roots_absent: u64,
+    /// Narinfos reached from the roots.
+    pub reachable: u64,
+    /// What stays.
+    pub kept: Tally,
+    /// What went (or would go).
+    pub deleted: Tally,
+    /// Of what stays, objects kept only because they are younger than the grace period.
+    pub young: u64,
+    /// Objects an upload used while the collection ran, so kept.
+    pub protected: u64,
+    /// The grace period used.
+    pub grace_seconds: u64,
+    /// Storage requests made: narinfos read, listings, delete batches.
+    pub requests: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// The first deleted keys (at most [`GC_SAMPLE`]), for people to see what went.
+    pub sample: Vec<String>,
+}
+
+/// Most deleted keys a [`GcReport`] names.
+pub const GC_SAMPLE: usize = 1000;

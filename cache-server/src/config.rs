@@ -58,6 +58,11 @@ pub struct Config {
     /// File of `name:token` lines allowed to read. Default none: reads are public.
     #[serde(default)]
     pub read_tokens_file: Option<PathBuf>,
+    /// File of `name:token` lines allowed to collect garbage (`POST /api/v1/gc`, what
+    /// `orchestrator gc` does). Default none: collection only by `cache-server gc` on the
+    /// store itself.
+    #[serde(default)]
+    pub admin_tokens_file: Option<PathBuf>,
     /// File of `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines (the format of a
     /// systemd `EnvironmentFile`) for an s3:// store. Default none: the credentials come from
     /// those environment variables.

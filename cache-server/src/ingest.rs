@@ -20,6 +20,7 @@ use sha2::Digest as _;
 use thiserror::Error;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+use crate::gc::Guard;
 use crate::metrics::Metrics;
 use crate::storage::{Key, KeyError, Storage, StorageError, put_bytes};
 
@@ -210,6 +211,7 @@ fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) 
 pub async fn ingest_narinfo(
     storage: &dyn Storage,
     keys: &[SecretKey],
+    gc: &Guard,
     hash_part: &str,
     body: &[u8],
 ) -> Result<String, IngestError> {
@@ -247,7 +249,7 @@ pub async fn ingest_narinfo(
         _ => info.file_size = Some(found.file_size),
     }
 
-    publish(storage, keys, info).await
+    publish(storage, keys, gc, info).await
 }
 
 /// Refuses `references` of `path` that have no narinfo in this cache.
@@ -274,18 +276,40 @@ pub(crate) async fn check_references(
 /// Checks that every reference has a narinfo, signs with every key and writes the narinfo:
 /// the last step of every upload. What is written holds only checked fields
 /// ([`NarInfo::into_published`]). Returns the signed text.
+///
+/// A running garbage collection deletes none of what the narinfo relies on (itself, its
+/// references, its NAR) once this has checked them, and if it deleted one before, the check
+/// sees it missing and the upload is refused ([`crate::gc`]).
 pub(crate) async fn publish(
     storage: &dyn Storage,
     keys: &[SecretKey],
+    gc: &Guard,
     info: NarInfo,
 ) -> Result<String, IngestError> {
     let mut info = info.into_published();
+    let narinfo_key = Key::narinfo(info.store_path.hash_part())?;
+    let nar_key = Key::nar_url(&info.url)?;
+    let publishing = gc.publishing().await;
+    let others = info.references.iter().filter(|r| **r != info.store_path);
+    let doomed = publishing.doomed(others.map(StorePath::hash_part));
+    tracing::debug!(path = %info.store_path, doomed = doomed.len(), "publishing");
+    if !doomed.is_empty() {
+        let paths = info.references.iter().filter(|r| doomed.contains(&r.hash_part()));
+        return Err(IngestError::MissingReferences(paths.map(|p| p.to_string()).collect()));
+    }
+    let references =
+        info.references.iter().map(|r| Key::narinfo(r.hash_part()).expect("a hash part is a key"));
+    publishing.protect(references.chain([narinfo_key.clone(), nar_key.clone()]));
     check_references(storage, &info.store_path, &info.references).await?;
+    if storage.head(&nar_key).await?.is_none() {
+        return Err(IngestError::NarMissing(nar_key.to_string()));
+    }
     for key in keys {
         info.sign(key);
     }
     let text = info.to_string();
-    put_bytes(storage, &Key::narinfo(info.store_path.hash_part())?, Bytes::from(text.clone())).await?;
+    put_bytes(storage, &narinfo_key, Bytes::from(text.clone())).await?;
+    drop(publishing);
     Ok(text)
 }
 

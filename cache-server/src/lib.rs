@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod gc;
 pub mod http;
 pub mod ingest;
 pub mod listener;
@@ -75,6 +76,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         .collect::<Result<Vec<_>, _>>()?;
     let upload_tokens = config.upload_tokens_file.as_deref().map(TokenFile::load).transpose()?;
     let read_tokens = config.read_tokens_file.as_deref().map(TokenFile::load).transpose()?;
+    let admin_tokens = config.admin_tokens_file.as_deref().map(TokenFile::load).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let backend: Box<dyn Storage> = match StoreUrl::parse(&config.store)? {
         StoreUrl::File(dir) => Box::new(LocalStorage::open(&dir).await?),
@@ -94,6 +96,8 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         signing_keys,
         upload_tokens,
         read_tokens,
+        admin_tokens,
+        gc: gc::Guard::default(),
         cache_info: cache_info.to_string(),
         max_narinfo_bytes: config.max_narinfo_bytes,
         narinfo_cache: NarinfoCache::new(

@@ -17,14 +17,16 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see cache-server.example.toml).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port (printed on start). Default 127.0.0.1:8080.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// The cache: `file:///dir` or `s3://bucket?endpoint=URL&region=R`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     store: Option<String>,
     /// Secret key file in Nix's format; repeat during a rotation (every key signs).
     #[arg(long = "signing-key-file")]
@@ -43,6 +45,28 @@ struct Cli {
     /// those files do not exist yet).
     #[arg(long, requires = "check_config")]
     settings_only: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Collect garbage on the store itself: keep what the roots reach through narinfo
+    /// references (with NARs, listings and build logs), delete the rest that is older than the
+    /// grace period. Uploads through a server running on the same store are not seen: prefer
+    /// `POST /api/v1/gc` on it (what `orchestrator gc` does) while it serves.
+    Gc {
+        /// File of store paths to keep, one per line (`#` comments).
+        #[arg(long)]
+        roots_file: PathBuf,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Objects written less than this many seconds ago stay.
+        #[arg(long, default_value_t = cache_server::gc::DEFAULT_GRACE.as_secs())]
+        grace_seconds: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn config(cli: &Cli) -> anyhow::Result<Config> {
@@ -79,8 +103,74 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing requests in flight");
 }
 
+async fn collect(config: &Config, roots_file: &std::path::Path, opts: GcFlags) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(roots_file).with_context(|| format!("reading {}", roots_file.display()))?;
+    let roots: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    let state = cache_server::setup(config).await?;
+    eprintln!(
+        "collecting garbage in {}: {} root(s), grace {} s{}",
+        state.storage.describe(),
+        roots.len(),
+        opts.grace_seconds,
+        if opts.dry_run { ", dry run" } else { "" }
+    );
+    let gc = cache_server::gc::Options {
+        roots,
+        dry_run: opts.dry_run,
+        grace: std::time::Duration::from_secs(opts.grace_seconds),
+    };
+    let report = cache_server::gc::collect(state.storage.as_ref(), &state.gc, None, &gc).await?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let verb = if report.dry_run { "would delete" } else { "deleted" };
+    for key in &report.sample {
+        println!("{verb} {key}");
+    }
+    let listed = report.sample.len() as u64;
+    let d = report.deleted;
+    let total = d.narinfos + d.nars + d.listings + d.logs;
+    if total > listed {
+        println!("… and {} more", total - listed);
+    }
+    println!(
+        "{verb} {} narinfo(s), {} NAR(s), {} listing(s), {} log(s): {} bytes; kept {} narinfo(s) ({} reachable from {} root(s), {} absent; {} young), {} bytes; {} storage request(s) in {:.1} s",
+        d.narinfos,
+        d.nars,
+        d.listings,
+        d.logs,
+        d.bytes,
+        report.kept.narinfos,
+        report.reachable,
+        report.roots,
+        report.roots_absent,
+        report.young,
+        report.kept.bytes,
+        report.requests,
+        report.seconds
+    );
+    Ok(())
+}
+
+struct GcFlags {
+    dry_run: bool,
+    grace_seconds: u64,
+    json: bool,
+}
+
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let config = config(&cli)?;
+    if let Some(Command::Gc { roots_file, dry_run, grace_seconds, json }) = &cli.command {
+        let flags = GcFlags { dry_run: *dry_run, grace_seconds: *grace_seconds, json: *json };
+        return collect(&config, roots_file, flags).await;
+    }
     if cli.settings_only {
         cache_server::config::StoreUrl::parse(&config.store)?;
         println!("configuration OK (settings only: key, token and credential files not read)");

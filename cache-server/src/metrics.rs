@@ -14,6 +14,7 @@ pub struct Metrics {
     bytes_ingested: AtomicU64,
     verification_failures: Mutex<BTreeMap<&'static str, u64>>,
     storage: Mutex<BTreeMap<&'static str, (u64, f64)>>,
+    last_collection: Mutex<Option<cache_protocol::GcReport>>,
 }
 
 impl Metrics {
@@ -45,6 +46,15 @@ impl Metrics {
         e.1 += took.as_secs_f64();
     }
 
+    /// Remembers a finished collection (a dry run changes nothing, so it is not one).
+    pub fn collected(&self, report: &cache_protocol::GcReport) {
+        if !report.dry_run {
+            let mut r = report.clone();
+            r.sample = Vec::new();
+            *self.last_collection.lock().expect("metrics lock") = Some(r);
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -74,6 +84,32 @@ impl Metrics {
             let _ = writeln!(s, "fleetcache_storage_operation_seconds_count{{op=\"{op}\"}} {count}");
             let _ = writeln!(s, "fleetcache_storage_operation_seconds_sum{{op=\"{op}\"}} {sum:.6}");
         }
+        if let Some(gc) = self.last_collection.lock().expect("metrics lock").as_ref() {
+            s.push_str("# HELP fleetcache_store_objects Objects the store held after the last collection.\n");
+            s.push_str("# TYPE fleetcache_store_objects gauge\n");
+            for (kind, n) in [
+                ("narinfo", gc.kept.narinfos),
+                ("nar", gc.kept.nars),
+                ("listing", gc.kept.listings),
+                ("log", gc.kept.logs),
+            ] {
+                let _ = writeln!(s, "fleetcache_store_objects{{kind=\"{kind}\"}} {n}");
+            }
+            s.push_str("# HELP fleetcache_store_bytes Bytes the store held after the last collection.\n");
+            s.push_str("# TYPE fleetcache_store_bytes gauge\n");
+            let _ = writeln!(s, "fleetcache_store_bytes {}", gc.kept.bytes);
+            s.push_str("# HELP fleetcache_gc_freed_bytes Bytes the last collection deleted.\n");
+            s.push_str("# TYPE fleetcache_gc_freed_bytes gauge\n");
+            let _ = writeln!(s, "fleetcache_gc_freed_bytes {}", gc.deleted.bytes);
+            s.push_str("# HELP fleetcache_gc_deleted_objects Objects the last collection deleted.\n");
+            s.push_str("# TYPE fleetcache_gc_deleted_objects gauge\n");
+            let d = gc.deleted;
+            let _ =
+                writeln!(s, "fleetcache_gc_deleted_objects {}", d.narinfos + d.nars + d.listings + d.logs);
+            s.push_str("# HELP fleetcache_gc_duration_seconds How long the last collection took.\n");
+            s.push_str("# TYPE fleetcache_gc_duration_seconds gauge\n");
+            let _ = writeln!(s, "fleetcache_gc_duration_seconds {:.3}", gc.seconds);
+        }
         s
     }
 }
@@ -91,7 +127,7 @@ impl TimedStorage {
     }
 }
 
-use crate::storage::{ByteRange, Key, Object, Storage, StorageError, Upload};
+use crate::storage::{ByteRange, Key, Listed, Object, Storage, StorageError, Upload};
 
 #[async_trait::async_trait]
 impl Storage for TimedStorage {
@@ -121,6 +157,19 @@ impl Storage for TimedStorage {
         let r = self.inner.delete(key).await;
         self.metrics.storage_op("delete", t.elapsed());
         r
+    }
+
+    async fn delete_many(&self, keys: &[Key]) -> Result<(), StorageError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.delete_many(keys).await;
+        self.metrics.storage_op("delete_many", t.elapsed());
+        r
+    }
+
+    fn list(&self) -> futures_util::stream::BoxStream<'static, Result<Listed, StorageError>> {
+        // Counted per page the backend fetches would be truer; per listing is what we know here.
+        self.metrics.storage_op("list", std::time::Duration::ZERO);
+        self.inner.list()
     }
 
     fn describe(&self) -> String {

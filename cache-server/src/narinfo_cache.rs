@@ -81,6 +81,14 @@ impl NarinfoCache {
         }
     }
 
+    /// Forgets everything (after a collection deleted narinfos: none may be served from here).
+    pub fn clear(&self) {
+        let mut e = self.entries.lock().expect("narinfo cache lock");
+        e.by_hash.clear();
+        e.order.clear();
+        e.bytes = 0;
+    }
+
     /// Bytes held now (for `/metrics` and tests).
     pub fn bytes(&self) -> usize {
         self.entries.lock().expect("narinfo cache lock").bytes

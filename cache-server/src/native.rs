@@ -28,13 +28,21 @@ fn bad(field: &'static str, e: impl std::fmt::Display) -> IngestError {
 }
 
 /// Answers a batch "which are missing?" with bounded concurrency against storage.
-pub async fn missing(storage: &dyn Storage, req: MissingRequest) -> Result<MissingResponse, IngestError> {
+///
+/// While a collection runs, a path it is about to delete counts as missing: the uploader
+/// publishes it again rather than rely on it ([`crate::gc`]).
+pub async fn missing(
+    storage: &dyn Storage,
+    gc: &crate::gc::Guard,
+    req: MissingRequest,
+) -> Result<MissingResponse, IngestError> {
     let parsed = req
         .paths
         .iter()
         .map(|p| StorePath::from_absolute(p).map_err(|e| bad("paths", e)))
         .collect::<Result<Vec<_>, _>>()?;
     let count = parsed.len();
+    let hashes: Vec<String> = parsed.iter().map(|p| p.hash_part().to_owned()).collect();
     let found: Vec<(usize, bool)> = futures_util::stream::iter(parsed.into_iter().enumerate())
         .map(|(i, p)| async move {
             let key = Key::narinfo(p.hash_part()).expect("valid hash part");
@@ -48,6 +56,13 @@ pub async fn missing(storage: &dyn Storage, req: MissingRequest) -> Result<Missi
     let mut present = vec![false; count];
     for (i, ok) in found {
         present[i] = ok;
+    }
+    let held = hashes.iter().zip(&present).filter(|(_, ok)| **ok).map(|(h, _)| h.as_str());
+    let doomed: std::collections::HashSet<&str> = gc.doomed(held).into_iter().collect();
+    for (h, ok) in hashes.iter().zip(present.iter_mut()) {
+        if doomed.contains(h.as_str()) {
+            *ok = false;
+        }
     }
     let missing = req.paths.into_iter().zip(present).filter(|(_, ok)| !ok).map(|(p, _)| p).collect();
     Ok(MissingResponse { missing })
@@ -82,6 +97,7 @@ fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError>
 pub async fn upload<S, E>(
     storage: &dyn Storage,
     keys: &[SecretKey],
+    gc: &crate::gc::Guard,
     metrics: &Arc<Metrics>,
     body: S,
 ) -> Result<UploadResult, IngestError>
@@ -219,6 +235,6 @@ where
         ca,
         unknown: Vec::new(),
     };
-    let narinfo = crate::ingest::publish(storage, keys, info).await?;
+    let narinfo = crate::ingest::publish(storage, keys, gc, info).await?;
     Ok(UploadResult { narinfo, file_size })
 }

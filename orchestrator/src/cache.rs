@@ -37,6 +37,12 @@ pub enum CacheError {
     /// No HTTP client could be set up for the remote cache.
     #[error(transparent)]
     Http(#[from] builder::http::HttpError),
+    /// Collecting garbage on a remote cache needs its admin token.
+    #[error(
+        "collecting garbage on the remote cache {0} needs cache.admin-token-file (one of the \
+         cache-server's admin-tokens-file)"
+    )]
+    NoAdminToken(String),
 }
 
 /// The cache a build publishes to.
@@ -61,16 +67,34 @@ impl CacheTarget {
     /// Opens the cache the configuration names, starting the embedded server if it is local.
     pub async fn open(config: &CacheConfig) -> Result<Self, CacheError> {
         if let (Some(url), Some(token_file)) = (&config.url, &config.token_file) {
-            let token = std::fs::read_to_string(token_file)
-                .map_err(|source| CacheError::Token { path: token_file.clone(), source })?;
-            return Ok(CacheTarget {
-                client: CacheClient::new(url, token.trim())?,
-                location: url.clone(),
-                public_keys: Vec::new(),
-                generated_key: None,
-                server: None,
-            });
+            return Self::remote(url, token_file);
         }
+        Self::embedded(config).await
+    }
+
+    /// [`CacheTarget::open`] with the right to collect garbage: the remote cache with the admin
+    /// token, or the embedded one.
+    pub async fn open_admin(config: &CacheConfig) -> Result<Self, CacheError> {
+        match (&config.url, &config.admin_token_file) {
+            (Some(url), Some(token_file)) => Self::remote(url, token_file),
+            (Some(url), None) => Err(CacheError::NoAdminToken(url.clone())),
+            (None, _) => Self::embedded(config).await,
+        }
+    }
+
+    fn remote(url: &str, token_file: &std::path::Path) -> Result<Self, CacheError> {
+        let token = std::fs::read_to_string(token_file)
+            .map_err(|source| CacheError::Token { path: token_file.to_owned(), source })?;
+        Ok(CacheTarget {
+            client: CacheClient::new(url, token.trim())?,
+            location: url.to_owned(),
+            public_keys: Vec::new(),
+            generated_key: None,
+            server: None,
+        })
+    }
+
+    async fn embedded(config: &CacheConfig) -> Result<Self, CacheError> {
         let data_dir = default_data_dir();
         let store = match &config.store {
             Some(s) => s.clone(),
@@ -102,6 +126,8 @@ impl CacheTarget {
         let mut state = cache_server::setup(&server_config).await?;
         let token = random_token();
         state.upload_tokens = Some(TokenFile::fixed(Tokens::single("orchestrator", &token)));
+        // Loopback only, for this process: the one token may also collect garbage.
+        state.admin_tokens = Some(TokenFile::fixed(Tokens::single("orchestrator", &token)));
         let public_keys = state.signing_keys.iter().map(|k| k.public_key().to_string()).collect();
         // The store alone must be a valid cache (cache-server or Nix may serve it later).
         let info = bytes::Bytes::from(state.cache_info.clone());

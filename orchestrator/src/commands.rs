@@ -35,7 +35,7 @@ pub struct BuildArgs {
 }
 
 /// The configuration: the file named, else the user's if it exists, else the defaults.
-fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
+pub(crate) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
     if let Some(path) = path {
         return Ok(Config::load(path)?);
     }
@@ -55,7 +55,7 @@ fn state_dir(config: &Config, flag: Option<PathBuf>) -> Result<PathBuf, CliError
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     Ok(tokio::runtime::Runtime::new()?)
 }
 
@@ -211,7 +211,10 @@ async fn open_state(config: &Config, dir: &Path) -> Result<State, CliError> {
 }
 
 /// The local state database, if a build or serve made one.
-async fn local_state(config: Option<&Path>, state_dir_flag: Option<PathBuf>) -> Result<State, CliError> {
+pub(crate) async fn local_state(
+    config: Option<&Path>,
+    state_dir_flag: Option<PathBuf>,
+) -> Result<State, CliError> {
     let config = load_config(config)?;
     if config.database.is_some() {
         return open_state(&config, Path::new(".")).await;

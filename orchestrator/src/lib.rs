@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod flake;
 pub mod forge_status;
+pub mod gc;
 pub mod keys;
 pub mod outcome;
 pub mod plan;

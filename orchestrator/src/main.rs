@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod collect;
 mod commands;
 
 /// fleetcache orchestrator: builds a NixOS fleet's hardware variants and publishes them to its
@@ -124,6 +125,44 @@ enum Command {
         /// picks a free one.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+    },
+    /// Collect garbage in the cache: keep the outputs of the revisions that matter, delete the
+    /// rest.
+    ///
+    /// Kept: the newest gc.keep-revisions revisions (by when first built), every revision built
+    /// within gc.keep-days, and the pinned ones (`orchestrator pin`), each with everything its
+    /// outputs refer to. The cache deletes the other narinfos, NARs, listings and build logs
+    /// older than gc.grace-seconds. A remote cache needs cache.admin-token-file; the embedded
+    /// one is collected here.
+    Gc {
+        #[command(flatten)]
+        common: Common,
+        /// Keep this many of the newest revisions (default: the config's gc.keep-revisions, 5).
+        #[arg(long)]
+        keep_revisions: Option<usize>,
+        /// Keep revisions built within this many days (default: the config's gc.keep-days, 14).
+        #[arg(long)]
+        keep_days: Option<u64>,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON document: {"cache", "kept": {"revisions", "paths", …}, "report": {…}}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a revision's outputs in the cache whatever its age, until `unpin`.
+    Pin {
+        /// A commit (or a prefix of one), or the branch or tag last built as it.
+        rev: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Let garbage collection treat a pinned revision like any other again.
+    Unpin {
+        /// A commit (or a prefix of one), or the branch or tag last built as it.
+        rev: String,
+        #[command(flatten)]
+        common: Common,
     },
     /// Check a fleetcache.toml and print the settings it gives.
     CheckConfig {
@@ -325,6 +364,18 @@ fn main() -> ExitCode {
             commands::serve(common.config.as_deref(), common.state_dir, listen)
         }
         Command::CheckConfig { config } => commands::check_config(config.as_deref()),
+        Command::Gc { common, keep_revisions, keep_days, dry_run, json } => collect::gc(collect::GcArgs {
+            config: common.config,
+            state_dir: common.state_dir,
+            keep_revisions,
+            keep_days,
+            dry_run,
+            json,
+        }),
+        Command::Pin { rev, common } => collect::pin(common.config.as_deref(), common.state_dir, &rev, true),
+        Command::Unpin { rev, common } => {
+            collect::pin(common.config.as_deref(), common.state_dir, &rev, false)
+        }
         Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
             let defaults = builder::push::PushOptions::default();
             let opts = builder::push::PushOptions {

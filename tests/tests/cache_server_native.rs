@@ -91,7 +91,7 @@ async fn lies_and_broken_streams_publish_nothing() {
     assert!(body.contains("upload metadata JSON") && !body.contains("interrupted"), "{body}");
     let top_info = infos.last().unwrap();
     let (s, body) = upload(&server, body_for(top_info)).await;
-    assert_eq!((s, body.contains("references not in this cache")), (StatusCode::BAD_REQUEST, true), "{body}");
+    assert_eq!((s, body.contains("references not in this cache")), (StatusCode::CONFLICT, true), "{body}");
 
     // Nothing was published, and no partial file is left in the store directory.
     assert_eq!(status_of(&server, &narinfo).await, StatusCode::NOT_FOUND);

@@ -84,6 +84,33 @@ async fn contract(s: &dyn Storage) {
 
     s.delete(&nar).await.unwrap();
     assert!(s.head(&nar).await.unwrap().is_none());
+
+    // A listing names every object of the layout once, with its size and a recent time; a
+    // batch delete removes exactly what it is given (missing keys included).
+    let log = Key::log(&format!("{H}-x.drv")).unwrap();
+    put_bytes(s, &nar, Bytes::from_static(b"nar bytes")).await.unwrap();
+    put_bytes(s, &log, Bytes::from_static(b"a log")).await.unwrap();
+    let listed: Vec<cache_server::storage::Listed> =
+        futures_util::TryStreamExt::try_collect(s.list()).await.unwrap();
+    let mut found: Vec<(String, u64)> = listed.iter().map(|l| (l.key.to_string(), l.size)).collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [(log.to_string(), 5), (nar.to_string(), 9), (narinfo.to_string(), 100_000)],
+        "what a listing names"
+    );
+    let now = std::time::SystemTime::now();
+    for l in &listed {
+        let age = now.duration_since(l.modified).unwrap_or_default();
+        assert!(age < std::time::Duration::from_secs(300), "{} was written {age:?} ago", l.key);
+    }
+    let gone = Key::listing(H).unwrap();
+    s.delete_many(&[narinfo.clone(), log.clone(), gone]).await.unwrap();
+    let left: Vec<cache_server::storage::Listed> =
+        futures_util::TryStreamExt::try_collect(s.list()).await.unwrap();
+    assert_eq!(left.iter().map(|l| l.key.to_string()).collect::<Vec<_>>(), [nar.to_string()]);
+    s.delete_many(std::slice::from_ref(&nar)).await.unwrap();
+    assert!(s.head(&nar).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]

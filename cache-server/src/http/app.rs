@@ -23,6 +23,10 @@ pub struct AppState {
     pub upload_tokens: Option<TokenFile>,
     /// Who may read; `None` means public. Read again when the file changes.
     pub read_tokens: Option<TokenFile>,
+    /// Who may collect garbage; `None` means nobody (over HTTP).
+    pub admin_tokens: Option<TokenFile>,
+    /// Keeps a garbage collection out of the way of uploads.
+    pub gc: crate::gc::Guard,
     /// The `nix-cache-info` served.
     pub cache_info: String,
     /// Largest narinfo body accepted.
@@ -102,6 +106,10 @@ impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
             IngestError::Storage(s) => s.into(),
+            // Not the upload's fault: what it refers to is not (or no longer) here.
+            e @ (IngestError::MissingReferences(_) | IngestError::NarMissing(_)) => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             e => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         }
     }
@@ -132,6 +140,15 @@ pub(super) fn check_upload(state: &AppState, headers: &HeaderMap) -> ApiResult<S
     let token = presented_token(headers)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "an upload token is required"))?;
     uploaders.check(&token).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid upload token"))
+}
+
+pub(super) fn check_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+    let Some(admins) = &state.admin_tokens else {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "this cache-server has no admin tokens configured"));
+    };
+    let token = presented_token(headers)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "an admin token is required"))?;
+    admins.check(&token).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token"))
 }
 
 /// What kind of file a top-level name is.

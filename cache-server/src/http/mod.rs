@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 mod app;
+mod gc;
 mod read;
 mod upload;
 
@@ -37,6 +38,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/{file}", get(get_top).head(head_top).put(put_top))
         .route(cache_protocol::UPLOAD, post(native_upload))
         .route(cache_protocol::MISSING, post(native_missing))
+        .route(cache_protocol::GC, post(gc::collect))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -53,6 +55,7 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         Some("/log/{drv}") => "log",
         Some("/api/v1/upload") => "api-upload",
         Some("/api/v1/missing") => "api-missing",
+        Some("/api/v1/gc") => "api-gc",
         Some("/{file}") if req.uri().path().ends_with(".ls") => "ls",
         Some("/{file}") => "narinfo",
         _ => "other",

@@ -52,7 +52,7 @@ fn upload_body(
 
 /// Reads a whole (small) request body, refusing one over `limit` by its declared length before
 /// reading anything (so a client that sent `Expect: 100-continue` never sends it).
-async fn read_body(
+pub(super) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -96,7 +96,7 @@ pub(super) async fn put_top(
     let bytes = read_body(&s, &h, body, limit).await?;
     if let Some(hash) = file.strip_suffix(".narinfo") {
         let _verifying = s.verifications.acquire().await.expect("never closed");
-        let text = ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, hash, &bytes)
+        let text = ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, &s.gc, hash, &bytes)
             .await
             .map_err(|e| count_failure(&s, e))?;
         s.narinfo_cache.insert(hash, text.into());
@@ -144,7 +144,7 @@ pub(super) async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, 
     let who = check_upload(&s, &h)?;
     let _verifying = s.verifications.acquire().await.expect("never closed");
     let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
-    let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.metrics, body)
+    let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.gc, &s.metrics, body)
         .await
         .map_err(|e| count_failure(&s, e))?;
     tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
@@ -164,5 +164,5 @@ pub(super) async fn native_missing(State(s): State<Arc<AppState>>, h: HeaderMap,
             format!("at most {MAX_MISSING_PATHS} paths per request"),
         ));
     }
-    Ok(json(&native::missing(s.storage.as_ref(), req).await?))
+    Ok(json(&native::missing(s.storage.as_ref(), &s.gc, req).await?))
 }

@@ -79,6 +79,57 @@ impl Key {
     }
 }
 
+/// What a key names, with the name's variable part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind<'a> {
+    /// `nix-cache-info`.
+    CacheInfo,
+    /// `<hash>.narinfo`.
+    Narinfo(&'a str),
+    /// `<hash>.ls`.
+    Listing(&'a str),
+    /// `nar/<file>`: the file name.
+    Nar(&'a str),
+    /// `log/<drv>`: the derivation's base name.
+    Log(&'a str),
+}
+
+impl Key {
+    /// A key as a storage listing names it; anything outside the cache layout (uploads in
+    /// progress, files put there by hand) is refused, so nothing acts on it.
+    pub fn parse(name: &str) -> Result<Key, KeyError> {
+        if name == "nix-cache-info" {
+            Ok(Key::cache_info())
+        } else if let Some(file) = name.strip_prefix("nar/") {
+            Key::nar(file)
+        } else if let Some(drv) = name.strip_prefix("log/") {
+            Key::log(drv)
+        } else if let Some(hash) = name.strip_suffix(".narinfo") {
+            Key::narinfo(hash)
+        } else if let Some(hash) = name.strip_suffix(".ls") {
+            Key::listing(hash)
+        } else {
+            Err(KeyError(name.to_owned()))
+        }
+    }
+
+    /// What the key names.
+    pub fn kind(&self) -> KeyKind<'_> {
+        let s = self.0.as_str();
+        if s == "nix-cache-info" {
+            KeyKind::CacheInfo
+        } else if let Some(file) = s.strip_prefix("nar/") {
+            KeyKind::Nar(file)
+        } else if let Some(drv) = s.strip_prefix("log/") {
+            KeyKind::Log(drv)
+        } else if let Some(hash) = s.strip_suffix(".narinfo") {
+            KeyKind::Narinfo(hash)
+        } else {
+            KeyKind::Listing(s.strip_suffix(".ls").expect("every key is one of the layout's names"))
+        }
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -102,6 +153,27 @@ mod tests {
         }
         assert!(Key::nar_url(&format!("nar/{F}.nar.zst")).is_ok());
         assert!(Key::log(&format!("{H}-llama-cpp.drv")).is_ok());
+    }
+
+    #[test]
+    fn listed_names_parse_back_to_their_kind() {
+        let drv = format!("{H}-llama-cpp.drv");
+        let nar = format!("{F}.nar.zst");
+        let cases = [
+            ("nix-cache-info".to_owned(), KeyKind::CacheInfo),
+            (format!("{H}.narinfo"), KeyKind::Narinfo(H)),
+            (format!("{H}.ls"), KeyKind::Listing(H)),
+            (format!("nar/{nar}"), KeyKind::Nar(&nar)),
+            (format!("log/{drv}"), KeyKind::Log(&drv)),
+        ];
+        for (name, kind) in cases {
+            let key = Key::parse(&name).unwrap();
+            assert_eq!((key.as_str(), key.kind()), (name.as_str(), kind));
+        }
+        for bad in [".fleetcache-tmp/0000000000000001", "nar/x", "realisations/x.doi", "index.html", "log/x"]
+        {
+            assert!(Key::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

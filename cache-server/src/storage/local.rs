@@ -10,7 +10,7 @@ use tokio::fs;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio_util::io::ReaderStream;
 
-use super::{ByteRange, Key, Object, SMALL_OBJECT, Storage, StorageError, Upload};
+use super::{ByteRange, Key, Listed, Object, SMALL_OBJECT, Storage, StorageError, Upload};
 
 /// Uploads in progress live here, under the root, so the final rename stays on one file system.
 /// Nix never asks for names starting with a dot, and [`Key`] cannot name them.
@@ -55,6 +55,45 @@ async fn remove_abandoned(dir: &Path, age: std::time::Duration) -> io::Result<us
         }
     }
     Ok(removed)
+}
+
+/// Sends every object of the layout under `root` to `tx`, directory by directory (the root's
+/// narinfos and listings, `nar/`, `log/`); stops early when the receiver is gone.
+fn walk(root: &Path, tx: &tokio::sync::mpsc::Sender<Result<Listed, StorageError>>) {
+    for dir in ["", "nar", "log"] {
+        let at = root.join(dir);
+        let entries = match std::fs::read_dir(&at) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                let _ = tx.blocking_send(Err(StorageError::Io { key: at.display().to_string(), source }));
+                return;
+            }
+        };
+        for entry in entries {
+            let listed = entry.and_then(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let full = if dir.is_empty() { name.into_owned() } else { format!("{dir}/{name}") };
+                let Ok(key) = Key::parse(&full) else { return Ok(None) };
+                let meta = entry.metadata()?;
+                if !meta.is_file() {
+                    return Ok(None);
+                }
+                Ok(Some(Listed { key, size: meta.len(), modified: meta.modified()? }))
+            });
+            let item = match listed {
+                Ok(Some(l)) => Ok(l),
+                Ok(None) => continue,
+                // Deleted between the directory read and the stat: not there any more.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => Err(StorageError::Io { key: at.display().to_string(), source }),
+            };
+            if tx.blocking_send(item).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 fn io_err(key: &Key) -> impl Fn(io::Error) -> StorageError + '_ {
@@ -133,6 +172,14 @@ impl Storage for LocalStorage {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(key)(e)),
             _ => Ok(()),
         }
+    }
+
+    fn list(&self) -> futures_util::stream::BoxStream<'static, Result<Listed, StorageError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || walk(&root, &tx));
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+            .boxed()
     }
 
     fn describe(&self) -> String {

@@ -11,13 +11,14 @@ mod s3;
 
 use std::fmt;
 use std::io;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use thiserror::Error;
 
-pub use key::{Key, KeyError};
+pub use key::{Key, KeyError, KeyKind};
 pub use local::LocalStorage;
 pub use s3::{MissingCredentials, S3Options, S3Storage};
 
@@ -85,6 +86,20 @@ impl fmt::Debug for Object {
     }
 }
 
+/// An object a listing found.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Its key.
+    pub key: Key,
+    /// Its size.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: SystemTime,
+}
+
+/// Most keys [`Storage::delete_many`] is given at once (S3's `DeleteObjects` limit).
+pub const DELETE_BATCH: usize = 1000;
+
 /// A storage backend holding a binary cache.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
@@ -99,6 +114,19 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Deletes an object; deleting a missing object is not an error.
     async fn delete(&self, key: &Key) -> Result<(), StorageError>;
+
+    /// Deletes up to [`DELETE_BATCH`] objects, in one request where the backend can; missing
+    /// objects are not an error.
+    async fn delete_many(&self, keys: &[Key]) -> Result<(), StorageError> {
+        for key in keys {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
+
+    /// Every object of the cache layout the store holds, a page at a time (memory does not
+    /// grow with the store); names outside the layout are skipped. In no particular order.
+    fn list(&self) -> BoxStream<'static, Result<Listed, StorageError>>;
 
     /// A short description for logs (`file:///…`, `s3://bucket`).
     fn describe(&self) -> String;

@@ -13,12 +13,12 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use tokio_util::io::ReaderStream;
 
-use super::{ByteRange, Key, Object, Storage, StorageError, Upload};
+use super::{ByteRange, DELETE_BATCH, Key, Listed, Object, Storage, StorageError, Upload};
 
 /// Size of each multipart part, and the size above which an upload becomes multipart.
 /// S3's minimum part size is 5 MiB; 8 MiB keeps memory per upload small.
@@ -151,6 +151,67 @@ impl Storage for S3Storage {
             .await
             .map_err(s3_err("DeleteObject", key))?;
         Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[Key]) -> Result<(), StorageError> {
+        assert!(keys.len() <= DELETE_BATCH, "at most {DELETE_BATCH} keys per DeleteObjects");
+        let Some(first) = keys.first() else { return Ok(()) };
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k.as_str()).build().expect("a key is set"))
+            .collect();
+        let delete =
+            Delete::builder().set_objects(Some(objects)).quiet(true).build().expect("objects are set");
+        let out = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(s3_err("DeleteObjects", first))?;
+        // Quiet mode: only the keys that could not be deleted are answered.
+        if let Some(e) = out.errors().first() {
+            return Err(StorageError::S3 {
+                op: "DeleteObjects",
+                key: e.key().unwrap_or_default().to_owned(),
+                message: format!(
+                    "{}: {} ({} of {} keys not deleted)",
+                    e.code().unwrap_or("error"),
+                    e.message().unwrap_or_default(),
+                    out.errors().len(),
+                    keys.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> futures_util::stream::BoxStream<'static, Result<Listed, StorageError>> {
+        let pages = self.client.list_objects_v2().bucket(&self.bucket).into_paginator().send();
+        futures_util::stream::unfold(pages, |mut pages| async move {
+            let page = pages.next().await?;
+            let items: Vec<Result<Listed, StorageError>> = match page {
+                Err(e) => vec![Err(StorageError::S3 {
+                    op: "ListObjectsV2",
+                    key: String::new(),
+                    message: describe(&e),
+                })],
+                Ok(out) => out
+                    .contents()
+                    .iter()
+                    .filter_map(|o| {
+                        let key = Key::parse(o.key()?).ok()?;
+                        let modified =
+                            o.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok())?;
+                        Some(Ok(Listed { key, size: o.size().unwrap_or(0).max(0) as u64, modified }))
+                    })
+                    .collect(),
+            };
+            Some((futures_util::stream::iter(items), pages))
+        })
+        .flatten()
+        .boxed()
     }
 
     fn describe(&self) -> String {

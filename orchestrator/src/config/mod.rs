@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod gc;
 mod webhooks;
 
+pub use gc::GcConfig;
 pub use webhooks::{CommitStatusConfig, Forge, WebhooksConfig};
 
 /// Why the configuration is unusable.
@@ -73,6 +75,9 @@ pub struct Config {
     /// Forge webhooks on `orchestrator serve`: a push that changes `flake.lock` builds.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    /// Garbage collection of the cache by fleet revision.
+    #[serde(default)]
+    pub gc: GcConfig,
     /// Variants to build by attribute path, beside (or, by default, instead of) what the
     /// fleet's machines install (see `fleet.machines`). Default none.
     #[serde(default, rename = "variant")]
@@ -114,6 +119,10 @@ pub struct CacheConfig {
     /// File holding an upload token of the remote cache-server. Required with `url`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// File holding an admin token of the remote cache-server (one of its
+    /// `admin-tokens-file`): what `orchestrator gc` collects with. Default none.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
     /// The embedded cache's store: `file:///dir` or `s3://bucket?endpoint=…&region=…` (AWS_*
     /// credentials from the environment). Default `file://$XDG_DATA_HOME/fleetcache/cache`.
     #[serde(default)]
@@ -334,6 +343,15 @@ impl Config {
                 );
             }
             _ => {}
+        }
+        if self.cache.admin_token_file.is_some() && self.cache.url.is_none() {
+            return Err("cache.admin-token-file is set but cache.url is not".to_owned());
+        }
+        self.gc.check()?;
+        if self.gc.every_hours > 0 && self.cache.url.is_some() && self.cache.admin_token_file.is_none() {
+            return Err(
+                "gc.every-hours collects on the remote cache: it needs cache.admin-token-file".to_owned()
+            );
         }
         if let Some(db) = &self.database
             && !(db.starts_with("postgres://")

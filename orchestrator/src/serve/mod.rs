@@ -47,12 +47,46 @@ pub async fn run(
             }
         })
     };
+    let collector = (server.config.gc.every_hours > 0).then(|| {
+        let (server, stop) = (server.clone(), stop.clone());
+        tokio::spawn(collect_on_schedule(server, stop))
+    });
     let limits = cache_server::listener::Limits::default();
     let served = cache_server::listener::serve(listener, router(server), limits, shutdown).await;
     stop.cancel();
+    if let Some(collector) = collector {
+        // A collection in progress is only a request to the cache: it finishes there.
+        collector.abort();
+    }
     if tokio::time::timeout(ROUND_GRACE, &mut ticker).await.is_err() {
         tracing::warn!("the round in progress did not end in time; it is picked up at the next start");
         ticker.abort();
     }
     served
+}
+
+/// Has the cache collect garbage every `gc.every-hours`, the first time one period after start
+/// (a restart loop never collects in a loop). With several replicas on one database each asks;
+/// the cache runs one collection at a time and refuses the others.
+async fn collect_on_schedule(server: Arc<Server>, stop: CancellationToken) {
+    let every = Duration::from_secs(server.config.gc.every_hours.saturating_mul(3600));
+    let keep =
+        crate::gc::Keep { revisions: server.config.gc.keep_revisions, days: server.config.gc.keep_days };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match crate::gc::collect(&server.config, &server.state, keep, false).await {
+            Ok(o) => tracing::info!(
+                cache = %o.cache,
+                revisions = o.kept.revisions.len(),
+                deleted = o.report.deleted.narinfos,
+                freed_bytes = o.report.deleted.bytes,
+                seconds = o.report.seconds,
+                "garbage collected"
+            ),
+            Err(e) => tracing::error!(error = %e, "scheduled garbage collection"),
+        }
+    }
 }

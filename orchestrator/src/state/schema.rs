@@ -124,6 +124,8 @@ CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 pub(super) const MIGRATIONS: &[(i64, &str)] = &[
     // The fleet machines each variant's derivation serves (a JSON list of names).
     (2, "ALTER TABLE variants ADD COLUMN machines TEXT NOT NULL DEFAULT '[]'"),
+    // Revisions a garbage collection keeps whatever their age (`orchestrator pin`).
+    (3, "CREATE TABLE IF NOT EXISTS pins (rev TEXT PRIMARY KEY, pinned_at INTEGER NOT NULL)"),
 ];
 
 /// The version this orchestrator writes.
