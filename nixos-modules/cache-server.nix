@@ -26,6 +26,7 @@ let
     // common.secretsOf cfg {
       upload-tokens = "uploadTokensFile";
       read-tokens = "readTokensFile";
+      admin-tokens = "adminTokensFile";
       s3-credentials = "s3CredentialsFile";
     };
 
@@ -38,6 +39,7 @@ let
     }
     // lib.optionalAttrs (cfg.uploadTokensFile != null) { upload-tokens-file = credential "upload-tokens"; }
     // lib.optionalAttrs (cfg.readTokensFile != null) { read-tokens-file = credential "read-tokens"; }
+    // lib.optionalAttrs (cfg.adminTokensFile != null) { admin-tokens-file = credential "admin-tokens"; }
     // lib.optionalAttrs (cfg.s3CredentialsFile != null) {
       s3-credentials-file = credential "s3-credentials";
     };
@@ -100,6 +102,13 @@ in
     };
     readTokensFile = common.secretFileOption {
       description = "File of `name:token` lines allowed to read. Without it reads are public.";
+    };
+    adminTokensFile = common.secretFileOption {
+      description = ''
+        File of `name:token` lines allowed to collect garbage (`POST /api/v1/gc`, what
+        `orchestrator gc` and the orchestrator's `gc.every-hours` do). Without it nobody can over
+        HTTP. The S3 key then needs delete rights on the bucket.
+      '';
     };
     s3CredentialsFile = common.secretFileOption {
       description = ''

@@ -173,13 +173,28 @@ pub async fn collect(
         .iter()
         .map(|r| StorePath::from_absolute(r).map_err(|_| GcError::BadRoot(r.clone())))
         .collect::<Result<Vec<_>, _>>()?;
-    *guard.view.lock().expect("gc guard") = Some(View::default());
+    let _active = Active::start(guard);
     // Publications that began before they could see the collection finish before it lists
     // anything: what they wrote is then listed (young), what comes later is protected.
     drop(guard.exclusive.write().await);
-    let result = run(storage, guard, forget, opts, &roots).await;
-    *guard.view.lock().expect("gc guard") = None;
-    result
+    run(storage, guard, forget, opts, &roots).await
+}
+
+/// The collection's view, shared with publications for as long as it runs — also when it is
+/// cut short (an error, or the request that asked for it going away).
+struct Active<'a>(&'a Guard);
+
+impl<'a> Active<'a> {
+    fn start(guard: &'a Guard) -> Self {
+        *guard.view.lock().expect("gc guard") = Some(View::default());
+        Active(guard)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        *self.0.view.lock().expect("gc guard") = None;
+    }
 }
 
 struct Run<'a> {
@@ -258,7 +273,8 @@ async fn run(
         );
         r.report.requests += mark(storage, &mut live, &mut seen, relied, &mut absent_roots).await?;
         let marked = std::sync::Arc::new(std::mem::take(&mut live.narinfos));
-        if let Some(view) = guard.view.lock().expect("gc guard").as_mut() {
+        // A dry run deletes nothing, so nothing is doomed for uploads.
+        if let Some(view) = guard.view.lock().expect("gc guard").as_mut().filter(|_| !opts.dry_run) {
             view.live = Some(marked.clone());
         }
         marked

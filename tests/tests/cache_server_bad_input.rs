@@ -194,11 +194,7 @@ async fn lies_and_broken_nars_are_refused_and_nothing_is_published() {
     let dep = upload_of(path("dep"), &nar(&[("d", b"dep")]), vec![]);
     let top = upload_of(path("top"), &good_nar, vec![dep.info.store_path.clone()]);
     let (s, body) = c.publish(&top).await;
-    assert_eq!(
-        (s, body.contains(&dep.info.store_path.to_string())),
-        (StatusCode::BAD_REQUEST, true),
-        "{body}"
-    );
+    assert_eq!((s, body.contains(&dep.info.store_path.to_string())), (StatusCode::CONFLICT, true), "{body}");
     assert!(!c.is_published(&top.info.store_path).await);
     assert_eq!(c.publish(&dep).await.0, StatusCode::OK);
     assert_eq!(c.publish(&top).await.0, StatusCode::OK);

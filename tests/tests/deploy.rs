@@ -42,11 +42,13 @@ fn the_s3_documents_grant_what_cache_server_does_and_no_more() {
         .collect();
     actions.sort();
     // GetObject covers HEAD; PutObject covers multipart uploads; ListBucket makes a missing
-    // narinfo a 404 rather than a 403. cache-server never deletes.
+    // narinfo a 404 rather than a 403; DeleteObject (which covers DeleteObjects) only for a
+    // garbage collection an admin token asks for.
     assert_eq!(
         actions,
         [
             "s3:AbortMultipartUpload",
+            "s3:DeleteObject",
             "s3:GetObject",
             "s3:ListBucket",
             "s3:ListMultipartUploadParts",
