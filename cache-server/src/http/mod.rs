@@ -24,7 +24,7 @@ pub use app::{
     default_verifications,
 };
 use app::{ApiResult, check_read};
-use read::{get_log, get_nar, get_top, head_log, head_nar, head_top};
+use read::{log, nar, top};
 use upload::{native_missing, native_upload, put_log, put_nar, put_top};
 
 /// The router over `state`.
@@ -33,9 +33,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/nix-cache-info", get(cache_info))
-        .route("/nar/{file}", get(get_nar).head(head_nar).put(put_nar))
-        .route("/log/{drv}", get(get_log).head(head_log).put(put_log))
-        .route("/{file}", get(get_top).head(head_top).put(put_top))
+        .route("/nar/{file}", get(nar).head(nar).put(put_nar))
+        .route("/log/{drv}", get(log).head(log).put(put_log))
+        .route("/{file}", get(top).head(top).put(put_top))
         .route(cache_protocol::UPLOAD, post(native_upload))
         .route(cache_protocol::MISSING, post(native_missing))
         .route(cache_protocol::GC, post(gc::collect))

@@ -1,11 +1,11 @@
 //! Nix's binary cache protocol, read side: narinfos (from memory when recent), NARs, listings
-//! and logs, with HEAD and single byte ranges.
+//! and logs, with HEAD (the same handler, answering without a body) and single byte ranges.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 
@@ -14,29 +14,18 @@ use crate::storage::{ByteRange, Key, SMALL_OBJECT, StorageError};
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
-pub(super) async fn get_top(
+pub(super) async fn top(
     State(s): State<Arc<AppState>>,
+    method: Method,
     Path(file): Path<String>,
     h: HeaderMap,
 ) -> ApiResult {
     check_read(&s, &h)?;
     let (key, ctype, cache) = top_key(&file)?;
+    let head_only = method == Method::HEAD;
     match file.strip_suffix(".narinfo") {
-        Some(hash) => narinfo(&s, hash, &key, false).await,
-        None => serve(&s, &key, ctype, cache, &h, false).await,
-    }
-}
-
-pub(super) async fn head_top(
-    State(s): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
-    let (key, ctype, cache) = top_key(&file)?;
-    match file.strip_suffix(".narinfo") {
-        Some(hash) => narinfo(&s, hash, &key, true).await,
-        None => serve(&s, &key, ctype, cache, &h, true).await,
+        Some(hash) => narinfo(&s, hash, &key, head_only).await,
+        None => serve(&s, &key, ctype, cache, &h, head_only).await,
     }
 }
 
@@ -61,40 +50,25 @@ async fn narinfo(state: &AppState, hash: &str, key: &Key, head_only: bool) -> Ap
     Ok(builder.body(Body::from(bytes)).expect("valid response"))
 }
 
-pub(super) async fn get_nar(
+pub(super) async fn nar(
     State(s): State<Arc<AppState>>,
+    method: Method,
     Path(file): Path<String>,
     h: HeaderMap,
 ) -> ApiResult {
     check_read(&s, &h)?;
-    serve(&s, &Key::nar(&file)?, "application/x-nix-nar", IMMUTABLE, &h, false).await
+    serve(&s, &Key::nar(&file)?, "application/x-nix-nar", IMMUTABLE, &h, method == Method::HEAD).await
 }
 
-pub(super) async fn head_nar(
+pub(super) async fn log(
     State(s): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
-    serve(&s, &Key::nar(&file)?, "application/x-nix-nar", IMMUTABLE, &h, true).await
-}
-
-pub(super) async fn get_log(
-    State(s): State<Arc<AppState>>,
+    method: Method,
     Path(drv): Path<String>,
     h: HeaderMap,
 ) -> ApiResult {
     check_read(&s, &h)?;
-    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", &h, false).await
-}
-
-pub(super) async fn head_log(
-    State(s): State<Arc<AppState>>,
-    Path(drv): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
-    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", &h, true).await
+    let head_only = method == Method::HEAD;
+    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", &h, head_only).await
 }
 
 /// Parses a single `bytes=` range against an object of `size` bytes. `Ok(None)`: serve it all.
