@@ -118,6 +118,13 @@ pub struct Tally {
     pub bytes: u64,
 }
 
+impl Tally {
+    /// Objects of every kind.
+    pub fn objects(&self) -> u64 {
+        self.narinfos + self.nars + self.listings + self.logs
+    }
+}
+
 /// What a collection did (or, on a dry run, would do).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GcReport {

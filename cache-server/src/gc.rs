@@ -136,12 +136,6 @@ impl Guard {
 }
 
 impl Publishing<'_> {
-    /// Of `references`, those the running collection is about to delete (a publication
-    /// relying on them would leave a narinfo without its closure).
-    pub fn doomed<'h>(&self, references: impl IntoIterator<Item = &'h str>) -> Vec<&'h str> {
-        self.guard.doomed(references)
-    }
-
     /// Keeps `keys` from being deleted by the running collection, if one runs (and makes the
     /// narinfos among them roots while it marks).
     pub fn protect(&self, keys: impl IntoIterator<Item = Key>) {
@@ -303,9 +297,8 @@ async fn run(
     let mut listing = storage.list();
     while let Some(obj) = listing.try_next().await? {
         let keep = match obj.key.kind() {
-            KeyKind::Nar(file) => {
-                let hash = file.split_once(".nar").map_or(file, |(h, _)| h);
-                fixed(hash).is_some_and(|h| live.nars.contains(&h))
+            KeyKind::Nar(_) => {
+                obj.key.nar_file_hash().and_then(fixed).is_some_and(|h| live.nars.contains(&h))
             }
             KeyKind::Log(drv) => fixed(&drv[..32]).is_some_and(|h| live.derivers.contains(&h)),
             KeyKind::CacheInfo => true,
@@ -366,9 +359,9 @@ struct Live {
 impl Live {
     fn add(&mut self, info: &NarInfo) {
         self.narinfos.extend(fixed(info.store_path.hash_part()));
-        let file = info.url.strip_prefix("nar/").unwrap_or(&info.url);
-        let hash = file.split_once(".nar").map_or(file, |(h, _)| h);
-        self.nars.extend(fixed(hash));
+        // The URL was checked to name a NAR of this cache when the narinfo was read.
+        let nar = Key::nar_url(&info.url).expect("checked by read_narinfo");
+        self.nars.extend(nar.nar_file_hash().and_then(fixed));
         if let Some(d) = &info.deriver {
             self.derivers.extend(fixed(d.hash_part()));
         }

@@ -291,8 +291,8 @@ pub(crate) async fn publish(
     let nar_key = Key::nar_url(&info.url)?;
     let publishing = gc.publishing().await;
     let others = info.references.iter().filter(|r| **r != info.store_path);
-    let doomed = publishing.doomed(others.map(StorePath::hash_part));
-    tracing::debug!(path = %info.store_path, doomed = doomed.len(), "publishing");
+    // Checked while publishing holds delete batches off: what is not doomed now stays.
+    let doomed = gc.doomed(others.map(StorePath::hash_part));
     if !doomed.is_empty() {
         let paths = info.references.iter().filter(|r| doomed.contains(&r.hash_part()));
         return Err(IngestError::MissingReferences(paths.map(|p| p.to_string()).collect()));

@@ -136,7 +136,7 @@ async fn collect(config: &Config, roots_file: &std::path::Path, opts: GcFlags) -
     }
     let listed = report.sample.len() as u64;
     let d = report.deleted;
-    let total = d.narinfos + d.nars + d.listings + d.logs;
+    let total = d.objects();
     if total > listed {
         println!("… and {} more", total - listed);
     }

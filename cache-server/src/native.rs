@@ -42,10 +42,10 @@ pub async fn missing(
         .map(|p| StorePath::from_absolute(p).map_err(|e| bad("paths", e)))
         .collect::<Result<Vec<_>, _>>()?;
     let count = parsed.len();
-    let hashes: Vec<String> = parsed.iter().map(|p| p.hash_part().to_owned()).collect();
-    let found: Vec<(usize, bool)> = futures_util::stream::iter(parsed.into_iter().enumerate())
-        .map(|(i, p)| async move {
-            let key = Key::narinfo(p.hash_part()).expect("valid hash part");
+    let parsed_ref = &parsed;
+    let found: Vec<(usize, bool)> = futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let key = Key::narinfo(parsed_ref[i].hash_part()).expect("valid hash part");
             storage.head(&key).await.map(|h| (i, h.is_some()))
         })
         .buffer_unordered(64)
@@ -57,12 +57,10 @@ pub async fn missing(
     for (i, ok) in found {
         present[i] = ok;
     }
-    let held = hashes.iter().zip(&present).filter(|(_, ok)| **ok).map(|(h, _)| h.as_str());
+    let held = parsed.iter().zip(&present).filter(|(_, ok)| **ok).map(|(p, _)| p.hash_part());
     let doomed: std::collections::HashSet<&str> = gc.doomed(held).into_iter().collect();
-    for (h, ok) in hashes.iter().zip(present.iter_mut()) {
-        if doomed.contains(h.as_str()) {
-            *ok = false;
-        }
+    for (p, ok) in parsed.iter().zip(present.iter_mut()) {
+        *ok &= !doomed.contains(p.hash_part());
     }
     let missing = req.paths.into_iter().zip(present).filter(|(_, ok)| !ok).map(|(p, _)| p).collect();
     Ok(MissingResponse { missing })

@@ -61,7 +61,7 @@ pub fn gc(args: GcArgs) -> Result<(), CliError> {
             println!("{verb} {key}");
         }
         let d = report.deleted;
-        let total = d.narinfos + d.nars + d.listings + d.logs;
+        let total = d.objects();
         if total > report.sample.len() as u64 {
             println!("… and {} more", total - report.sample.len() as u64);
         }

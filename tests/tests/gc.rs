@@ -27,20 +27,8 @@ fn start(store: &str, env: Vec<(&'static str, String)>) -> (tempfile::TempDir, C
     (dir, server)
 }
 
-fn push(server: &CacheServer, paths: &[&StorePath]) -> std::process::Output {
-    let token_file = server.dir().join("push-token");
-    std::fs::write(&token_file, &server.token).unwrap();
-    Command::new(bin("orchestrator"))
-        .env("NIX_CONFIG", nix::NIX_CONFIG)
-        .args(["push", "--cache", &server.url, "--token-file"])
-        .arg(token_file)
-        .args(paths.iter().map(|p| p.to_absolute()))
-        .output()
-        .unwrap()
-}
-
 fn pushed(server: &CacheServer, paths: &[&StorePath]) {
-    let out = push(server, paths);
+    let out = push(&server.url, &server.token, server.dir(), paths);
     assert!(out.status.success(), "push: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
 }
 
@@ -151,17 +139,22 @@ async fn keeps_what_the_roots_reach(server: &CacheServer, objects: impl Fn() -> 
     assert_eq!(objects(), after);
 }
 
-/// Files of the cache layout under `dir` (what a listing sees).
-fn files(dir: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
+/// The files of the cache layout under `dir`, by name (what a listing sees) and path.
+fn layout_files(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
     for sub in ["", "nar", "log"] {
         for e in std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
             if e.file_type().unwrap().is_file() {
-                out.insert(format!("{sub}/{}", e.file_name().to_string_lossy()));
+                out.push((format!("{sub}/{}", e.file_name().to_string_lossy()), e.path()));
             }
         }
     }
     out
+}
+
+/// Names of the files of the cache layout under `dir`.
+fn files(dir: &Path) -> BTreeSet<String> {
+    layout_files(dir).into_iter().map(|(name, _)| name).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,15 +209,11 @@ async fn a_collection_needs_an_admin_token_and_roots() {
     assert_eq!(code, 400);
 }
 
-/// Sets every file under `dir` two hours into the past.
+/// Sets every file of the cache layout under `dir` two hours into the past.
 fn age(dir: &Path) {
     let past = SystemTime::now() - Duration::from_secs(7200);
-    for sub in ["", "nar", "log"] {
-        for e in std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
-            if e.file_type().unwrap().is_file() {
-                std::fs::File::options().write(true).open(e.path()).unwrap().set_modified(past).unwrap();
-            }
-        }
+    for (_, path) in layout_files(dir) {
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(past).unwrap();
     }
 }
 
@@ -268,7 +257,7 @@ async fn an_upload_during_a_collection_is_published_whole() {
     let pushing = {
         let (new, token, url, dir) =
             (new.clone(), server.token.clone(), server.url.clone(), server.dir().to_owned());
-        tokio::task::spawn_blocking(move || push_to(&url, &token, &dir, &new))
+        tokio::task::spawn_blocking(move || push(&url, &token, &dir, &[&new]))
     };
     let (collection, upload) = tokio::join!(collect(&server, Some(ADMIN), &body), pushing);
     let (code, report) = collection;
@@ -284,14 +273,15 @@ async fn an_upload_during_a_collection_is_published_whole() {
     assert!(whole.iter().all(|p| machine.has(p)));
 }
 
-fn push_to(url: &str, token: &str, dir: &Path, path: &StorePath) -> std::process::Output {
-    let token_file: PathBuf = dir.join("push-token-2");
+/// `orchestrator push` of `paths` to the cache at `url` with an upload token (its file in `dir`).
+fn push(url: &str, token: &str, dir: &Path, paths: &[&StorePath]) -> std::process::Output {
+    let token_file = dir.join("push-token");
     std::fs::write(&token_file, token).unwrap();
     Command::new(bin("orchestrator"))
         .env("NIX_CONFIG", nix::NIX_CONFIG)
         .args(["push", "--cache", url, "--token-file"])
         .arg(token_file)
-        .arg(path.to_absolute())
+        .args(paths.iter().map(|p| p.to_absolute()))
         .output()
         .unwrap()
 }
