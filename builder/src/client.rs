@@ -59,6 +59,16 @@ pub struct CacheClient {
     token: String,
 }
 
+/// What the cache said of a set of paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Paths to upload.
+    pub missing: Vec<StorePath>,
+    /// Paths the cache lacks and an upstream of it serves: not uploaded, and accepted as
+    /// references.
+    pub upstream: Vec<StorePath>,
+}
+
 impl CacheClient {
     /// A client for the cache at `base` (`https://host` or `http://host:port`), uploading with
     /// `token`.
@@ -83,10 +93,18 @@ impl CacheClient {
         Err(ClientError::Status { status, message })
     }
 
-    /// The subset of `paths` that the cache does not have, in request order: one round trip
-    /// per [`cache_protocol::MAX_MISSING_PATHS`] paths.
+    /// The subset of `paths` that the cache does not have and no upstream of it serves, in
+    /// request order ([`CacheClient::query`]).
     pub async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, ClientError> {
-        let mut missing = Vec::new();
+        Ok(self.query(paths).await?.missing)
+    }
+
+    /// Which of `paths` must be uploaded and which an upstream of the cache serves instead:
+    /// one round trip per [`cache_protocol::MAX_MISSING_PATHS`] paths.
+    pub async fn query(&self, paths: &[StorePath]) -> Result<Query, ClientError> {
+        let mut query = Query::default();
+        let parse =
+            |p: &String| StorePath::from_absolute(p).map_err(|e| ClientError::Protocol(e.to_string()));
         for batch in paths.chunks(cache_protocol::MAX_MISSING_PATHS) {
             let body = MissingRequest { paths: batch.iter().map(StorePath::to_absolute).collect() };
             let resp = self
@@ -98,11 +116,10 @@ impl CacheClient {
                 .await;
             let resp: MissingResponse =
                 Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
-            for p in &resp.missing {
-                missing.push(StorePath::from_absolute(p).map_err(|e| ClientError::Protocol(e.to_string()))?);
-            }
+            query.missing.extend(resp.missing.iter().map(parse).collect::<Result<Vec<_>, _>>()?);
+            query.upstream.extend(resp.upstream.iter().map(parse).collect::<Result<Vec<_>, _>>()?);
         }
-        Ok(missing)
+        Ok(query)
     }
 
     /// Asks the cache to collect garbage (the token must be one of its admin tokens); the

@@ -9,13 +9,14 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod eval;
-pub mod http;
 pub mod nix;
 pub mod nix_build;
 pub mod pipeline;
 pub mod progress;
 pub mod push;
 pub mod verify;
+
+pub use cache_protocol::http;
 
 /// This machine's Nix system name (`x86_64-linux`).
 pub fn local_system() -> String {

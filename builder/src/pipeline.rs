@@ -149,6 +149,15 @@ async fn publish(
             if let Some(why) = summary.refusal() {
                 return End::PushFailed(why);
             }
+            if summary.from_upstream > 0 {
+                watcher.note(&format!(
+                    "pushed {} paths; {} paths ({:.1} MiB) are served by an upstream of the cache and were \
+                     not uploaded",
+                    summary.uploaded,
+                    summary.from_upstream,
+                    summary.upstream_nar_bytes as f64 / 1048576.0
+                ));
+            }
         }
     }
     if let Err(e) = nix_build::upload_stored_log(settings.cache, target.drv).await {

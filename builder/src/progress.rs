@@ -130,7 +130,7 @@ impl Progress for Lines {
     fn planned(&self, closure: usize, to_upload: usize, nar_bytes: u64) {
         self.state.lock().expect("lines").1 = to_upload;
         eprintln!(
-            "closure of {closure} paths: {} already cached, {to_upload} to upload ({:.1} MiB of NAR)",
+            "closure of {closure} paths: {} already cached here or upstream, {to_upload} to upload ({:.1} MiB of NAR)",
             closure - to_upload,
             nar_bytes as f64 / 1048576.0
         );

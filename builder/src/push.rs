@@ -74,6 +74,11 @@ pub struct PushSummary {
     pub uploaded: usize,
     /// Paths the cache had already.
     pub already_present: usize,
+    /// Paths not uploaded because an upstream of the cache serves them (machines substitute
+    /// them from that upstream).
+    pub from_upstream: usize,
+    /// Uncompressed NAR bytes of those paths.
+    pub upstream_nar_bytes: u64,
     /// Compressed bytes sent.
     pub bytes: u64,
     /// Uncompressed NAR bytes of the uploaded paths.
@@ -293,6 +298,8 @@ pub async fn push(
         );
         let (again, _) = push_round(client, roots, opts, progress).await?;
         summary.uploaded += again.uploaded;
+        summary.from_upstream = again.from_upstream;
+        summary.upstream_nar_bytes = again.upstream_nar_bytes;
         summary.bytes += again.bytes;
         summary.nar_bytes += again.nar_bytes;
         summary.failed = again.failed;
@@ -315,10 +322,10 @@ async fn push_round(
         .expect("path-info task")?;
     let all: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
     let mut tries = 0;
-    let missing: HashSet<StorePath> = loop {
+    let query = loop {
         tries += 1;
-        match client.missing(&all).await {
-            Ok(m) => break m.into_iter().collect(),
+        match client.query(&all).await {
+            Ok(q) => break q,
             Err(e) if e.is_transient() && tries < opts.attempts => {
                 let delay = backoff(opts, tries);
                 progress.note(&format!("asking the cache what it lacks failed ({e}); retrying in {delay:?}"));
@@ -327,10 +334,18 @@ async fn push_round(
             Err(e) => return Err(e.into()),
         }
     };
+    let missing: HashSet<StorePath> = query.missing.into_iter().collect();
+    let upstream: HashSet<StorePath> = query.upstream.into_iter().collect();
+    let upstream_nar_bytes = infos.iter().filter(|i| upstream.contains(&i.path)).map(|i| i.nar_size).sum();
     let infos: HashMap<StorePath, PathInfo> =
         infos.into_iter().filter(|i| missing.contains(&i.path)).map(|i| (i.path.clone(), i)).collect();
 
-    let mut summary = PushSummary { already_present: all.len() - infos.len(), ..Default::default() };
+    let mut summary = PushSummary {
+        already_present: all.len().saturating_sub(infos.len() + upstream.len()),
+        from_upstream: upstream.len(),
+        upstream_nar_bytes,
+        ..Default::default()
+    };
     progress.planned(all.len(), infos.len(), infos.values().map(|i| i.nar_size).sum());
 
     // A path waits for its references that are not in the cache yet.

@@ -7,8 +7,13 @@
 //!   newline, then the zstd-compressed NAR; the answer is an [`UploadResult`].
 //! - [`MISSING`]: a [`MissingRequest`] of at most [`MAX_MISSING_PATHS`] paths in, a
 //!   [`MissingResponse`] out.
+//!
+//! With the `http` feature, [`http`] is the HTTP client every part of fleetcache talks through.
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "http")]
+pub mod http;
 
 /// The route of an upload.
 pub const UPLOAD: &str = "/api/v1/upload";
@@ -63,11 +68,16 @@ pub struct MissingRequest {
     pub paths: Vec<String>,
 }
 
-/// `{"missing": [...]}`: the requested paths without a narinfo, in request order.
+/// `{"missing": [...], "upstream": [...]}`: of the requested paths, in request order, those the
+/// uploader must send and those the cache lacks but one of its upstream caches serves (signed by
+/// that upstream's key; the cache accepts references to them). A path is in at most one list.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MissingResponse {
-    /// Full store paths.
+    /// Full store paths to upload.
     pub missing: Vec<String>,
+    /// Full store paths an upstream serves (absent from servers older than this field).
+    #[serde(default)]
+    pub upstream: Vec<String>,
 }
 
 #[cfg(test)]

@@ -92,6 +92,11 @@ pub struct Config {
     /// Seconds an upload's body may send nothing before it is cut. Default 60.
     #[serde(default = "default_body_idle_timeout")]
     pub body_idle_timeout_seconds: u64,
+    /// Binary caches whose paths this cache need not hold (`[[upstream]]` tables of `url` and
+    /// `public-keys`): a reference is satisfied by a narinfo an upstream serves signed by one
+    /// of its keys, and pushes skip such paths. Default none: every reference must be here.
+    #[serde(default)]
+    pub upstream: Vec<crate::upstream::UpstreamConfig>,
 }
 
 fn default_listen() -> SocketAddr {

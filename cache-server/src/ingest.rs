@@ -4,8 +4,9 @@
 //! narinfo. A NAR is stored only if its bytes hash to the name they are stored under, so a
 //! stored NAR is never wrong, only possibly unreferenced. A narinfo is published only after
 //! the NAR it points at was read back, decompressed, parsed as a canonical NAR and found to
-//! have the claimed NarHash and NarSize, and after every reference already has a narinfo;
-//! it is then signed with every server key and written last.
+//! have the claimed NarHash and NarSize, and after every reference has a narinfo here or in
+//! an upstream cache ([`crate::upstream`]); it is then signed with every server key and
+//! written last.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -23,6 +24,21 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use crate::gc::Guard;
 use crate::metrics::Metrics;
 use crate::storage::{Key, KeyError, Storage, StorageError, put_bytes};
+use crate::upstream::{UpstreamDown, Upstreams};
+
+/// What publishing a narinfo needs: the cache, the keys that sign, the collection it must not
+/// race and the upstream caches references may be in.
+#[derive(Clone, Copy)]
+pub struct Publisher<'a> {
+    /// The cache.
+    pub storage: &'a dyn Storage,
+    /// Every key signs every narinfo.
+    pub keys: &'a [SecretKey],
+    /// Keeps a running collection from deleting what a publication relies on.
+    pub gc: &'a Guard,
+    /// Caches whose signed paths count as present.
+    pub upstreams: &'a Upstreams,
+}
 
 /// Why an upload was refused. Every variant but `Storage` is the client's fault.
 #[derive(Debug, Error)]
@@ -68,9 +84,12 @@ pub enum IngestError {
         /// The computed value.
         actual: String,
     },
-    /// References without a narinfo in this cache.
-    #[error("references not in this cache (upload them first): {}", .0.join(", "))]
+    /// References without a narinfo in this cache or an upstream.
+    #[error("references not in this cache or an upstream (upload them first): {}", .0.join(", "))]
     MissingReferences(Vec<String>),
+    /// An upstream that might hold a reference could not be asked; nothing is taken on trust.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamDown),
     /// The bytes PUT to `nar/<hash>…` do not hash to `<hash>`.
     #[error("the uploaded file hashes to {actual}, not to the {claimed} it is named after")]
     FileHashMismatch {
@@ -109,6 +128,7 @@ impl IngestError {
             IngestError::Metadata { .. } => "bad_metadata",
             IngestError::Body(_) => "interrupted",
             IngestError::Storage(_) => "storage",
+            IngestError::Upstream(_) => "upstream_down",
         }
     }
 }
@@ -209,9 +229,7 @@ fn mismatch(field: &'static str, claimed: impl ToString, actual: impl ToString) 
 
 /// Verifies, signs and publishes a narinfo PUT as `<hash_part>.narinfo`. Returns the signed text.
 pub async fn ingest_narinfo(
-    storage: &dyn Storage,
-    keys: &[SecretKey],
-    gc: &Guard,
+    publisher: Publisher<'_>,
     hash_part: &str,
     body: &[u8],
 ) -> Result<String, IngestError> {
@@ -233,7 +251,7 @@ pub async fn ingest_narinfo(
         });
     }
 
-    let found = verify_stored_nar(storage, &nar_key, compression).await?;
+    let found = verify_stored_nar(publisher.storage, &nar_key, compression).await?;
     if found.nar_hash != info.nar_hash {
         return Err(mismatch("NarHash", &info.nar_hash, &found.nar_hash));
     }
@@ -249,28 +267,42 @@ pub async fn ingest_narinfo(
         _ => info.file_size = Some(found.file_size),
     }
 
-    publish(storage, keys, gc, info).await
+    publish(publisher, info).await
 }
 
-/// Refuses `references` of `path` that have no narinfo in this cache.
+/// Refuses `references` of `path` that have no narinfo in this cache nor a signed one in an
+/// upstream; when an upstream that might have one cannot be asked, says which.
 pub(crate) async fn check_references(
-    storage: &dyn Storage,
+    publisher: Publisher<'_>,
     path: &StorePath,
     references: &[StorePath],
 ) -> Result<(), IngestError> {
+    let storage = publisher.storage;
     let checks = references.iter().filter(|r| *r != path).map(|r| async move {
         let key = Key::narinfo(r.hash_part()).expect("a store path's hash part is a valid key");
         storage.head(&key).await.map(|found| (r, found.is_some()))
     });
     let results = futures_util::future::try_join_all(checks).await?;
-    let mut missing: Vec<String> =
-        results.into_iter().filter(|(_, ok)| !ok).map(|(r, _)| r.to_string()).collect();
-    missing.sort();
-    missing.dedup();
+    let mut absent: Vec<StorePath> =
+        results.into_iter().filter(|(_, ok)| !ok).map(|(r, _)| r.clone()).collect();
+    absent.sort();
+    absent.dedup();
+    let mut missing = Vec::new();
+    let mut down = None;
+    for (r, found) in absent.iter().zip(publisher.upstreams.serving_each(absent.clone()).await) {
+        match found {
+            Ok(Some(_)) => {}
+            Ok(None) => missing.push(r.to_string()),
+            Err(e) => down = down.or(Some(e)),
+        }
+    }
     if !missing.is_empty() {
         return Err(IngestError::MissingReferences(missing));
     }
-    Ok(())
+    match down {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Checks that every reference has a narinfo, signs with every key and writes the narinfo:
@@ -280,12 +312,8 @@ pub(crate) async fn check_references(
 /// A running garbage collection deletes none of what the narinfo relies on (itself, its
 /// references, its NAR) once this has checked them, and if it deleted one before, the check
 /// sees it missing and the upload is refused ([`crate::gc`]).
-pub(crate) async fn publish(
-    storage: &dyn Storage,
-    keys: &[SecretKey],
-    gc: &Guard,
-    info: NarInfo,
-) -> Result<String, IngestError> {
+pub(crate) async fn publish(publisher: Publisher<'_>, info: NarInfo) -> Result<String, IngestError> {
+    let Publisher { storage, keys, gc, .. } = publisher;
     let mut info = info.into_published();
     let narinfo_key = Key::narinfo(info.store_path.hash_part())?;
     let nar_key = Key::nar_url(&info.url)?;
@@ -300,7 +328,7 @@ pub(crate) async fn publish(
     let references =
         info.references.iter().map(|r| Key::narinfo(r.hash_part()).expect("a hash part is a key"));
     publishing.protect(references.chain([narinfo_key.clone(), nar_key.clone()]));
-    check_references(storage, &info.store_path, &info.references).await?;
+    check_references(publisher, &info.store_path, &info.references).await?;
     if storage.head(&nar_key).await?.is_none() {
         return Err(IngestError::NarMissing(nar_key.to_string()));
     }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod narinfo_cache;
 pub mod native;
 pub mod storage;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,6 +62,9 @@ pub enum SetupError {
     /// The storage could not be opened.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The upstream settings are unusable.
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamConfigError),
 }
 
 /// Reads the signing keys, tokens and storage a configuration names. Does not contact S3.
@@ -98,6 +102,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         read_tokens,
         admin_tokens,
         gc: gc::Guard::default(),
+        upstreams: upstream::Upstreams::new(&config.upstream)?,
         cache_info: cache_info.to_string(),
         max_narinfo_bytes: config.max_narinfo_bytes,
         narinfo_cache: NarinfoCache::new(

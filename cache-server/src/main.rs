@@ -173,6 +173,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     if cli.settings_only {
         cache_server::config::StoreUrl::parse(&config.store)?;
+        cache_server::upstream::check(&config.upstream)?;
         println!("configuration OK (settings only: key, token and credential files not read)");
         return Ok(());
     }

@@ -7,7 +7,8 @@
 //! its hash; the object is committed only if NarHash and NarSize match the claim, and the
 //! narinfo is written after that, signed. Nothing is visible if anything fails.
 //!
-//! `POST /api/v1/missing`: `{"paths": [...]}` in, `{"missing": [...]}` out.
+//! `POST /api/v1/missing`: `{"paths": [...]}` in, `{"missing": [...], "upstream": [...]}` out:
+//! what the uploader must send, and what an upstream cache serves instead.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -15,11 +16,11 @@ use std::sync::Arc;
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
 use nix_formats::hash::HashingWriter;
-use nix_formats::{ContentAddress, Hash, NarInfo, SecretKey, StorePath};
+use nix_formats::{ContentAddress, Hash, NarInfo, StorePath};
 
-use crate::ingest::IngestError;
+use crate::ingest::{IngestError, Publisher};
 use crate::metrics::Metrics;
-use crate::storage::{Key, Storage};
+use crate::storage::Key;
 
 pub use cache_protocol::{MAX_META_BYTES, MissingRequest, MissingResponse, UploadMeta, UploadResult};
 
@@ -30,12 +31,11 @@ fn bad(field: &'static str, e: impl std::fmt::Display) -> IngestError {
 /// Answers a batch "which are missing?" with bounded concurrency against storage.
 ///
 /// While a collection runs, a path it is about to delete counts as missing: the uploader
-/// publishes it again rather than rely on it ([`crate::gc`]).
-pub async fn missing(
-    storage: &dyn Storage,
-    gc: &crate::gc::Guard,
-    req: MissingRequest,
-) -> Result<MissingResponse, IngestError> {
+/// publishes it again rather than rely on it ([`crate::gc`]). A path this cache lacks and an
+/// upstream serves is not missing but named in `upstream`; one whose upstream cannot be asked
+/// is missing (uploading it here loses nothing).
+pub async fn missing(publisher: Publisher<'_>, req: MissingRequest) -> Result<MissingResponse, IngestError> {
+    let Publisher { storage, gc, upstreams, .. } = publisher;
     let parsed = req
         .paths
         .iter()
@@ -62,8 +62,25 @@ pub async fn missing(
     for (p, ok) in parsed.iter().zip(present.iter_mut()) {
         *ok &= !doomed.contains(p.hash_part());
     }
-    let missing = req.paths.into_iter().zip(present).filter(|(_, ok)| !ok).map(|(p, _)| p).collect();
-    Ok(MissingResponse { missing })
+    let absent: Vec<usize> =
+        (0..count).filter(|&i| !present[i] && !doomed.contains(parsed[i].hash_part())).collect();
+    let mut upstream = vec![false; count];
+    let asked = upstreams.serving_each(absent.iter().map(|&i| parsed[i].clone()).collect()).await;
+    for (&i, found) in absent.iter().zip(asked) {
+        match found {
+            Ok(found) => upstream[i] = found.is_some(),
+            Err(e) => tracing::warn!(error = %e, path = %parsed[i], "counted as missing"),
+        }
+    }
+    let (mut missing, mut served) = (Vec::new(), Vec::new());
+    for ((path, here), upstream) in req.paths.into_iter().zip(present).zip(upstream) {
+        match (here, upstream) {
+            (true, _) => {}
+            (false, true) => served.push(path),
+            (false, false) => missing.push(path),
+        }
+    }
+    Ok(MissingResponse { missing, upstream: served })
 }
 
 /// A `Read` over chunks sent from the async side, for the decompressing verifier thread.
@@ -93,9 +110,7 @@ fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError>
 
 /// Handles `POST /api/v1/upload`.
 pub async fn upload<S, E>(
-    storage: &dyn Storage,
-    keys: &[SecretKey],
-    gc: &crate::gc::Guard,
+    publisher: Publisher<'_>,
     metrics: &Arc<Metrics>,
     body: S,
 ) -> Result<UploadResult, IngestError>
@@ -138,7 +153,8 @@ where
     }
     let ca = meta.ca.as_deref().map(ContentAddress::parse).transpose().map_err(|e| bad("ca", e))?;
     // A path this cache could not publish is refused before its bytes are read.
-    crate::ingest::check_references(storage, &store_path, &references).await?;
+    crate::ingest::check_references(publisher, &store_path, &references).await?;
+    let storage = publisher.storage;
 
     // Named by the NAR hash: known before the bytes arrive, and checked before commit. A NAR
     // stored under the name already is never replaced (narinfos point at it, with its size):
@@ -233,6 +249,6 @@ where
         ca,
         unknown: Vec::new(),
     };
-    let narinfo = crate::ingest::publish(storage, keys, gc, info).await?;
+    let narinfo = crate::ingest::publish(publisher, info).await?;
     Ok(UploadResult { narinfo, file_size })
 }

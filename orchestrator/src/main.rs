@@ -191,7 +191,7 @@ enum Command {
         /// compression time and ~150 MiB more memory.
         #[arg(long)]
         long_distance_matching: bool,
-        /// Print a JSON summary on stdout: {"uploaded", "already_present", "bytes", "seconds", …}.
+        /// Print a JSON summary on stdout: {"uploaded", "already_present", "from_upstream", "bytes", "seconds", …}.
         #[arg(long)]
         json: bool,
         /// Store paths or .drv files.
@@ -285,11 +285,14 @@ fn push(
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         eprintln!(
-            "uploaded {} paths ({:.1} MiB compressed from {:.1} MiB), {} already cached, in {:.1}s",
+            "uploaded {} paths ({:.1} MiB compressed from {:.1} MiB), {} already cached, {} served by an \
+             upstream ({:.1} MiB, not uploaded), in {:.1}s",
             summary.uploaded,
             summary.bytes as f64 / 1048576.0,
             summary.nar_bytes as f64 / 1048576.0,
             summary.already_present,
+            summary.from_upstream,
+            summary.upstream_nar_bytes as f64 / 1048576.0,
             summary.seconds
         );
     }

@@ -40,6 +40,9 @@ pub struct Options {
     pub config: Option<String>,
     /// Run it with this limit on open files (soft and hard, as `ulimit -n` sets them).
     pub open_files: Option<u64>,
+    /// The name of its signing key (default `fleetcache-test-1`); Nix keeps one trusted key per
+    /// name, so two caches a store trusts at once need two names.
+    pub key_name: Option<&'static str>,
 }
 
 impl CacheServer {
@@ -64,7 +67,7 @@ impl CacheServer {
     /// Starts a server with options.
     pub fn start_with(store: &str, opts: Options) -> Self {
         let dir = tempfile::Builder::new().prefix("fleetcache-cache-server-").tempdir().expect("tempdir");
-        let key = SecretKey::generate("fleetcache-test-1").expect("key");
+        let key = SecretKey::generate(opts.key_name.unwrap_or("fleetcache-test-1")).expect("key");
         let token = format!("tok-{}", std::process::id());
         std::fs::write(dir.path().join("signing.key"), key.to_nix_string()).expect("write key");
         std::fs::write(dir.path().join("upload-tokens"), format!("tester:{token}\n")).expect("write tokens");

@@ -27,6 +27,8 @@ pub struct AppState {
     pub admin_tokens: Option<TokenFile>,
     /// Keeps a garbage collection out of the way of uploads.
     pub gc: crate::gc::Guard,
+    /// Caches whose signed paths references may be in.
+    pub upstreams: crate::upstream::Upstreams,
     /// The `nix-cache-info` served.
     pub cache_info: String,
     /// Largest narinfo body accepted.
@@ -61,6 +63,16 @@ impl AppState {
     /// True if uploads are possible at all.
     pub fn writable(&self) -> bool {
         !self.signing_keys.is_empty() && self.upload_tokens.is_some()
+    }
+
+    /// What an upload publishes with.
+    pub fn publisher(&self) -> crate::ingest::Publisher<'_> {
+        crate::ingest::Publisher {
+            storage: self.storage.as_ref(),
+            keys: &self.signing_keys,
+            gc: &self.gc,
+            upstreams: &self.upstreams,
+        }
     }
 }
 
@@ -109,6 +121,10 @@ impl From<IngestError> for ApiError {
             // Not the upload's fault: what it refers to is not (or no longer) here.
             e @ (IngestError::MissingReferences(_) | IngestError::NarMissing(_)) => {
                 ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            IngestError::Upstream(e) => {
+                tracing::warn!(error = %e, "an upload waits for an upstream");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e}; retry later"))
             }
             e => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         }

@@ -90,7 +90,16 @@ async fn healthz() -> &'static str {
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
     // With read tokens, what the cache holds and serves is no anonymous visitor's business.
     check_read(&state, &headers)?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response())
+    let mut text = state.metrics.render();
+    if !state.upstreams.is_empty() {
+        use std::fmt::Write as _;
+        text.push_str(
+            "# HELP fleetcache_upstream_requests_total Narinfo requests made to upstream caches.\n",
+        );
+        text.push_str("# TYPE fleetcache_upstream_requests_total counter\n");
+        let _ = writeln!(text, "fleetcache_upstream_requests_total {}", state.upstreams.requests());
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 async fn cache_info(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {

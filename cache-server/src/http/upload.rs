@@ -96,9 +96,8 @@ pub(super) async fn put_top(
     let bytes = read_body(&s, &h, body, limit).await?;
     if let Some(hash) = file.strip_suffix(".narinfo") {
         let _verifying = s.verifications.acquire().await.expect("never closed");
-        let text = ingest::ingest_narinfo(s.storage.as_ref(), &s.signing_keys, &s.gc, hash, &bytes)
-            .await
-            .map_err(|e| count_failure(&s, e))?;
+        let text =
+            ingest::ingest_narinfo(s.publisher(), hash, &bytes).await.map_err(|e| count_failure(&s, e))?;
         s.narinfo_cache.insert(hash, text.into());
         tracing::info!(uploader = %who, %key, "published");
     } else {
@@ -144,9 +143,7 @@ pub(super) async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, 
     let who = check_upload(&s, &h)?;
     let _verifying = s.verifications.acquire().await.expect("never closed");
     let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
-    let result = native::upload(s.storage.as_ref(), &s.signing_keys, &s.gc, &s.metrics, body)
-        .await
-        .map_err(|e| count_failure(&s, e))?;
+    let result = native::upload(s.publisher(), &s.metrics, body).await.map_err(|e| count_failure(&s, e))?;
     tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
     Ok(json(&result))
 }
@@ -164,5 +161,5 @@ pub(super) async fn native_missing(State(s): State<Arc<AppState>>, h: HeaderMap,
             format!("at most {MAX_MISSING_PATHS} paths per request"),
         ));
     }
-    Ok(json(&native::missing(s.storage.as_ref(), &s.gc, req).await?))
+    Ok(json(&native::missing(s.publisher(), req).await?))
 }

@@ -36,6 +36,15 @@ in
     s3CredentialsFile = "/run/secrets/fleetcache-s3.env";
     signingKeyFiles = [ "/run/secrets/fleetcache-signing-key" ];
     uploadTokensFile = "/run/secrets/fleetcache-upload-tokens";
+    # What cache.nixos.org serves (glibc, the compilers, the CUDA runtime's dependencies) is not
+    # stored again: pushes skip it and the machines substitute it from there (the client module
+    # keeps cache.nixos.org among their substituters).
+    settings.upstream = [
+      {
+        url = "https://cache.nixos.org";
+        public-keys = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      }
+    ];
   };
 
   services.fleetcache.orchestrator = {
