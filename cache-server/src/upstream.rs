@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use nix_formats::{NarInfo, PublicKey, StorePath};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// How long a narinfo an upstream served is taken as there.
@@ -34,7 +34,7 @@ const IN_FLIGHT: usize = 32;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One upstream cache, as configured.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UpstreamConfig {
     /// Its base URL (`https://cache.nixos.org`).

@@ -121,6 +121,7 @@ impl CacheTarget {
         let server_config = cache_server::config::Config {
             store: store.clone(),
             signing_key_files,
+            upstream: config.upstream.clone(),
             ..cache_server::config::Config::default()
         };
         let mut state = cache_server::setup(&server_config).await?;

@@ -132,6 +132,11 @@ pub struct CacheConfig {
     /// it (`signing-key.pub`).
     #[serde(default)]
     pub signing_key_files: Vec<PathBuf>,
+    /// Upstream caches of the embedded cache (`[[cache.upstream]]` tables of `url` and
+    /// `public-keys`, as cache-server's `[[upstream]]`): pushes skip what they serve. A remote
+    /// cache-server has its own. Default none.
+    #[serde(default)]
+    pub upstream: Vec<cache_server::upstream::UpstreamConfig>,
 }
 
 /// Build settings for this machine.
@@ -335,15 +340,20 @@ impl Config {
         match (&self.cache.url, &self.cache.token_file) {
             (Some(_), None) => return Err("cache.url needs cache.token-file (an upload token)".to_owned()),
             (None, Some(_)) => return Err("cache.token-file is set but cache.url is not".to_owned()),
-            (Some(_), Some(_)) if self.cache.store.is_some() || !self.cache.signing_key_files.is_empty() => {
+            (Some(_), Some(_))
+                if self.cache.store.is_some()
+                    || !self.cache.signing_key_files.is_empty()
+                    || !self.cache.upstream.is_empty() =>
+            {
                 return Err(
-                    "cache.url (a remote cache-server) excludes cache.store and cache.signing-key-files: \
-                     the server holds the store and the keys"
+                    "cache.url (a remote cache-server) excludes cache.store, cache.signing-key-files and \
+                     cache.upstream: the server holds the store, the keys and its upstreams"
                         .to_owned(),
                 );
             }
             _ => {}
         }
+        cache_server::upstream::check(&self.cache.upstream).map_err(|e| format!("cache.{e}"))?;
         if self.cache.admin_token_file.is_some() && self.cache.url.is_none() {
             return Err("cache.admin-token-file is set but cache.url is not".to_owned());
         }
@@ -497,6 +507,12 @@ mod tests {
                 .contains("excludes")
         );
         assert!(bad("[cache]\nstore = \"ftp://x\"").contains("invalid store URL"));
+        let upstream = "[[cache.upstream]]\nurl = \"https://u\"\npublic-keys = [\"u-1:bad\"]\n";
+        assert!(bad(upstream).contains("cache.upstream https://u: public key"), "{}", bad(upstream));
+        let remote = "[cache]\nurl = \"http://c\"\ntoken-file = \"t\"\n";
+        let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+        let both = format!("{remote}[[cache.upstream]]\nurl = \"https://u\"\npublic-keys = [\"{key}\"]\n");
+        assert!(bad(&both).contains("its upstreams"), "{}", bad(&both));
         let variant = |attr: &str| format!("[[variant]]\nname = \"x\"\nattr = '{attr}'\n");
         assert!(bad(&variant("a..b")).contains("empty component"));
         assert!(bad(&variant("a.\"b")).contains("unterminated quote"));
