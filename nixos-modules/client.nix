@@ -82,6 +82,19 @@ in
       description = "Whether to put the chosen llama.cpp build into `environment.systemPackages`.";
     };
 
+    netrcFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/secrets/fleetcache-netrc";
+      description = ''
+        A netrc file with a read token of the cache, for a cache-server with `readTokensFile`
+        (private caches): `machine cache.example.org login <name> password <token>`, one line
+        per host. Handed to Nix as `netrc-file` (the Nix daemon reads it as root; keep it
+        readable by root only). A path outside the Nix store (agenix, sops-nix), never a
+        file in it: every user can read the store.
+      '';
+    };
+
     negativeTtl = lib.mkOption {
       type = lib.types.ints.unsigned;
       default = 60;
@@ -95,6 +108,10 @@ in
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion = cfg.netrcFile == null || !(lib.hasPrefix builtins.storeDir (toString cfg.netrcFile));
+        message = "services.fleetcache.client.netrcFile = ${toString cfg.netrcFile} is in the Nix store, where every user can read it: give a path outside the store (e.g. from agenix or sops-nix).";
+      }
       {
         assertion = cfg.publicKeys != [ ];
         message = "services.fleetcache.client.publicKeys is empty: without the cache's public key Nix ignores everything it serves. Add the key `orchestrator keygen` printed.";
@@ -132,7 +149,8 @@ in
       substituters = [ cfg.url ];
       trusted-public-keys = cfg.publicKeys;
       narinfo-cache-negative-ttl = cfg.negativeTtl;
-    };
+    }
+    // lib.optionalAttrs (cfg.netrcFile != null) { netrc-file = toString cfg.netrcFile; };
 
     environment.systemPackages = lib.mkIf cfg.installPackage [ cfg.package ];
   };

@@ -545,3 +545,73 @@ fn every_option_has_a_type_and_a_description() {
         options.iter().filter(|o| o["typed"] != json!(true) || o["described"] != json!(true)).collect();
     assert!(lacking.is_empty(), "options without a type or description: {lacking:?}");
 }
+
+/// A private cache (read tokens) used through `services.fleetcache.client.netrcFile`: the
+/// nix.conf the module renders, and nothing else, lets the real `nix copy --from` read it.
+#[test]
+fn a_private_cache_is_read_through_the_client_modules_netrc_file() {
+    use fleetcache_tests::cache_server::{CacheServer, Options};
+    use fleetcache_tests::nix::{self, TempStore};
+
+    let (_cache_dir, server) = CacheServer::start_local_with(Options {
+        read_token: Some("reader-secret".to_owned()),
+        ..Options::default()
+    });
+    let top = nix::build_closure(&format!("netrc-{}", std::process::id()), 1, 0);
+    let token_file = server.dir().join("push-token");
+    std::fs::write(&token_file, &server.token).unwrap();
+    nix::run(
+        Command::new(fleetcache_tests::bin("orchestrator"))
+            .env("NIX_CONFIG", nix::NIX_CONFIG)
+            .args(["push", "--cache", &server.url, "--token-file"])
+            .arg(&token_file)
+            .arg(top.to_absolute()),
+    );
+
+    let secrets = tempfile::tempdir().unwrap();
+    let netrc = secrets.path().join("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login reader password reader-secret\n").unwrap();
+    let bench = Bench::new();
+    let conf_of = |client: &str| -> String {
+        let v = bench.eval(&format!(
+            "let m = t.machine [ t.modules.client {{ services.fleetcache.client = {{ enable = true; \
+             url = {url:?}; publicKeys = [ {key:?} ]; installPackage = false; {client} }}; }} ]; in \
+             {{ failed = m.failedAssertions; conf = m.nixConf; }}",
+            url = server.url,
+            key = server.public_key,
+        ));
+        assert_eq!(v["failed"], json!([]), "{v}");
+        v["conf"].as_str().unwrap().to_owned()
+    };
+    let copy_with = |conf: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nix.conf"), conf).unwrap();
+        let store = TempStore::new();
+        let out = Command::new("nix")
+            .args(["copy", "--from", &server.url, "--to", &store.url(), &top.to_absolute()])
+            .env("NIX_CONF_DIR", dir.path())
+            .env("NIX_CONFIG", "experimental-features = nix-command\nbuild-users-group =\n")
+            .output()
+            .unwrap();
+        (out.status.success() && store.has(&top), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let with = conf_of(&format!("netrcFile = {:?};", netrc.display().to_string()));
+    assert!(with.contains(&format!("netrc-file = {}\n", netrc.display())), "{with}");
+    let (copied, stderr) = copy_with(&with);
+    assert!(copied, "with the module's netrc-file the private cache is readable: {stderr}");
+    let (copied, stderr) = copy_with(&conf_of(""));
+    assert!(!copied, "without it the cache refuses: {stderr}");
+
+    let v = bench.eval(&format!(
+        "({}).failedAssertions",
+        client_machine("netrcFile = \"/nix/store/00000000000000000000000000000000-netrc\";", "")
+    ));
+    let messages: Vec<String> = serde_json::from_value(v).unwrap();
+    assert!(
+        messages.len() == 1
+            && messages[0].contains("netrcFile")
+            && messages[0].contains("is in the Nix store"),
+        "{messages:?}"
+    );
+}
