@@ -25,6 +25,16 @@ pub const MISSING: &str = "/api/v1/missing";
 /// out.
 pub const GC: &str = "/api/v1/gc";
 
+/// The route of the cache's public keys (`GET`, readers): a [`CacheKeys`].
+pub const KEYS: &str = "/api/v1/keys";
+
+/// The public halves of the keys that sign the cache's narinfos, in Nix's `name:base64` form.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheKeys {
+    /// Every signing key's public half.
+    pub public_keys: Vec<String>,
+}
+
 /// Longest metadata line accepted.
 pub const MAX_META_BYTES: usize = 4 * 1024 * 1024;
 

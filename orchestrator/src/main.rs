@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod collect;
 mod commands;
+mod pushing;
 
 /// fleetcache orchestrator: builds a NixOS fleet's hardware variants and publishes them to its
 /// binary cache.
@@ -170,6 +171,37 @@ enum Command {
         #[arg(long, env = "FLEETCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Use a fleetcache cache from this machine's Nix (a laptop, a CI runner; on NixOS use
+    /// services.fleetcache.client).
+    ///
+    /// Adds the cache to nix.conf's extra-substituters, its keys to extra-trusted-public-keys
+    /// and, with --token-file, the read token to the netrc file nix.conf names (netrc beside
+    /// nix.conf unless one is named): only what is missing, so running it again changes nothing.
+    Use {
+        /// The cache, e.g. `https://cache.example.org`.
+        url: String,
+        /// The cache's public key (repeatable). Default: the keys the cache announces, trusted
+        /// on first use (the command says so).
+        #[arg(long = "public-key", value_name = "KEY")]
+        public_keys: Vec<String>,
+        /// File holding a read token, for a cache-server with read tokens.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Change the system's nix.conf ($NIX_CONF_DIR/nix.conf, else /etc/nix/nix.conf): the
+        /// default for root.
+        #[arg(long, conflicts_with_all = ["user", "nix_conf"])]
+        system: bool,
+        /// Change the user's nix.conf ($XDG_CONFIG_HOME/nix/nix.conf, else
+        /// ~/.config/nix/nix.conf): the default for anyone but root.
+        #[arg(long, conflicts_with = "nix_conf")]
+        user: bool,
+        /// Change this nix.conf.
+        #[arg(long)]
+        nix_conf: Option<PathBuf>,
+        /// Print what would change and the new nix.conf; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Push the closures of store paths (or of the outputs of .drv files) to a cache-server.
     ///
     /// Asks the cache once which paths it lacks and uploads only those, each verified and
@@ -194,8 +226,29 @@ enum Command {
         /// Print a JSON summary on stdout: {"uploaded", "already_present", "from_upstream", "bytes", "seconds", …}.
         #[arg(long)]
         json: bool,
+        /// Push what `orchestrator hook` queued in this directory (then remove it), instead of
+        /// PATHS; with --watch, keep doing so (a service).
+        #[arg(long, value_name = "DIR", conflicts_with = "paths")]
+        from_queue: Option<PathBuf>,
+        /// With --from-queue: wait for more, pushing each batch as it comes; a failed batch stays
+        /// queued and is retried (with backoff, and at the next start).
+        #[arg(long, requires = "from_queue")]
+        watch: bool,
         /// Store paths or .drv files.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "from_queue")]
+        paths: Vec<String>,
+    },
+    /// Nix's post-build-hook: queue the built paths ($OUT_PATHS, or PATHS) for `orchestrator
+    /// push --from-queue` and return at once.
+    ///
+    /// In nix.conf: `post-build-hook = /path/to/script` running `exec orchestrator hook`. The
+    /// hook never talks to the cache, so a build never waits for or fails by an upload.
+    Hook {
+        /// The queue directory (default: /var/lib/fleetcache-push/queue for root, else
+        /// $XDG_STATE_HOME/fleetcache/push-queue).
+        #[arg(long, value_name = "DIR")]
+        queue: Option<PathBuf>,
+        /// Store paths (default: $OUT_PATHS, which Nix sets for the hook).
         paths: Vec<String>,
     },
 }
@@ -247,62 +300,6 @@ impl<E: std::error::Error> From<E> for CliError {
         }
         CliError::Error(text)
     }
-}
-
-fn push(
-    cache: &str,
-    token_file: &std::path::Path,
-    opts: &builder::push::PushOptions,
-    json: bool,
-    paths: &[String],
-) -> Result<(), CliError> {
-    use builder::push::push;
-    use nix_formats::StorePath;
-    use std::io::IsTerminal as _;
-    use std::sync::Arc;
-
-    let token = commands::read_token(token_file)?;
-    let mut roots = Vec::new();
-    for p in paths {
-        let resolved =
-            std::fs::canonicalize(p).map(|r| r.display().to_string()).unwrap_or_else(|_| p.clone());
-        let path = StorePath::from_absolute(&resolved).map_err(|e| CliError::Error(format!("{p}: {e}")))?;
-        if path.is_derivation() {
-            roots.extend(builder::nix::derivation_outputs(&path)?);
-        } else {
-            roots.push(path);
-        }
-    }
-    let client = builder::client::CacheClient::new(cache, &token)?;
-    let progress: Arc<dyn builder::push::Progress> = if std::io::stderr().is_terminal() {
-        Arc::new(builder::progress::Bars::new())
-    } else {
-        Arc::new(builder::progress::Lines::default())
-    };
-    let rt = tokio::runtime::Runtime::new()?;
-    let summary = rt.block_on(push(&client, &roots, opts, progress))?;
-    if json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        eprintln!(
-            "uploaded {} paths ({:.1} MiB compressed from {:.1} MiB), {} already cached, {} served by an \
-             upstream ({:.1} MiB, not uploaded), in {:.1}s",
-            summary.uploaded,
-            summary.bytes as f64 / 1048576.0,
-            summary.nar_bytes as f64 / 1048576.0,
-            summary.already_present,
-            summary.from_upstream,
-            summary.upstream_nar_bytes as f64 / 1048576.0,
-            summary.seconds
-        );
-    }
-    if summary.failed.is_empty() {
-        return Ok(());
-    }
-    for f in &summary.failed {
-        eprintln!("error: {}: {}", f.path, f.reason);
-    }
-    Err(CliError::Failed)
 }
 
 fn main() -> ExitCode {
@@ -379,7 +376,32 @@ fn main() -> ExitCode {
         Command::Unpin { rev, common } => {
             collect::pin(common.config.as_deref(), common.state_dir, &rev, false)
         }
-        Command::Push { cache, token_file, jobs, zstd_level, long_distance_matching, json, paths } => {
+        Command::Use { url, public_keys, token_file, system, user, nix_conf, dry_run } => {
+            let (nix_conf, system) = orchestrator::use_cache::target(nix_conf, system, user);
+            match token_file.as_deref().map(commands::read_token).transpose() {
+                Err(e) => Err(e),
+                Ok(token) => orchestrator::use_cache::run(orchestrator::use_cache::Args {
+                    url,
+                    public_keys,
+                    token,
+                    nix_conf,
+                    system,
+                    dry_run,
+                })
+                .map_err(CliError::from),
+            }
+        }
+        Command::Push {
+            cache,
+            token_file,
+            jobs,
+            zstd_level,
+            long_distance_matching,
+            json,
+            from_queue,
+            watch,
+            paths,
+        } => {
             let defaults = builder::push::PushOptions::default();
             let opts = builder::push::PushOptions {
                 jobs: jobs.unwrap_or(defaults.jobs),
@@ -387,8 +409,12 @@ fn main() -> ExitCode {
                 long_distance_matching,
                 ..defaults
             };
-            push(&cache, &token_file, &opts, json, &paths)
+            match from_queue {
+                Some(queue) => pushing::from_queue(&cache, &token_file, &opts, &queue, watch),
+                None => pushing::push(&cache, &token_file, &opts, json, &paths),
+            }
         }
+        Command::Hook { queue, paths } => pushing::hook(queue, paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

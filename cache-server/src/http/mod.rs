@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(cache_protocol::UPLOAD, post(native_upload))
         .route(cache_protocol::MISSING, post(native_missing))
         .route(cache_protocol::GC, post(gc::collect))
+        .route(cache_protocol::KEYS, get(keys))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -56,6 +57,7 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         Some("/api/v1/upload") => "api-upload",
         Some("/api/v1/missing") => "api-missing",
         Some("/api/v1/gc") => "api-gc",
+        Some("/api/v1/keys") => "api-keys",
         Some("/{file}") if req.uri().path().ends_with(".ls") => "ls",
         Some("/{file}") => "narinfo",
         _ => "other",
@@ -100,6 +102,14 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiR
         let _ = writeln!(text, "fleetcache_upstream_requests_total {}", state.upstreams.requests());
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// The public halves of the signing keys, for `orchestrator use`: not secret, so whoever may
+/// read may know them (trusting them is the user's choice).
+async fn keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    check_read(&state, &headers)?;
+    let public_keys = state.signing_keys.iter().map(|k| k.public_key().to_string()).collect();
+    Ok(app::json(&cache_protocol::CacheKeys { public_keys }))
 }
 
 async fn cache_info(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
