@@ -98,7 +98,18 @@
         client = {
           key = "fleetcache#nixosModules.client";
           _file = "${toString ./flake.nix}#nixosModules.client";
-          imports = [ ./nixos-modules/client.nix ];
+          imports = [
+            ./nixos-modules/client.nix
+            (
+              { pkgs, ... }:
+              {
+                # What push.enable uploads with.
+                services.fleetcache.client.push.package =
+                  lib.mkDefault
+                    self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+              }
+            )
+          ];
           nixpkgs.overlays = [ self.overlays.default ];
         };
         cache-server = service "cache-server" ./nixos-modules/cache-server.nix;

@@ -9,6 +9,14 @@
 }:
 let
   cfg = config.services.fleetcache.client;
+  common = import ./common.nix { inherit lib pkgs; };
+  pushUnit = "fleetcache-push";
+  # Written by the hook (which Nix runs as root), read and emptied by the pusher.
+  queue = "/var/lib/${pushUnit}/queue";
+  orchestratorExe = "${cfg.push.package}/bin/orchestrator";
+  hook = pkgs.writeShellScript "fleetcache-post-build-hook" ''
+    exec ${orchestratorExe} hook --queue ${queue}
+  '';
   attrFor = {
     cpu = "llama-cpp";
     cuda = "llama-cpp-cuda";
@@ -95,6 +103,31 @@ in
       '';
     };
 
+    push = {
+      enable = lib.mkEnableOption ''
+        pushing what this machine builds to the cache: Nix's post-build-hook queues each
+        built path (and returns at once: a build never waits for or fails by an upload) and the
+        `fleetcache-push` service uploads the queue, keeping what could not be uploaded for
+        its next try'';
+
+      url = lib.mkOption {
+        type = lib.types.str;
+        default = cfg.url;
+        defaultText = lib.literalExpression "config.services.fleetcache.client.url";
+        description = "The cache-server to upload to (its upload endpoint, if it differs from the substituter URL).";
+      };
+
+      tokenFile = common.secretFileOption {
+        description = "A file holding an upload token of the cache-server (a token of its `upload-tokens-file`).";
+        example = "/run/secrets/fleetcache-upload-token";
+      };
+
+      package = lib.mkOption {
+        type = lib.types.package;
+        description = "fleetcache's package (its `orchestrator` uploads); the flake's `nixosModules.client` sets it.";
+      };
+    };
+
     negativeTtl = lib.mkOption {
       type = lib.types.ints.unsigned;
       default = 60;
@@ -112,6 +145,15 @@ in
         assertion = cfg.netrcFile == null || !(lib.hasPrefix builtins.storeDir (toString cfg.netrcFile));
         message = "services.fleetcache.client.netrcFile = ${toString cfg.netrcFile} is in the Nix store, where every user can read it: give a path outside the store (e.g. from agenix or sops-nix).";
       }
+      {
+        assertion = !cfg.push.enable || cfg.push.tokenFile != null;
+        message = "services.fleetcache.client.push.enable needs push.tokenFile: a file with an upload token of the cache-server.";
+      }
+    ]
+    ++ common.secretsOutsideStore "services.fleetcache.client" (
+      common.secretsOf cfg { upload-token = "push.tokenFile"; }
+    )
+    ++ [
       {
         assertion = cfg.publicKeys != [ ];
         message = "services.fleetcache.client.publicKeys is empty: without the cache's public key Nix ignores everything it serves. Add the key `orchestrator keygen` printed.";
@@ -150,7 +192,26 @@ in
       trusted-public-keys = cfg.publicKeys;
       narinfo-cache-negative-ttl = cfg.negativeTtl;
     }
-    // lib.optionalAttrs (cfg.netrcFile != null) { netrc-file = toString cfg.netrcFile; };
+    // lib.optionalAttrs (cfg.netrcFile != null) { netrc-file = toString cfg.netrcFile; }
+    // lib.optionalAttrs cfg.push.enable { post-build-hook = toString hook; };
+
+    systemd.services.${pushUnit} = lib.mkIf cfg.push.enable {
+      description = "fleetcache: push what this machine builds to the cache";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [
+        "network-online.target"
+        "nix-daemon.service"
+      ];
+      path = [ config.nix.package ];
+      serviceConfig = removeAttrs common.hardening [ "PrivateUsers" ] // {
+        ExecStart = "${orchestratorExe} push --cache ${cfg.push.url} --token-file ${common.credentialPath pushUnit "upload-token"} --from-queue ${queue} --watch";
+        LoadCredential = [ "upload-token:${toString cfg.push.tokenFile}" ];
+        StateDirectory = pushUnit;
+        Restart = "always";
+        RestartSec = 10;
+      };
+    };
 
     environment.systemPackages = lib.mkIf cfg.installPackage [ cfg.package ];
   };

@@ -615,3 +615,56 @@ fn a_private_cache_is_read_through_the_client_modules_netrc_file() {
         "{messages:?}"
     );
 }
+
+/// `push.enable`: nix.conf gets a post-build-hook that only queues, and a service uploads the
+/// queue with the upload token as a credential.
+#[test]
+fn the_client_module_pushes_what_the_machine_builds() {
+    let bench = Bench::new();
+    let v = bench.eval(&format!(
+        "let m = {}; hook = m.config.nix.settings.post-build-hook; s = m.config.systemd.services.fleetcache-push; in {{
+           failed = m.failedAssertions;
+           inherit hook;
+           hookText = builtins.readFile hook;
+           exec = s.serviceConfig.ExecStart;
+           credentials = s.serviceConfig.LoadCredential;
+           conf = m.nixConf;
+         }}",
+        client_machine(
+            "push = { enable = true; tokenFile = \"/run/secrets/upload-token\"; };",
+            ""
+        )
+    ));
+    assert_eq!(v["failed"], json!([]), "{v}");
+    let hook = v["hook"].as_str().unwrap();
+    assert!(v["conf"].as_str().unwrap().contains(&format!("post-build-hook = {hook}\n")), "{v}");
+    let text = v["hookText"].as_str().unwrap();
+    assert!(text.contains("/bin/orchestrator hook --queue /var/lib/fleetcache-push/queue"), "{text}");
+    let exec = v["exec"].as_str().unwrap();
+    for needle in [
+        "/bin/orchestrator push --cache https://cache.example.org",
+        "--token-file /run/credentials/fleetcache-push.service/upload-token",
+        "--from-queue /var/lib/fleetcache-push/queue --watch",
+    ] {
+        assert!(exec.contains(needle), "{needle} in {exec}");
+    }
+    assert_eq!(v["credentials"], json!(["upload-token:/run/secrets/upload-token"]));
+
+    let failed = |client: &str| -> Vec<String> { failed(&bench, client, "") };
+    let missing = failed("push.enable = true;");
+    assert!(missing.iter().any(|m| m.contains("push.tokenFile")), "{missing:?}");
+    let in_store =
+        failed("push = { enable = true; tokenFile = \"/nix/store/00000000000000000000000000000000-t\"; };");
+    assert!(
+        in_store
+            .iter()
+            .any(|m| m.contains("services.fleetcache.client.push.tokenFile") && m.contains("Nix store")),
+        "{in_store:?}"
+    );
+    // Off by default: no hook, no service.
+    let v = bench.eval(&format!(
+        "let m = {}; in [ (m.config.nix.settings ? post-build-hook) (m.config.systemd.services ? fleetcache-push) ]",
+        client_machine("", "")
+    ));
+    assert_eq!(v, json!([false, false]));
+}
