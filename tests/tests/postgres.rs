@@ -79,3 +79,49 @@ async fn claims_from_several_replicas_never_hand_out_a_job_twice() {
     let report = replicas[0].report(5).await.unwrap();
     assert!(report.is_empty(), "no revisions were recorded");
 }
+
+/// Pins and the roots of a collection on PostgreSQL: prefixes (LIKE), branch names, the
+/// newest revisions and the pinned ones, as the SQLite unit test checks them.
+#[tokio::test]
+async fn pins_and_collection_roots_work_on_postgresql() {
+    use orchestrator::outcome::{Status, VariantResult};
+    use orchestrator::state::{KeptFor, PinError};
+
+    let pg = Postgres::start();
+    let s = State::connect(&pg.url()).await.expect("connect");
+    for (i, rev) in ["aaaaaaaa11", "bbbbbbbb22", "cccccccc33", "dddddddd44"].iter().enumerate() {
+        let requested = if i == 3 { "main" } else { rev };
+        let id = s.record_revision("/srv/fleet", rev, requested, &[]).await.unwrap();
+        let result = VariantResult {
+            variant: "cpu".into(),
+            system: "x86_64-linux".into(),
+            attr: "a".into(),
+            drv_path: None,
+            out_paths: vec![format!("/nix/store/{i}")],
+            machines: vec![],
+            status: Status::Built,
+            seconds: 1.0,
+            error: None,
+            verification: None,
+        };
+        s.record_variant(id, &result, "built").await.unwrap();
+    }
+    assert_eq!(s.pin("aaaaaaa").await.unwrap(), "aaaaaaaa11");
+    assert_eq!(s.pin("aaaaaaa").await.unwrap(), "aaaaaaaa11", "pinning twice is one pin");
+    assert!(matches!(s.pin("eeeeeeee").await, Err(PinError::Unknown(_))));
+    assert_eq!(s.pin("main").await.unwrap(), "dddddddd44");
+    assert_eq!(s.unpin("main").await.unwrap(), ("dddddddd44".to_owned(), true));
+    let roots = s.gc_roots(2, 0).await.unwrap();
+    let revs: Vec<(&str, &[KeptFor])> =
+        roots.revisions.iter().map(|r| (r.rev.as_str(), r.kept_for.as_slice())).collect();
+    assert_eq!(
+        revs,
+        [
+            ("dddddddd44", &[KeptFor::Newest][..]),
+            ("cccccccc33", &[KeptFor::Newest][..]),
+            ("aaaaaaaa11", &[KeptFor::Pinned][..])
+        ]
+    );
+    assert_eq!(roots.paths, ["/nix/store/3", "/nix/store/2", "/nix/store/0"]);
+    assert_eq!(roots.dropped, 1);
+}
