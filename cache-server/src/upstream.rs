@@ -7,7 +7,8 @@
 //! the upstream and the rest from here. What was found is remembered for [`FOUND_FOR`], what
 //! no upstream has for [`ABSENT_FOR`]; an upstream that cannot be asked is never trusted: an
 //! upload that needs it is refused with the upstream's name, and "which are missing?" counts
-//! the path as missing (it is uploaded here instead).
+//! the path as missing (it is uploaded here instead). After a failed request an upstream is
+//! not asked for [`DOWN_FOR`], so a large batch fails fast instead of timing out path by path.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,8 +31,9 @@ const MEMORY: usize = 1 << 20;
 /// Upstream requests in flight for one batch.
 const IN_FLIGHT: usize = 32;
 
-/// How long one narinfo request to an upstream may take.
+/// How long one narinfo request to an upstream may take, and its connection.
 const TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One upstream cache, as configured.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -75,7 +77,25 @@ pub struct UpstreamDown {
 struct Upstream {
     url: String,
     keys: Vec<PublicKey>,
+    /// Set when a request failed: until then the upstream is not asked again, every question
+    /// for it failing at once with this reason (a batch of thousands of paths does not wait
+    /// for thousands of timeouts).
+    down: Mutex<Option<(Instant, String)>>,
 }
+
+impl Upstream {
+    fn down_reason(&self) -> Option<String> {
+        let down = self.down.lock().expect("not poisoned");
+        down.as_ref().filter(|(until, _)| Instant::now() < *until).map(|(_, why)| why.clone())
+    }
+
+    fn mark_down(&self, why: &str) {
+        *self.down.lock().expect("not poisoned") = Some((Instant::now() + DOWN_FOR, why.to_owned()));
+    }
+}
+
+/// How long an upstream that failed a request is taken as down.
+pub const DOWN_FOR: Duration = Duration::from_secs(15);
 
 /// Checks upstream settings (URLs and keys) without making a client: `--check-config`.
 pub fn check(config: &[UpstreamConfig]) -> Result<(), UpstreamConfigError> {
@@ -97,7 +117,7 @@ fn parse(config: &[UpstreamConfig]) -> Result<Vec<Upstream>, UpstreamConfigError
             .iter()
             .map(|k| PublicKey::parse(k).map_err(|e| key_error(format!("public key {k:?}: {e}"))))
             .collect::<Result<_, _>>()?;
-        list.push(Upstream { url: c.url.trim_end_matches('/').to_owned(), keys });
+        list.push(Upstream { url: c.url.trim_end_matches('/').to_owned(), keys, down: Mutex::default() });
     }
     Ok(list)
 }
@@ -122,6 +142,7 @@ impl Upstreams {
     pub fn new(config: &[UpstreamConfig]) -> Result<Self, UpstreamConfigError> {
         let list = parse(config)?;
         let http = cache_protocol::http::client_builder()?
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(TIMEOUT)
             .build()
             .map_err(cache_protocol::http::HttpError::Build)?;
@@ -196,6 +217,17 @@ impl Upstreams {
     /// Whether `upstream` serves a narinfo for `path` signed by one of its keys. A narinfo that
     /// is unsigned, signed by another key or about another path counts as not served.
     async fn ask(&self, upstream: &Upstream, path: &StorePath) -> Result<bool, String> {
+        if let Some(why) = upstream.down_reason() {
+            return Err(why);
+        }
+        let asked = self.ask_now(upstream, path).await;
+        if let Err(why) = &asked {
+            upstream.mark_down(why);
+        }
+        asked
+    }
+
+    async fn ask_now(&self, upstream: &Upstream, path: &StorePath) -> Result<bool, String> {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let url = format!("{}/{}.narinfo", upstream.url, path.hash_part());
         let response = self.http.get(&url).send().await.map_err(|e| cache_protocol::http::describe(&e))?;
@@ -253,5 +285,19 @@ mod tests {
             toml::from_str::<crate::config::Config>("[[upstream]]\nurl = \"https://x\"\nkeys = []\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_upstream_that_failed_is_not_asked_again_for_a_while() {
+        // Nothing listens on a port just bound and closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let upstreams = Upstreams::new(&one(&format!("http://127.0.0.1:{port}"), &[NIXOS])).unwrap();
+        let paths: Vec<StorePath> =
+            (0..500).map(|i| StorePath::from_absolute(&format!("/nix/store/{i:032}-p")).unwrap()).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let answers = rt.block_on(upstreams.serving_each(paths));
+        assert!(answers.iter().all(|a| a.as_ref().is_err_and(|e| e.url.contains(&port.to_string()))));
+        // The first wave of requests finds it down; the rest of the batch is not sent.
+        assert!(upstreams.requests() <= IN_FLIGHT as u64, "{} requests", upstreams.requests());
     }
 }
