@@ -92,6 +92,15 @@ pub struct Config {
     /// Seconds an upload's body may send nothing before it is cut. Default 60.
     #[serde(default = "default_body_idle_timeout")]
     pub body_idle_timeout_seconds: u64,
+    /// Seconds between two listings of the store for the in-memory narinfo index, which
+    /// answers misses without a storage request (0: no index, every miss asks storage).
+    /// Uploads through this server are in it at once; replicas on one store see each other's
+    /// within this bound, as do writers beside the server (`nix copy --to file://…`, an
+    /// orchestrator's embedded cache). Each listing reads every key of the store (on S3, one
+    /// request per 1000 objects: raise it for a bucket of millions). Default 60, the negative
+    /// TTL the client module gives Nix.
+    #[serde(default = "default_index_refresh")]
+    pub index_refresh_seconds: u64,
     /// Binary caches whose paths this cache need not hold (`[[upstream]]` tables of `url` and
     /// `public-keys`): a reference is satisfied by a narinfo an upstream serves signed by one
     /// of its keys, and pushes skip such paths. Default none: every reference must be here.
@@ -110,6 +119,9 @@ fn default_priority() -> u32 {
 }
 fn default_narinfo_cache_seconds() -> u64 {
     30
+}
+fn default_index_refresh() -> u64 {
+    60
 }
 fn default_max_narinfo_bytes() -> usize {
     1024 * 1024

@@ -38,6 +38,8 @@ pub struct Publisher<'a> {
     pub gc: &'a Guard,
     /// Caches whose signed paths count as present.
     pub upstreams: &'a Upstreams,
+    /// Told of every publication.
+    pub index: &'a crate::index::NarinfoIndex,
 }
 
 /// Why an upload was refused. Every variant but `Storage` is the client's fault.
@@ -336,6 +338,8 @@ pub(crate) async fn publish(publisher: Publisher<'_>, info: NarInfo) -> Result<S
         info.sign(key);
     }
     let text = info.to_string();
+    // Before the write: no reader is told "not here" once it is written.
+    publisher.index.insert(info.store_path.hash_part());
     put_bytes(storage, &narinfo_key, Bytes::from(text.clone())).await?;
     drop(publishing);
     Ok(text)

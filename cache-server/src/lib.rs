@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod gc;
 pub mod http;
+pub mod index;
 pub mod ingest;
 pub mod listener;
 pub mod metrics;
@@ -103,6 +104,9 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         admin_tokens,
         gc: gc::Guard::default(),
         upstreams: upstream::Upstreams::new(&config.upstream)?,
+        index: index::NarinfoIndex::default(),
+        index_refresh: (config.index_refresh_seconds > 0)
+            .then(|| Duration::from_secs(config.index_refresh_seconds)),
         cache_info: cache_info.to_string(),
         max_narinfo_bytes: config.max_narinfo_bytes,
         narinfo_cache: NarinfoCache::new(
@@ -143,5 +147,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = state.limits.clone();
-    listener::serve(listener, http::router(Arc::new(state)), limits, shutdown).await
+    let state = Arc::new(state);
+    let loader = state.index_refresh.map(|every| {
+        let state = state.clone();
+        tokio::spawn(async move { state.index.keep_loaded(state.storage.as_ref(), every).await })
+    });
+    let served = listener::serve(listener, http::router(state), limits, shutdown).await;
+    if let Some(loader) = loader {
+        loader.abort();
+    }
+    served
 }

@@ -29,6 +29,10 @@ pub struct AppState {
     pub gc: crate::gc::Guard,
     /// Caches whose signed paths references may be in.
     pub upstreams: crate::upstream::Upstreams,
+    /// What narinfos the store holds, for misses without a storage request.
+    pub index: crate::index::NarinfoIndex,
+    /// How often the index is listed again; `None`: no index.
+    pub index_refresh: Option<std::time::Duration>,
     /// The `nix-cache-info` served.
     pub cache_info: String,
     /// Largest narinfo body accepted.
@@ -72,6 +76,7 @@ impl AppState {
             keys: &self.signing_keys,
             gc: &self.gc,
             upstreams: &self.upstreams,
+            index: &self.index,
         }
     }
 }

@@ -93,6 +93,15 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiR
     // With read tokens, what the cache holds and serves is no anonymous visitor's business.
     check_read(&state, &headers)?;
     let mut text = state.metrics.render();
+    if let Some((paths, age)) = state.index.status() {
+        use std::fmt::Write as _;
+        text.push_str("# HELP fleetcache_index_paths Narinfos in the in-memory index at its last listing.\n");
+        text.push_str("# TYPE fleetcache_index_paths gauge\n");
+        let _ = writeln!(text, "fleetcache_index_paths {paths}");
+        text.push_str("# HELP fleetcache_index_age_seconds Seconds since the index was last listed.\n");
+        text.push_str("# TYPE fleetcache_index_age_seconds gauge\n");
+        let _ = writeln!(text, "fleetcache_index_age_seconds {age:.1}");
+    }
     if !state.upstreams.is_empty() {
         use std::fmt::Write as _;
         text.push_str(

@@ -29,8 +29,12 @@ pub(super) async fn top(
     }
 }
 
-/// Serves a narinfo, from memory when it was read or published moments ago.
+/// Serves a narinfo, from memory when it was read or published moments ago; a path the index
+/// does not hold is answered 404 without asking storage.
 async fn narinfo(state: &AppState, hash: &str, key: &Key, head_only: bool) -> ApiResult {
+    if state.index.contains(hash) == Some(false) {
+        return Err(not_found());
+    }
     let bytes = match state.narinfo_cache.get(hash) {
         Some(b) => b,
         None => {
