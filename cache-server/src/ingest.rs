@@ -42,7 +42,7 @@ pub struct Publisher<'a> {
     pub index: &'a crate::index::NarinfoIndex,
 }
 
-/// Why an upload was refused. Every variant but `Storage` is the client's fault.
+/// Why an upload was refused. Every variant but `Storage` and `Upstream` is the client's fault.
 #[derive(Debug, Error)]
 pub enum IngestError {
     /// The narinfo does not parse.

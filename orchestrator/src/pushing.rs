@@ -127,6 +127,10 @@ pub(crate) fn from_queue(
                 }
             }
         }
+        if roots.is_empty() {
+            push_queue::done(&batch).map_err(queue_error)?;
+            continue;
+        }
         eprintln!("pushing {} queued paths", roots.len());
         let failure = match rt.block_on(builder::push::push(&client, &roots, opts, progress())) {
             Ok(summary) if summary.failed.is_empty() => {
