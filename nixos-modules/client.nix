@@ -204,6 +204,8 @@ in
         "nix-daemon.service"
       ];
       path = [ config.nix.package ];
+      # nix keeps its caches under HOME; root's is hidden by ProtectHome.
+      environment.HOME = "/var/lib/${pushUnit}";
       serviceConfig = removeAttrs common.hardening [ "PrivateUsers" ] // {
         ExecStart = "${orchestratorExe} push --cache ${cfg.push.url} --token-file ${common.credentialPath pushUnit "upload-token"} --from-queue ${queue} --watch";
         LoadCredential = [ "upload-token:${toString cfg.push.tokenFile}" ];
