@@ -88,6 +88,24 @@ pub fn client() -> Result<reqwest::Client, HttpError> {
     client_builder()?.build().map_err(HttpError::Build)
 }
 
+/// Reads a response's body, refusing one over `limit` bytes (by its declared length before
+/// reading, else as it arrives), so a server cannot make the client hold what it likes.
+pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let url = response.url().to_string();
+    let too_large = || format!("the answer of {url} is over {limit} bytes");
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The whole cause chain of `e` in one line (reqwest's own message names only the URL), with a
 /// hint when the server's certificate is what failed.
 pub fn describe(e: &reqwest::Error) -> String {

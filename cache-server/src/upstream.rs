@@ -31,6 +31,10 @@ const MEMORY: usize = 1 << 20;
 /// Upstream requests in flight for one batch.
 const IN_FLIGHT: usize = 32;
 
+/// Largest narinfo read from an upstream (real ones are a few hundred bytes; cache-server
+/// accepts uploads of at most 1 MiB by default).
+const MAX_NARINFO_BYTES: usize = 1 << 20;
+
 /// How long one narinfo request to an upstream may take, and its connection.
 const TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -239,7 +243,13 @@ impl Upstreams {
         if !status.is_success() {
             return Err(format!("GET {url} answered {status}"));
         }
-        let body = response.bytes().await.map_err(|e| cache_protocol::http::describe(&e))?;
+        let body = match cache_protocol::http::read_limited(response, MAX_NARINFO_BYTES).await {
+            Ok(body) => body,
+            Err(why) => {
+                tracing::warn!(%url, %why, "an upstream's narinfo is too large or broke off; not counted");
+                return Ok(false);
+            }
+        };
         let Ok(info) = NarInfo::parse_bytes(&body) else {
             tracing::warn!(%url, "an upstream served a narinfo that does not parse; not counted");
             return Ok(false);
@@ -299,5 +309,58 @@ mod tests {
         assert!(answers.iter().all(|a| a.as_ref().is_err_and(|e| e.url.contains(&port.to_string()))));
         // The first wave of requests finds it down; the rest of the batch is not sent.
         assert!(upstreams.requests() <= IN_FLIGHT as u64, "{} requests", upstreams.requests());
+    }
+
+    #[test]
+    fn an_oversized_upstream_narinfo_does_not_count() {
+        // A valid narinfo signed by the upstream's key; padded with an unknown field past the
+        // limit it is the same narinfo, refused for its size alone.
+        let key = nix_formats::SecretKey::generate("upstream.example-1").unwrap();
+        let path = StorePath::from_absolute(&format!("/nix/store/{:032}-p", 1)).unwrap();
+        let text = format!(
+            "StorePath: {}\nURL: nar/{}.nar.zst\nCompression: zstd\nNarHash: sha256:{}\nNarSize: 8\nReferences: \n",
+            path.to_absolute(),
+            "1".repeat(52),
+            "1".repeat(52)
+        );
+        let mut info = NarInfo::parse(&text).unwrap();
+        info.sign(&key);
+        let signed = info.to_string();
+        let padded = format!("{signed}Padding: {}\n", "x".repeat(2 << 20));
+        assert!(
+            NarInfo::parse(&padded).unwrap().is_signed_by_any(&[key.public_key()]),
+            "padding keeps it valid"
+        );
+
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            // The small one; the padded one with its size declared; without (read until the
+            // limit is passed).
+            let answers = [
+                format!("Content-Length: {}\r\n\r\n{signed}", signed.len()),
+                format!("Content-Length: {}\r\n\r\n{padded}", padded.len()),
+                format!("Connection: close\r\n\r\n{padded}"),
+            ];
+            tokio::spawn(async move {
+                for answer in answers {
+                    let (mut conn, _) = listener.accept().await.unwrap();
+                    let mut request = [0u8; 4096];
+                    let _ = conn.read(&mut request).await;
+                    let _ = conn.write_all(format!("HTTP/1.1 200 OK\r\n{answer}").as_bytes()).await;
+                }
+            });
+            let url = format!("http://127.0.0.1:{port}");
+            let config = one(&url, &[&key.public_key().to_string()]);
+            let mut found = Vec::new();
+            for _ in 0..3 {
+                // A fresh memory each time, so each answer is asked for.
+                let upstreams = Upstreams::new(&config).unwrap();
+                found.push(upstreams.serving(&path).await.unwrap().map(str::to_owned));
+            }
+            assert_eq!(found, [Some(url), None, None]);
+        });
     }
 }

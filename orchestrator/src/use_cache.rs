@@ -182,7 +182,11 @@ pub fn target(explicit: Option<PathBuf>, system: bool, user: bool) -> (PathBuf, 
 /// Asks the cache for its public keys.
 pub async fn fetch_keys(url: &str, token: Option<&str>) -> Result<Vec<String>, UseError> {
     let err = |why: String| UseError::Keys { url: url.to_owned(), why };
-    let http = builder::http::client().map_err(|e| err(e.to_string()))?;
+    let http = builder::http::client_builder()
+        .map_err(|e| err(e.to_string()))?
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| err(builder::http::describe(&e)))?;
     let mut request = http.get(format!("{}{}", url.trim_end_matches('/'), cache_protocol::KEYS));
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -192,7 +196,9 @@ pub async fn fetch_keys(url: &str, token: Option<&str>) -> Result<Vec<String>, U
     if !status.is_success() {
         return Err(err(format!("it answered {status} (a fleetcache cache-server answers with its keys)")));
     }
-    let keys: cache_protocol::CacheKeys = response.json().await.map_err(|e| err(e.to_string()))?;
+    // A few keys of ~100 bytes each.
+    let body = builder::http::read_limited(response, 64 << 10).await.map_err(err)?;
+    let keys: cache_protocol::CacheKeys = serde_json::from_slice(&body).map_err(|e| err(e.to_string()))?;
     if keys.public_keys.is_empty() {
         return Err(err("it has no signing key".to_owned()));
     }
