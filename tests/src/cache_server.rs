@@ -146,6 +146,34 @@ impl CacheServer {
     }
 }
 
+/// `orchestrator push` of `paths` to `server` with `token` (written to a file in the server's
+/// directory) and `args`.
+pub fn push_command(server: &CacheServer, token: &str, args: &[&str], paths: &[&StorePath]) -> Command {
+    let token_file = server.dir().join(format!("push-token-{}", token.len()));
+    std::fs::write(&token_file, format!("{token}\n")).expect("write token");
+    let mut c = Command::new(bin("orchestrator"));
+    c.env("NIX_CONFIG", nix::NIX_CONFIG)
+        .args(["push", "--cache", &server.url, "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .args(paths.iter().map(|p| p.to_absolute()));
+    c
+}
+
+/// Pushes `paths` with the server's upload token and returns the `--json` summary; panics with
+/// the push's and the server's logs if it fails.
+pub fn push_json(server: &CacheServer, paths: &[&StorePath]) -> Value {
+    let out =
+        push_command(server, &server.token, &["--json"], paths).output().expect("run orchestrator push");
+    assert!(
+        out.status.success(),
+        "push failed:\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON document")
+}
+
 /// The closure of `top` with `nix path-info` metadata, dependencies before dependents.
 pub fn closure_in_upload_order(top: &StorePath) -> Vec<Value> {
     let mut todo = nix::path_info(&[top], true);

@@ -133,6 +133,17 @@ impl TempStore {
         c
     }
 
+    /// `nix copy --from <from> --to <this store> <path>` with `conf_dir` as Nix's configuration
+    /// directory and nothing else set (but the nix-command feature and no build users): what a
+    /// machine with that nix.conf does.
+    pub fn copy_with_nix_conf(&self, conf_dir: &Path, from: &str, path: &StorePath) -> Command {
+        let mut c = Command::new("nix");
+        c.args(["copy", "--from", from, "--to", &self.url(), &path.to_absolute()])
+            .env("NIX_CONF_DIR", conf_dir)
+            .env("NIX_CONFIG", "experimental-features = nix-command\nbuild-users-group =\n");
+        c
+    }
+
     /// True if `path` is valid (registered and present) in this store.
     pub fn has(&self, path: &StorePath) -> bool {
         command("nix")

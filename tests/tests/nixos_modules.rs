@@ -550,7 +550,7 @@ fn every_option_has_a_type_and_a_description() {
 /// nix.conf the module renders, and nothing else, lets the real `nix copy --from` read it.
 #[test]
 fn a_private_cache_is_read_through_the_client_modules_netrc_file() {
-    use fleetcache_tests::cache_server::{CacheServer, Options};
+    use fleetcache_tests::cache_server::{CacheServer, Options, push_json};
     use fleetcache_tests::nix::{self, TempStore};
 
     let (_cache_dir, server) = CacheServer::start_local_with(Options {
@@ -558,15 +558,7 @@ fn a_private_cache_is_read_through_the_client_modules_netrc_file() {
         ..Options::default()
     });
     let top = nix::build_closure(&format!("netrc-{}", std::process::id()), 1, 0);
-    let token_file = server.dir().join("push-token");
-    std::fs::write(&token_file, &server.token).unwrap();
-    nix::run(
-        Command::new(fleetcache_tests::bin("orchestrator"))
-            .env("NIX_CONFIG", nix::NIX_CONFIG)
-            .args(["push", "--cache", &server.url, "--token-file"])
-            .arg(&token_file)
-            .arg(top.to_absolute()),
-    );
+    push_json(&server, &[&top]);
 
     let secrets = tempfile::tempdir().unwrap();
     let netrc = secrets.path().join("netrc");
@@ -587,12 +579,7 @@ fn a_private_cache_is_read_through_the_client_modules_netrc_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("nix.conf"), conf).unwrap();
         let store = TempStore::new();
-        let out = Command::new("nix")
-            .args(["copy", "--from", &server.url, "--to", &store.url(), &top.to_absolute()])
-            .env("NIX_CONF_DIR", dir.path())
-            .env("NIX_CONFIG", "experimental-features = nix-command\nbuild-users-group =\n")
-            .output()
-            .unwrap();
+        let out = store.copy_with_nix_conf(dir.path(), &server.url, &top).output().unwrap();
         (out.status.success() && store.has(&top), String::from_utf8_lossy(&out.stderr).into_owned())
     };
 

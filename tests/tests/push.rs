@@ -1,37 +1,14 @@
 //! `orchestrator push` against the real cache-server and the real Nix.
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::cache_server::{CacheServer, Options, push_command, push_json};
 use fleetcache_tests::garage::Garage;
 use fleetcache_tests::nix::{self, TempStore};
-use fleetcache_tests::{bin, process::ChildGuard};
-use nix_formats::{NarInfo, StorePath};
+use fleetcache_tests::process::ChildGuard;
+use nix_formats::NarInfo;
 use serde_json::Value;
-
-fn push_cmd(server: &CacheServer, token: &str, args: &[&str], paths: &[&StorePath]) -> Command {
-    let token_file = server.dir().join(format!("push-token-{}", token.len()));
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let mut c = Command::new(bin("orchestrator"));
-    c.env("NIX_CONFIG", nix::NIX_CONFIG)
-        .args(["push", "--cache", &server.url, "--token-file"])
-        .arg(token_file)
-        .args(args)
-        .args(paths.iter().map(|p| p.to_absolute()));
-    c
-}
-
-fn push_json(server: &CacheServer, paths: &[&StorePath]) -> Value {
-    let out = push_cmd(server, &server.token, &["--json"], paths).output().unwrap();
-    assert!(
-        out.status.success(),
-        "push failed:\n{}\nserver:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON document")
-}
 
 /// A counter from the server's `/metrics` (these tests are not async: a small runtime here).
 fn metric(server: &CacheServer, name: &str) -> u64 {
@@ -91,7 +68,7 @@ fn a_killed_push_leaves_only_complete_paths_and_the_rerun_finishes() {
     let top = nix::build_closure("push-killed", 12, 64);
     let closure = nix::closure(&top);
 
-    let mut cmd = push_cmd(&server, &server.token, &["--jobs", "1"], &[&top]);
+    let mut cmd = push_command(&server, &server.token, &["--jobs", "1"], &[&top]);
     cmd.stderr(Stdio::piped()).stdout(Stdio::null());
     let mut child = ChildGuard::spawn("orchestrator push", &mut cmd);
     let stderr = child.take_stderr();
@@ -138,7 +115,7 @@ fn a_wrong_token_fails_the_push_at_once_with_the_reason() {
     let top = nix::build_closure("push-refused", 2, 0);
     // The first question (what is missing?) is an uploader's already: refused before any
     // upload starts, and not retried.
-    let out = push_cmd(&server, "not-an-upload-token", &[], &[&top]).output().unwrap();
+    let out = push_command(&server, "not-an-upload-token", &[], &[&top]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") && err.contains("invalid upload token"), "{err}");
@@ -159,7 +136,7 @@ fn s3_down_while_pushing_is_retried_until_it_is_back() {
     let top = nix::build_closure("push-s3-down", 3, 0);
     g.stop();
 
-    let mut cmd = push_cmd(&server, &server.token, &["--json"], &[&top]);
+    let mut cmd = push_command(&server, &server.token, &["--json"], &[&top]);
     cmd.stderr(Stdio::piped()).stdout(Stdio::piped());
     let mut child = ChildGuard::spawn("orchestrator push", &mut cmd);
     let mut stderr = BufReader::new(child.take_stderr());

@@ -4,34 +4,11 @@
 //! nothing is taken on trust (an unknown reference is refused, an upstream that is down stops
 //! the upload that needs it and only that).
 
-use std::process::Command;
-
-use fleetcache_tests::bin;
-use fleetcache_tests::cache_server::{self, CacheServer, Options};
+use fleetcache_tests::cache_server::{self, CacheServer, Options, push_json as push};
 use fleetcache_tests::garage::Garage;
 use fleetcache_tests::nix::{self, TempStore};
 use nix_formats::StorePath;
 use reqwest::StatusCode;
-use serde_json::Value;
-
-fn push(server: &CacheServer, paths: &[&StorePath]) -> Value {
-    let token_file = server.dir().join("push-token");
-    std::fs::write(&token_file, format!("{}\n", server.token)).unwrap();
-    let out = Command::new(bin("orchestrator"))
-        .env("NIX_CONFIG", nix::NIX_CONFIG)
-        .args(["push", "--json", "--cache", &server.url, "--token-file"])
-        .arg(&token_file)
-        .args(paths.iter().map(|p| p.to_absolute()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "push failed:\n{}\nserver:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON document")
-}
 
 fn fleet_config(upstream: &CacheServer) -> String {
     format!("[[upstream]]\nurl = \"{}\"\npublic-keys = [\"{}\"]\n", upstream.url, upstream.public_key)

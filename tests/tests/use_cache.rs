@@ -4,7 +4,7 @@
 use std::process::{Command, Output};
 
 use fleetcache_tests::bin;
-use fleetcache_tests::cache_server::{CacheServer, Options};
+use fleetcache_tests::cache_server::{CacheServer, Options, push_json};
 use fleetcache_tests::nix::{self, TempStore};
 
 fn orchestrator_use(args: &[&str]) -> Output {
@@ -22,15 +22,7 @@ fn use_adds_a_private_cache_once_and_nix_copy_then_works() {
         ..Options::default()
     });
     let top = nix::build_closure(&format!("use-{}", std::process::id()), 1, 0);
-    let push_token = server.dir().join("push-token");
-    std::fs::write(&push_token, &server.token).unwrap();
-    nix::run(
-        Command::new(bin("orchestrator"))
-            .env("NIX_CONFIG", nix::NIX_CONFIG)
-            .args(["push", "--cache", &server.url, "--token-file"])
-            .arg(&push_token)
-            .arg(top.to_absolute()),
-    );
+    push_json(&server, &[&top]);
 
     let conf_dir = tempfile::tempdir().unwrap();
     let conf = conf_dir.path().join("nix.conf");
@@ -72,12 +64,7 @@ fn use_adds_a_private_cache_once_and_nix_copy_then_works() {
 
     // The real nix, with only this nix.conf, substitutes from the private cache.
     let store = TempStore::new();
-    let copy = nix::command("nix")
-        .args(["copy", "--from", &server.url, "--to", &store.url(), &top.to_absolute()])
-        .env("NIX_CONF_DIR", conf_dir.path())
-        .env("NIX_CONFIG", "experimental-features = nix-command\nbuild-users-group =\n")
-        .output()
-        .unwrap();
+    let copy = store.copy_with_nix_conf(conf_dir.path(), &server.url, &top).output().unwrap();
     assert!(copy.status.success(), "{}", stderr(&copy));
     assert!(store.has(&top));
 
