@@ -19,8 +19,7 @@ const SUFFIX: &str = ".paths";
 /// The queue directory unless told: `/var/lib/fleetcache-push/queue` for root (the Nix daemon
 /// runs hooks as root), `$XDG_STATE_HOME/fleetcache/push-queue` for anyone else.
 pub fn default_dir() -> Result<PathBuf, String> {
-    let is_root = fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
-    if is_root {
+    if rustix::process::geteuid().is_root() {
         return Ok(PathBuf::from("/var/lib/fleetcache-push/queue"));
     }
     Ok(crate::config::xdg_dir("XDG_STATE_HOME", ".local/state")?.join("push-queue"))

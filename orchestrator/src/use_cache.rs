@@ -168,8 +168,7 @@ pub fn target(explicit: Option<PathBuf>, system: bool, user: bool) -> (PathBuf, 
     if let Some(p) = explicit {
         return (p, false);
     }
-    let is_root = std::os::unix::fs::MetadataExt::uid(&fs::metadata("/proc/self").expect("/proc/self")) == 0;
-    if system || (!user && is_root) {
+    if system || (!user && rustix::process::geteuid().is_root()) {
         let dir = std::env::var_os("NIX_CONF_DIR").map_or_else(|| PathBuf::from("/etc/nix"), PathBuf::from);
         return (dir.join("nix.conf"), true);
     }
