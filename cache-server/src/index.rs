@@ -18,7 +18,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -43,15 +42,14 @@ struct Inner {
     added: HashSet<Hash>,
     /// Publications, newest last.
     recent: VecDeque<(Instant, Hash)>,
+    /// When the last listing ended, and how many paths the index held then.
+    loaded: Option<(Instant, usize)>,
 }
 
 /// The index. Answers nothing until loaded.
 #[derive(Default)]
 pub struct NarinfoIndex {
     inner: RwLock<Inner>,
-    loaded_at: RwLock<Option<Instant>>,
-    /// Paths held after the last load, for `/metrics`.
-    size: AtomicU64,
 }
 
 impl NarinfoIndex {
@@ -102,16 +100,14 @@ impl NarinfoIndex {
         let n = listed.len() + added.iter().filter(|h| listed.binary_search(h).is_err()).count();
         inner.listed = Some(listed);
         inner.added = added;
-        drop(inner);
-        self.size.store(n as u64, Ordering::Relaxed);
-        *self.loaded_at.write().expect("not poisoned") = Some(Instant::now());
+        inner.loaded = Some((Instant::now(), n));
         Ok(n)
     }
 
     /// Paths held after the last load, and seconds since it; `None` before the first.
     pub fn status(&self) -> Option<(u64, f64)> {
-        let at = (*self.loaded_at.read().expect("not poisoned"))?;
-        Some((self.size.load(Ordering::Relaxed), at.elapsed().as_secs_f64()))
+        let (at, n) = self.inner.read().expect("not poisoned").loaded?;
+        Some((n as u64, at.elapsed().as_secs_f64()))
     }
 
     /// Loads the index now and again every `every`, for as long as the server runs; a failed
