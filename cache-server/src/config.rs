@@ -27,6 +27,12 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    /// The NAR download settings do not fit together or with the store.
+    #[error("NAR downloads: {why}")]
+    NarDownloads {
+        /// What is wrong.
+        why: &'static str,
+    },
     /// The store URL is not one this server knows.
     #[error("invalid store URL {url:?}: {why}")]
     StoreUrl {
@@ -101,11 +107,57 @@ pub struct Config {
     /// TTL the client module gives Nix.
     #[serde(default = "default_index_refresh")]
     pub index_refresh_seconds: u64,
+    /// How `GET /nar/…` is answered: `"proxy"` (this server reads the store and sends the
+    /// bytes), `"presigned"` (a redirect to a presigned URL of the object, valid for
+    /// `nar-presigned-seconds`; s3:// stores only, and machines must reach the store's
+    /// endpoint) or `"base-url"` (a redirect to `nar-base-url` followed by `/nar/…`: a public
+    /// bucket's own HTTPS endpoint, or a CDN in front of it). A redirect is sent only to a
+    /// client the read tokens admit; narinfos are always served here, so what a machine
+    /// trusts is still signed by this cache and the NAR's hash is checked by Nix. HEAD and
+    /// range requests are redirected too, except HEAD with "presigned" (a presigned URL is for
+    /// one method). Default `"proxy"`.
+    #[serde(default)]
+    pub nar_downloads: NarDownloads,
+    /// Seconds a presigned NAR URL stays valid. Default 600.
+    #[serde(default = "default_nar_presigned_seconds")]
+    pub nar_presigned_seconds: u64,
+    /// Where `nar-downloads = "base-url"` sends NAR requests (`https://cache-bucket.example.org`;
+    /// the bucket's `nar/` objects must be readable there). Default none.
+    #[serde(default)]
+    pub nar_base_url: Option<String>,
     /// Binary caches whose paths this cache need not hold (`[[upstream]]` tables of `url` and
     /// `public-keys`): a reference is satisfied by a narinfo an upstream serves signed by one
     /// of its keys, and pushes skip such paths. Default none: every reference must be here.
     #[serde(default)]
     pub upstream: Vec<crate::upstream::UpstreamConfig>,
+}
+
+/// The `nar-downloads` setting.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NarDownloads {
+    /// This server sends the bytes.
+    #[default]
+    Proxy,
+    /// A redirect to a presigned URL.
+    Presigned,
+    /// A redirect under `nar-base-url`.
+    BaseUrl,
+}
+
+/// Where NAR downloads go, checked against the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NarRedirect {
+    /// Nowhere: this server sends the bytes.
+    Proxy,
+    /// To a presigned URL valid this long.
+    Presigned(std::time::Duration),
+    /// To this URL (no trailing slash) followed by `/nar/…`.
+    BaseUrl(String),
+}
+
+fn default_nar_presigned_seconds() -> u64 {
+    600
 }
 
 fn default_listen() -> SocketAddr {
@@ -150,6 +202,41 @@ impl Config {
             header_timeout: std::time::Duration::from_secs(self.header_timeout_seconds),
             body_idle_timeout: std::time::Duration::from_secs(self.body_idle_timeout_seconds),
             ..crate::listener::Limits::default()
+        }
+    }
+
+    /// Where NAR downloads go with this store, or why the settings do not fit together.
+    pub fn nar_redirect(&self, store: &StoreUrl) -> Result<NarRedirect, ConfigError> {
+        let bad = |why| ConfigError::NarDownloads { why };
+        if self.nar_base_url.is_some() && self.nar_downloads != NarDownloads::BaseUrl {
+            return Err(bad("nar-base-url is set but nar-downloads is not \"base-url\""));
+        }
+        match self.nar_downloads {
+            NarDownloads::Proxy => Ok(NarRedirect::Proxy),
+            NarDownloads::Presigned => {
+                if !matches!(store, StoreUrl::S3 { .. }) {
+                    return Err(bad("nar-downloads = \"presigned\" needs an s3:// store"));
+                }
+                // S3's limit for a presigned URL is a week.
+                if !(1..=7 * 24 * 3600).contains(&self.nar_presigned_seconds) {
+                    return Err(bad("nar-presigned-seconds must be between 1 and 604800 (a week)"));
+                }
+                Ok(NarRedirect::Presigned(std::time::Duration::from_secs(self.nar_presigned_seconds)))
+            }
+            NarDownloads::BaseUrl => {
+                let url = self
+                    .nar_base_url
+                    .as_deref()
+                    .ok_or(bad("nar-downloads = \"base-url\" needs nar-base-url"))?;
+                let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+                let printable = |r: &str| r.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+                if rest.is_none_or(|r| r.is_empty() || !printable(r)) {
+                    return Err(bad(
+                        "nar-base-url must be an http:// or https:// URL of printable ASCII, without ? or #",
+                    ));
+                }
+                Ok(NarRedirect::BaseUrl(url.trim_end_matches('/').to_owned()))
+            }
         }
     }
 
@@ -247,6 +334,36 @@ mod tests {
             (c.priority, c.narinfo_cache_seconds, c.max_narinfo_bytes, c.limits()),
             (d.priority, d.narinfo_cache_seconds, d.max_narinfo_bytes, d.limits())
         );
+    }
+
+    #[test]
+    fn nar_redirects() {
+        let s3 = StoreUrl::parse("s3://b").unwrap();
+        let dir = StoreUrl::parse("file:///c").unwrap();
+        let c = |t: &str| toml::from_str::<Config>(t).unwrap();
+        assert_eq!(c("").nar_redirect(&s3).unwrap(), NarRedirect::Proxy);
+        assert_eq!(
+            c("nar-downloads = \"presigned\"\nnar-presigned-seconds = 60").nar_redirect(&s3).unwrap(),
+            NarRedirect::Presigned(std::time::Duration::from_secs(60))
+        );
+        assert_eq!(
+            c("nar-downloads = \"base-url\"\nnar-base-url = \"https://cdn.example/cache/\"")
+                .nar_redirect(&dir)
+                .unwrap(),
+            NarRedirect::BaseUrl("https://cdn.example/cache".into())
+        );
+        for (t, store, why) in [
+            ("nar-downloads = \"presigned\"", &dir, "needs an s3:// store"),
+            ("nar-downloads = \"presigned\"\nnar-presigned-seconds = 0", &s3, "between 1 and"),
+            ("nar-downloads = \"base-url\"", &s3, "needs nar-base-url"),
+            ("nar-base-url = \"https://x\"", &s3, "not \"base-url\""),
+            ("nar-downloads = \"base-url\"\nnar-base-url = \"ftp://x\"", &s3, "http:// or https://"),
+            ("nar-downloads = \"base-url\"\nnar-base-url = \"https://x/?a=b\"", &s3, "without ?"),
+        ] {
+            let e = c(t).nar_redirect(store).unwrap_err().to_string();
+            assert!(e.contains(why), "{t}: {e}");
+        }
+        assert!(toml::from_str::<Config>("nar-downloads = \"sideways\"").is_err());
     }
 
     #[test]

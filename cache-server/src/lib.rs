@@ -83,7 +83,9 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
     let read_tokens = config.read_tokens_file.as_deref().map(TokenFile::load).transpose()?;
     let admin_tokens = config.admin_tokens_file.as_deref().map(TokenFile::load).transpose()?;
     let metrics = Arc::new(Metrics::default());
-    let backend: Box<dyn Storage> = match StoreUrl::parse(&config.store)? {
+    let store = StoreUrl::parse(&config.store)?;
+    let nar_redirect = config.nar_redirect(&store)?;
+    let backend: Box<dyn Storage> = match store {
         StoreUrl::File(dir) => Box::new(LocalStorage::open(&dir).await?),
         StoreUrl::S3 { bucket, endpoint, region, checksums_when_required } => {
             Box::new(S3Storage::new(&S3Options {
@@ -108,6 +110,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         index_refresh: (config.index_refresh_seconds > 0)
             .then(|| Duration::from_secs(config.index_refresh_seconds)),
         cache_info: cache_info.to_string(),
+        nar_redirect,
         max_narinfo_bytes: config.max_narinfo_bytes,
         narinfo_cache: NarinfoCache::new(
             Duration::from_secs(config.narinfo_cache_seconds),

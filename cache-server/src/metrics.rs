@@ -170,6 +170,11 @@ impl Storage for TimedStorage {
         self.inner.list()
     }
 
+    /// Not timed: presigning is local computation, no request.
+    async fn presigned_get(&self, key: &Key, valid_for: Duration) -> Result<Option<String>, StorageError> {
+        self.inner.presigned_get(key, valid_for).await
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

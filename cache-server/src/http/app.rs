@@ -35,6 +35,8 @@ pub struct AppState {
     pub index_refresh: Option<std::time::Duration>,
     /// The `nix-cache-info` served.
     pub cache_info: String,
+    /// Where NAR downloads are sent instead of being served here.
+    pub nar_redirect: crate::config::NarRedirect,
     /// Largest narinfo body accepted.
     pub max_narinfo_bytes: usize,
     /// Recently served narinfos.

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 
 use super::app::{ApiError, ApiResult, AppState, NARINFO_CACHE_CONTROL, check_read, not_found, top_key};
+use crate::config::NarRedirect;
 use crate::storage::{ByteRange, Key, SMALL_OBJECT, StorageError};
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
@@ -61,7 +62,33 @@ pub(super) async fn nar(
     h: HeaderMap,
 ) -> ApiResult {
     check_read(&s, &h)?;
-    serve(&s, &Key::nar(&file)?, "application/x-nix-nar", IMMUTABLE, &h, method == Method::HEAD).await
+    let key = Key::nar(&file)?;
+    let head_only = method == Method::HEAD;
+    match &s.nar_redirect {
+        NarRedirect::Proxy => {}
+        // The mapping from name to URL never changes, so a client may remember it a while.
+        NarRedirect::BaseUrl(base) => {
+            return Ok(redirect(&format!("{base}/{}", key.as_str()), "public, max-age=3600"));
+        }
+        // A presigned URL is signed for GET alone, so HEAD is answered here.
+        NarRedirect::Presigned(_) if head_only => {}
+        NarRedirect::Presigned(valid) => {
+            if let Some(url) = s.storage.presigned_get(&key, *valid).await? {
+                return Ok(redirect(&url, "no-store"));
+            }
+        }
+    }
+    serve(&s, &key, "application/x-nix-nar", IMMUTABLE, &h, head_only).await
+}
+
+/// A temporary redirect (the method and a range header are sent again to `location`).
+fn redirect(location: &str, cache_control: &'static str) -> Response {
+    Response::builder()
+        .status(StatusCode::TEMPORARY_REDIRECT)
+        .header(header::LOCATION, location)
+        .header(header::CACHE_CONTROL, cache_control)
+        .body(Body::empty())
+        .expect("a URL made of a valid key is a valid header")
 }
 
 pub(super) async fn log(

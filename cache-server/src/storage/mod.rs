@@ -11,7 +11,7 @@ mod s3;
 
 use std::fmt;
 use std::io;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -127,6 +127,14 @@ pub trait Storage: Send + Sync + 'static {
     /// Every object of the cache layout the store holds, a page at a time (memory does not
     /// grow with the store); names outside the layout are skipped. In no particular order.
     fn list(&self) -> BoxStream<'static, Result<Listed, StorageError>>;
+
+    /// A URL anyone holding it may GET the object from for `valid_for`, without this server (an
+    /// S3 presigned URL); `None` when the backend has no such URL. Asks nothing of the store: the
+    /// object need not exist, and a missing one is the URL's own 404.
+    async fn presigned_get(&self, key: &Key, valid_for: Duration) -> Result<Option<String>, StorageError> {
+        let _ = (key, valid_for);
+        Ok(None)
+    }
 
     /// A short description for logs (`file:///…`, `s3://bucket`).
     fn describe(&self) -> String;

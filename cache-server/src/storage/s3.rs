@@ -5,6 +5,7 @@
 //! upload never becomes visible (and is aborted, so no parts linger).
 
 use std::io;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -12,6 +13,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
@@ -212,6 +214,16 @@ impl Storage for S3Storage {
         })
         .flatten()
         .boxed()
+    }
+
+    async fn presigned_get(&self, key: &Key, valid_for: Duration) -> Result<Option<String>, StorageError> {
+        let config = PresigningConfig::expires_in(valid_for).map_err(|e| StorageError::S3 {
+            op: "presign GetObject",
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+        let req = self.client.get_object().bucket(&self.bucket).key(key.as_str()).presigned(config).await;
+        Ok(Some(req.map_err(s3_err("presign GetObject", key))?.uri().to_owned()))
     }
 
     fn describe(&self) -> String {
