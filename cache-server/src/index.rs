@@ -38,12 +38,23 @@ fn decode(hash_part: &str) -> Option<Hash> {
 struct Inner {
     /// What the last listing found, sorted; `None` until the first listing is complete.
     listed: Option<Vec<Hash>>,
-    /// Publications since (or shortly before) the last listing.
+    /// Publications since (or shortly before) the last listing that it does not hold.
     added: HashSet<Hash>,
     /// Publications, newest last.
     recent: VecDeque<(Instant, Hash)>,
-    /// When the last listing ended, and how many paths the index held then.
-    loaded: Option<(Instant, usize)>,
+    /// When the last listing ended, and the bytes of every object it found.
+    loaded: Option<(Instant, u64)>,
+}
+
+/// What the last listing found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IndexStatus {
+    /// Narinfos held: the last listing's and the publications through this server since.
+    pub paths: u64,
+    /// Bytes of every object the last listing found (NARs, narinfos, listings, logs).
+    pub bytes: u64,
+    /// Seconds since the listing ended.
+    pub age_seconds: f64,
 }
 
 /// The index. Answers nothing until loaded.
@@ -68,7 +79,9 @@ impl NarinfoIndex {
         let Some(hash) = decode(hash_part) else { return };
         let now = Instant::now();
         let mut inner = self.inner.write().expect("not poisoned");
-        inner.added.insert(hash);
+        if inner.listed.as_ref().is_none_or(|l| l.binary_search(&hash).is_err()) {
+            inner.added.insert(hash);
+        }
         while inner.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > RECENT) {
             inner.recent.pop_front();
         }
@@ -80,9 +93,11 @@ impl NarinfoIndex {
     pub async fn load(&self, storage: &dyn Storage) -> Result<usize, StorageError> {
         let started = Instant::now();
         let mut listed = Vec::new();
+        let mut bytes = 0;
         let mut objects = storage.list();
         while let Some(obj) = objects.next().await {
             let obj = obj?;
+            bytes += obj.size;
             if let KeyKind::Narinfo(hash_part) = obj.key.kind()
                 && let Some(hash) = decode(hash_part)
             {
@@ -95,19 +110,25 @@ impl NarinfoIndex {
         let mut inner = self.inner.write().expect("not poisoned");
         // Publications in flight when the listing began may be missing from it.
         let since = started.checked_sub(RECENT).unwrap_or(started);
-        let added: HashSet<Hash> =
-            inner.recent.iter().filter(|(t, _)| *t >= since).map(|(_, h)| *h).collect();
-        let n = listed.len() + added.iter().filter(|h| listed.binary_search(h).is_err()).count();
+        let added: HashSet<Hash> = inner
+            .recent
+            .iter()
+            .filter(|(t, h)| *t >= since && listed.binary_search(h).is_err())
+            .map(|(_, h)| *h)
+            .collect();
+        let n = listed.len() + added.len();
         inner.listed = Some(listed);
         inner.added = added;
-        inner.loaded = Some((Instant::now(), n));
+        inner.loaded = Some((Instant::now(), bytes));
         Ok(n)
     }
 
-    /// Paths held after the last load, and seconds since it; `None` before the first.
-    pub fn status(&self) -> Option<(u64, f64)> {
-        let (at, n) = self.inner.read().expect("not poisoned").loaded?;
-        Some((n as u64, at.elapsed().as_secs_f64()))
+    /// What the index holds now; `None` before the first load.
+    pub fn status(&self) -> Option<IndexStatus> {
+        let inner = self.inner.read().expect("not poisoned");
+        let (at, bytes) = inner.loaded?;
+        let paths = inner.listed.as_ref().map_or(0, Vec::len) + inner.added.len();
+        Some(IndexStatus { paths: paths as u64, bytes, age_seconds: at.elapsed().as_secs_f64() })
     }
 
     /// Loads the index now and again every `every`, for as long as the server runs; a failed
@@ -155,6 +176,11 @@ mod tests {
         index.insert(C);
         assert_eq!(index.contains(C), Some(true));
         assert_eq!(index.contains("not a hash"), None);
-        assert_eq!(index.status().map(|(n, _)| n), Some(2));
+        index.insert(A); // already listed: not counted twice
+        assert_eq!(
+            index.status().map(|s| (s.paths, s.bytes)),
+            Some((3, 1)),
+            "A, B and C; the listing saw 1 byte"
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The HTTP interface: Nix's binary cache protocol (GET/HEAD), uploads (PUT), health and
-//! metrics. One error type maps every failure to a status code without leaking internals.
+//! metrics, and a landing page for people. One error type maps every failure to a status code without leaking internals.
 //!
 //! [`app`] is what every handler shares, [`read`] the substituter side, [`upload`] the upload
 //! side; this file routes and observes.
@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 
 mod app;
 mod gc;
+mod landing;
 mod read;
 mod upload;
 
@@ -30,6 +31,7 @@ use upload::{native_missing, native_upload, put_log, put_nar, put_top};
 /// The router over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(landing::landing))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/nix-cache-info", get(cache_info))
@@ -49,6 +51,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let private = state.read_tokens.is_some();
     let route: &'static str = match req.extensions().get::<MatchedPath>().map(|m| m.as_str()) {
+        Some("/") => "landing",
         Some("/healthz") => "healthz",
         Some("/metrics") => "metrics",
         Some("/nix-cache-info") => "nix-cache-info",
@@ -93,11 +96,17 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiR
     // With read tokens, what the cache holds and serves is no anonymous visitor's business.
     check_read(&state, &headers)?;
     let mut text = state.metrics.render();
-    if let Some((paths, age)) = state.index.status() {
+    if let Some(index) = state.index.status() {
         use std::fmt::Write as _;
-        text.push_str("# HELP fleetcache_index_paths Narinfos in the in-memory index at its last listing.\n");
+        let (paths, age, bytes) = (index.paths, index.age_seconds, index.bytes);
+        text.push_str("# HELP fleetcache_index_paths Narinfos the in-memory index holds (its last listing and the publications since).\n");
         text.push_str("# TYPE fleetcache_index_paths gauge\n");
         let _ = writeln!(text, "fleetcache_index_paths {paths}");
+        text.push_str(
+            "# HELP fleetcache_index_listed_bytes Bytes of every object the index's last listing found.\n",
+        );
+        text.push_str("# TYPE fleetcache_index_listed_bytes gauge\n");
+        let _ = writeln!(text, "fleetcache_index_listed_bytes {bytes}");
         text.push_str("# HELP fleetcache_index_age_seconds Seconds since the index was last listed.\n");
         text.push_str("# TYPE fleetcache_index_age_seconds gauge\n");
         let _ = writeln!(text, "fleetcache_index_age_seconds {age:.1}");
