@@ -18,7 +18,6 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
-use tokio_util::io::ReaderStream;
 
 use super::{ByteRange, DELETE_BATCH, Key, Listed, Object, Storage, StorageError, Upload};
 
@@ -119,9 +118,12 @@ impl Storage for S3Storage {
             (Some(_), Some(cr)) => cr.rsplit('/').next().and_then(|t| t.parse().ok()).unwrap_or(0),
             _ => out.content_length().unwrap_or(0).max(0) as u64,
         };
-        let body = ReaderStream::with_capacity(out.body.into_async_read(), 256 * 1024)
-            .map(|r| r.map_err(io::Error::other))
-            .boxed();
+        // The SDK's chunks as they arrive, without copying them into buffers of our own.
+        let body = futures_util::stream::unfold(out.body, |mut body| async move {
+            let chunk = body.next().await?;
+            Some((chunk.map_err(io::Error::other), body))
+        })
+        .boxed();
         Ok(Some(Object { size, body }))
     }
 
