@@ -61,6 +61,14 @@ ensure_nginx() {
     fi
 }
 
+# Chromium (Debian's package), run headless by the tests of the web pages.
+ensure_chromium() {
+    if ! command -v chromium >/dev/null; then
+        step "installing Debian packages: chromium (headless, for the web page tests)"
+        apt_install chromium
+    fi
+}
+
 # A current Nix beside Debian 12's 2.8 (Debian sid's nix-bin, run from its own directory under
 # $FLEETCACHE_CACHE_DIR; ../shared/modern-nix/install does it in ~40 s the first time). Sets
 # MODERN_NIX to the directory whose bin/ has it, or leaves it empty (with a warning) where the

@@ -15,6 +15,7 @@
 //! - [`forge`]: GitHub-shaped push events and a recording stand-in for commit-status APIs.
 //! - [`bin`]: where the workspace's binaries are.
 
+pub mod browser;
 pub mod cache_server;
 pub mod fleet;
 pub mod forge;

@@ -134,7 +134,9 @@ fn text(p: &Page) -> String {
     s
 }
 
-const STYLE: &str = "
+/// The style of fleetcache's pages (this one and the orchestrator's): readable on a laptop and a
+/// phone, light and dark as the system prefers.
+pub const PAGE_STYLE: &str = "
 :root { color-scheme: light dark; --fg: #1b1f24; --bg: #fbfbfa; --muted: #5b636e; --code: #eef0f2; --accent: #2f6f4f; }
 @media (prefers-color-scheme: dark) { :root { --fg: #e6e6e3; --bg: #16181b; --muted: #9aa3ad; --code: #23272c; --accent: #7fc8a0; } }
 body { font: 16px/1.5 system-ui, sans-serif; color: var(--fg); background: var(--bg); margin: 0 auto; max-width: 46rem; padding: 1.5rem 1rem 3rem; }
@@ -154,7 +156,7 @@ fn render(p: &Page) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { "fleetcache — " (p.url) }
-                style { (PreEscaped(STYLE)) }
+                style { (PreEscaped(PAGE_STYLE)) }
             }
             body {
                 h1 { "fleetcache binary cache" }

@@ -25,6 +25,7 @@ pub use app::{
     default_verifications,
 };
 use app::{ApiResult, check_read};
+pub use landing::PAGE_STYLE;
 use read::{log, nar, top};
 use upload::{native_missing, native_upload, put_log, put_nar, put_top};
 

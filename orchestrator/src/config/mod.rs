@@ -198,6 +198,23 @@ pub struct ServerConfig {
     /// Default 3.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Who may read the status pages (`/`, `/revisions/…`, `/logs`, `/builders`, `/webhooks`):
+    /// `"token"` (an API token, by a login form that sets a cookie or by `Authorization`) or
+    /// `"public"` (anyone who reaches the server; no secret is ever shown on them).
+    /// Default `"token"`.
+    #[serde(default)]
+    pub status_page: StatusPage,
+}
+
+/// The `server.status-page` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StatusPage {
+    /// An API token is needed.
+    #[default]
+    Token,
+    /// Anyone may read them.
+    Public,
 }
 
 impl Default for ServerConfig {
@@ -208,6 +225,7 @@ impl Default for ServerConfig {
             api_tokens_file: None,
             lease_seconds: default_lease_seconds(),
             max_attempts: default_max_attempts(),
+            status_page: StatusPage::default(),
         }
     }
 }

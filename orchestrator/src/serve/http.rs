@@ -57,6 +57,13 @@ impl Server {
 /// The router.
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
+        .route("/", get(super::pages::overview))
+        .route("/revisions/{rev}", get(super::pages::revision))
+        .route("/logs", get(super::pages::log))
+        .route("/builders", get(super::pages::builders))
+        .route("/webhooks", get(super::pages::webhooks))
+        .route("/login", get(super::pages::login_form).post(super::pages::login))
+        .route("/logout", post(super::pages::logout))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/builders/register", post(register))

@@ -3,7 +3,7 @@
 //! agents claim the jobs they can take. Everything is in the state database, so a restart
 //! loses nothing: planned requests keep their jobs, running jobs keep their leases.
 //!
-//! [`http`] is the edge (routes, tokens, handlers); [`server`] holds the shared state and the
+//! [`http`] is the edge (routes, tokens, handlers), [`pages`] the status pages for a browser; [`server`] holds the shared state and the
 //! round that plans and settles requests; [`settle`] decides a variant's next step from its
 //! jobs alone; [`record`] is what is kept of a plan and what the CLI sees of it.
 
@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 mod http;
+mod pages;
 mod record;
 mod server;
 mod settle;

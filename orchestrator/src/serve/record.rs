@@ -150,7 +150,7 @@ pub async fn view(state: &State, id: i64) -> Result<Option<RequestView>, StateEr
     Ok(Some(view))
 }
 
-fn describe_job(job: &JobView, builders: &[BuilderInfo]) -> String {
+pub(super) fn describe_job(job: &JobView, builders: &[BuilderInfo]) -> String {
     match job.status {
         JobStatus::Claimed => {
             let on = job.builder.as_deref().unwrap_or("?");

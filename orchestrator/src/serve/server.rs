@@ -49,6 +49,8 @@ pub struct Server {
     pub claims: AtomicU64,
     /// Requests refused for a bad token.
     pub refused: AtomicU64,
+    /// Logins to the status pages.
+    pub sessions: super::pages::Sessions,
 }
 
 /// A submitted build, as the CLI sends it.
@@ -86,6 +88,7 @@ impl Server {
             claim_lock: tokio::sync::Mutex::new(()),
             claims: AtomicU64::default(),
             refused: AtomicU64::default(),
+            sessions: super::pages::Sessions::default(),
         }
     }
 
