@@ -3,7 +3,8 @@
 //! agents claim the jobs they can take. Everything is in the state database, so a restart
 //! loses nothing: planned requests keep their jobs, running jobs keep their leases.
 //!
-//! [`http`] is the edge (routes, tokens, handlers), [`pages`] the status pages for a browser; [`server`] holds the shared state and the
+//! [`http`] is the edge (routes, tokens, handlers), [`pages`] the status pages for a browser
+//! (their logins in [`sessions`]); [`server`] holds the shared state and the
 //! round that plans and settles requests; [`settle`] decides a variant's next step from its
 //! jobs alone; [`record`] is what is kept of a plan and what the CLI sees of it.
 
@@ -16,6 +17,7 @@ mod http;
 mod pages;
 mod record;
 mod server;
+mod sessions;
 mod settle;
 
 pub use http::router;

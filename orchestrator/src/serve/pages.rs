@@ -8,9 +8,7 @@
 //! cookie (sessions live in memory: a restart asks for the token again). No token, secret or
 //! key is shown on any page.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{Form, Path, Query, State as AxState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -22,59 +20,12 @@ use serde::Deserialize;
 
 use super::record::{BUILDER_ALIVE, describe_job, find_log};
 use super::server::Server;
+use super::sessions::{COOKIE, SESSION_LIFETIME, session_id};
 use crate::config::StatusPage;
 use crate::state::{JobStatus, RevisionReport, StateError, VariantReport, now};
 
-/// The cookie that carries a session.
-const COOKIE: &str = "fleetcache_session";
-/// How long a login lasts.
-const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-/// Sessions kept at most (the oldest go first).
-const MAX_SESSIONS: usize = 10_000;
 /// Revisions on the overview.
 const OVERVIEW_REVISIONS: u32 = 10;
-
-/// Logins: random ids, each with its user's name and when it ends.
-#[derive(Default)]
-pub struct Sessions {
-    inner: Mutex<HashMap<String, (String, Instant)>>,
-}
-
-impl Sessions {
-    fn start(&self, user: &str) -> String {
-        let mut id = [0u8; 32];
-        getrandom::fill(&mut id).expect("the system's random source");
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let mut inner = self.inner.lock().expect("sessions lock");
-        let now = Instant::now();
-        inner.retain(|_, (_, until)| *until > now);
-        if inner.len() >= MAX_SESSIONS
-            && let Some(oldest) = inner.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone())
-        {
-            inner.remove(&oldest);
-        }
-        inner.insert(id.clone(), (user.to_owned(), now + SESSION_LIFETIME));
-        id
-    }
-
-    fn user(&self, id: &str) -> Option<String> {
-        let inner = self.inner.lock().expect("sessions lock");
-        inner.get(id).filter(|(_, until)| *until > Instant::now()).map(|(name, _)| name.clone())
-    }
-
-    fn end(&self, id: &str) {
-        self.inner.lock().expect("sessions lock").remove(id);
-    }
-}
-
-fn session_id(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-}
 
 /// Why a page is not shown.
 pub(super) enum Refusal {
@@ -588,21 +539,6 @@ mod tests {
         assert_eq!(strip_ansi("a\u{1b}]0;title\u{7}b\u{1b}]8;;http://x\u{1b}\\c\td"), "abc\td");
         assert_eq!(strip_ansi("bell\u{7} and \u{1b}(B charset"), "bell and  charset");
         assert_eq!(strip_ansi("é ✓ <b>"), "é ✓ <b>");
-    }
-
-    #[test]
-    fn sessions_end_and_are_random() {
-        let s = Sessions::default();
-        let (a, b) = (s.start("alice"), s.start("bob"));
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 64);
-        assert_eq!(s.user(&a).as_deref(), Some("alice"));
-        s.end(&a);
-        assert_eq!(s.user(&a), None);
-        assert_eq!(s.user("forged"), None);
-        let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, format!("x=1; {COOKIE}={b}").parse().unwrap());
-        assert_eq!(session_id(&h), Some(b.as_str()));
     }
 
     #[test]

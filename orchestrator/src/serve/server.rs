@@ -50,7 +50,7 @@ pub struct Server {
     /// Requests refused for a bad token.
     pub refused: AtomicU64,
     /// Logins to the status pages.
-    pub sessions: super::pages::Sessions,
+    pub sessions: super::sessions::Sessions,
 }
 
 /// A submitted build, as the CLI sends it.
@@ -88,7 +88,7 @@ impl Server {
             claim_lock: tokio::sync::Mutex::new(()),
             claims: AtomicU64::default(),
             refused: AtomicU64::default(),
-            sessions: super::pages::Sessions::default(),
+            sessions: super::sessions::Sessions::default(),
         }
     }
 
