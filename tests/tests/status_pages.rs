@@ -128,6 +128,7 @@ async fn the_pages_follow_builds_as_builders_work() {
     assert_eq!(row(&dom, "broken").map(|r| r.0).as_deref(), Some("failed"));
     assert_eq!(row(&dom, "cuda").map(|r| r.0).as_deref(), Some("waiting"));
     assert!(dom.contains("href=\"/api/v1/status\""), "the JSON twin is linked");
+    assert!(!dom.contains("log out"), "public pages have nobody to log out");
     browser::screenshot(&format!("{}/", o.url), "status-overview");
 
     // The revision with its attempts, the builders, the webhook deliveries.
@@ -188,7 +189,10 @@ async fn with_status_page_token_the_pages_need_a_login() {
     let overview = client.get(format!("{}/", o.url)).header("cookie", &session).send().await.unwrap();
     assert_eq!(overview.status(), StatusCode::OK);
     let text = overview.text().await.unwrap();
-    assert!(text.contains("Fleet revisions") && !text.contains("api-token"), "{text}");
+    assert!(
+        text.contains("Fleet revisions") && text.contains("log out") && !text.contains("api-token"),
+        "{text}"
+    );
 
     let out = client.post(format!("{}/logout", o.url)).header("cookie", &session).send().await.unwrap();
     assert_eq!(out.status(), StatusCode::SEE_OTHER);

@@ -93,8 +93,21 @@ pre.log { max-height: 75vh; overflow: auto; white-space: pre-wrap; }
 form.login { display: grid; gap: .6rem; max-width: 22rem; } input { font: inherit; padding: .4rem; }
 ";
 
-/// A whole page: the navigation, `title`, `body`, and a link to the JSON twin.
+impl Server {
+    /// [`page`] as this server shows it: with a log-out button when the pages need a login.
+    fn page(&self, title: &str, json_twin: &str, body: Markup) -> Markup {
+        chrome(title, json_twin, self.config.server.status_page == StatusPage::Token, body)
+    }
+}
+
+/// A page without a log-out button (the login form, errors).
 fn page(title: &str, json_twin: &str, body: Markup) -> Markup {
+    chrome(title, json_twin, false, body)
+}
+
+/// A whole page: the navigation, `title`, `body`, a link to the JSON twin, and a log-out button
+/// when `logout`.
+fn chrome(title: &str, json_twin: &str, logout: bool, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -115,8 +128,10 @@ fn page(title: &str, json_twin: &str, body: Markup) -> Markup {
                 footer {
                     @if !json_twin.is_empty() { a.json href=(json_twin) { "this page as JSON" } " · " }
                     a href="/metrics" { "metrics" }
-                    " · "
-                    form method="post" action="/logout" style="display:inline" { button type="submit" { "log out" } }
+                    @if logout {
+                        " · "
+                        form method="post" action="/logout" style="display:inline" { button type="submit" { "log out" } }
+                    }
                 }
             }
         }
@@ -249,7 +264,7 @@ pub(super) async fn overview(AxState(s): AxState<Arc<Server>>, headers: HeaderMa
     for r in &revisions {
         sections.push((r, revision_table(&s, r).await?));
     }
-    Ok(html_response(page(
+    Ok(html_response(s.page(
         "Fleet revisions",
         "/api/v1/status",
         html! {
@@ -278,7 +293,7 @@ pub(super) async fn revision(
         .find(|r| r.rev == rev || (rev.len() >= 7 && r.rev.starts_with(&rev)))
         .ok_or_else(|| Refusal::NotFound(format!("no revision {rev} among the last 100")))?;
     let table = revision_table(&s, r).await?;
-    Ok(html_response(page(
+    Ok(html_response(s.page(
         &format!("Revision {}", short(&r.rev)),
         "/api/v1/status?limit=100",
         html! {
@@ -376,7 +391,7 @@ pub(super) async fn log(
         _ => return Err(Refusal::NotFound("name a derivation (?drv=) or a revision and a variant".into())),
     };
     let name = drv.rsplit('/').next().unwrap_or(&drv).to_owned();
-    Ok(html_response(page(
+    Ok(html_response(s.page(
         &format!("Log of {name}"),
         "",
         html! {
@@ -418,7 +433,7 @@ const FOLLOW_LOG: &str = "
 pub(super) async fn builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> PageResult {
     s.reader(&headers)?;
     let builders = s.state.builders().await?;
-    Ok(html_response(page(
+    Ok(html_response(s.page(
         "Builders",
         "/api/v1/builders",
         html! {
@@ -447,7 +462,7 @@ pub(super) async fn builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMa
 pub(super) async fn webhooks(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> PageResult {
     s.reader(&headers)?;
     let pushes = s.state.pushes().await?;
-    Ok(html_response(page(
+    Ok(html_response(s.page(
         "Webhook deliveries",
         "/api/v1/pushes",
         html! {
