@@ -56,6 +56,9 @@ enum CallError {
     Status { status: reqwest::StatusCode, message: String },
 }
 
+/// Largest answer read from the orchestrator (a job, a registration).
+const MAX_ANSWER: usize = 16 << 20;
+
 /// The agent's settings.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -114,18 +117,17 @@ impl Agent {
             reqwest::StatusCode::NO_CONTENT => Ok(None),
             reqwest::StatusCode::GONE => Err(CallError::Gone),
             s if s.is_success() => {
-                let text = resp.text().await?;
-                if text.trim().is_empty() {
+                let text = crate::http::read_limited(resp, MAX_ANSWER)
+                    .await
+                    .map_err(|message| CallError::Status { status: s, message })?;
+                if text.trim_ascii().is_empty() {
                     return Ok(None);
                 }
-                serde_json::from_str(&text)
+                serde_json::from_slice(&text)
                     .map(Some)
                     .map_err(|e| CallError::Status { status: s, message: format!("unexpected answer: {e}") })
             }
-            status => Err(CallError::Status {
-                status,
-                message: resp.text().await.unwrap_or_default().trim().to_owned(),
-            }),
+            status => Err(CallError::Status { status, message: crate::http::error_text(resp).await }),
         }
     }
 }

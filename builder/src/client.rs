@@ -51,6 +51,13 @@ impl ClientError {
 pub use cache_protocol::UploadMeta;
 use cache_protocol::{MissingRequest, MissingResponse, UploadResult};
 
+/// Largest answer to a "missing" batch read: every path of a full batch, at Nix's longest.
+const MAX_MISSING_ANSWER: usize = 32 << 20;
+/// Largest garbage collection report read.
+const MAX_GC_ANSWER: usize = 16 << 20;
+/// Largest upload result read (the published narinfo is at most 1 MiB).
+const MAX_UPLOAD_ANSWER: usize = 4 << 20;
+
 /// A client for one cache-server.
 #[derive(Clone)]
 pub struct CacheClient {
@@ -89,8 +96,16 @@ impl CacheClient {
             return Ok(resp);
         }
         let status = resp.status();
-        let message = resp.text().await.unwrap_or_default().trim().to_owned();
+        let message = crate::http::error_text(resp).await;
         Err(ClientError::Status { status, message })
+    }
+
+    /// A JSON answer of at most `limit` bytes.
+    async fn json<T: serde::de::DeserializeOwned>(
+        resp: Result<reqwest::Response, reqwest::Error>,
+        limit: usize,
+    ) -> Result<T, ClientError> {
+        crate::http::read_json(Self::check(resp).await?, limit).await.map_err(ClientError::Protocol)
     }
 
     /// The subset of `paths` that the cache does not have and no upstream of it serves, in
@@ -114,8 +129,7 @@ impl CacheClient {
                 .json(&body)
                 .send()
                 .await;
-            let resp: MissingResponse =
-                Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let resp: MissingResponse = Self::json(resp, MAX_MISSING_ANSWER).await?;
             query.missing.extend(resp.missing.iter().map(parse).collect::<Result<Vec<_>, _>>()?);
             query.upstream.extend(resp.upstream.iter().map(parse).collect::<Result<Vec<_>, _>>()?);
         }
@@ -135,7 +149,7 @@ impl CacheClient {
             .json(req)
             .send()
             .await;
-        Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))
+        Self::json(resp, MAX_GC_ANSWER).await
     }
 
     /// Stores the build log of `drv` as `log/<drv base name>`, where `nix log` looks for it.
@@ -164,8 +178,85 @@ impl CacheClient {
             .body(reqwest::Body::wrap_stream(body))
             .send()
             .await;
-        let result: UploadResult =
-            Self::check(resp).await?.json().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let result: UploadResult = Self::json(resp, MAX_UPLOAD_ANSWER).await?;
         Ok(result.file_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A server that answers every request with `status` and a body that never ends, counting
+    /// the bytes it managed to send.
+    async fn endless(status: &'static str) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = conn.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let start = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    );
+                    if conn.write_all(start.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
+                    while conn.write_all(chunk.as_bytes()).await.is_ok() {
+                        counter.fetch_add(1 << 20, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (url, sent)
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_at_its_limit() {
+        let (url, sent) = endless("200 OK").await;
+        let client = CacheClient::new(&url, "t").unwrap();
+        let paths = [StorePath::from_absolute("/nix/store/00000000000000000000000000000000-x").unwrap()];
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(60), client.missing(&paths));
+        let err = answer.await.expect("the client stops reading").unwrap_err().to_string();
+        assert!(err.contains(&format!("is over {MAX_MISSING_ANSWER} bytes")), "{err}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let sent = sent.load(Ordering::Relaxed) as usize;
+        // What was sent is what the limit read plus what the sockets held.
+        assert!(sent < MAX_MISSING_ANSWER + (16 << 20), "the client stopped reading: {sent} bytes sent");
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_is_read_only_for_its_message() {
+        let (url, _) = endless("500 Internal Server Error").await;
+        let client = CacheClient::new(&url, "t").unwrap();
+        let path = StorePath::from_absolute("/nix/store/00000000000000000000000000000000-x").unwrap();
+        match client.missing(&[path]).await {
+            Err(ClientError::Status { status, message }) => {
+                assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+                assert!(
+                    message.is_empty() || message.len() <= crate::http::ERROR_TEXT_LIMIT,
+                    "{}",
+                    message.len()
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

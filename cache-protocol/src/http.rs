@@ -106,6 +106,33 @@ pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Resu
     Ok(body)
 }
 
+/// Reads a JSON answer of at most `limit` bytes (see [`read_limited`]).
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+    limit: usize,
+) -> Result<T, String> {
+    let url = response.url().to_string();
+    let body = read_limited(response, limit).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("the answer of {url} is not the JSON expected: {e}"))
+}
+
+/// Most bytes of an error answer kept for its message.
+pub const ERROR_TEXT_LIMIT: usize = 64 * 1024;
+
+/// The text of an error answer, its first [`ERROR_TEXT_LIMIT`] bytes at most (the rest is not
+/// read), trimmed; empty if it cannot be read.
+pub async fn error_text(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = ERROR_TEXT_LIMIT - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= ERROR_TEXT_LIMIT {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).trim().to_owned()
+}
+
 /// The whole cause chain of `e` in one line (reqwest's own message names only the URL), with a
 /// hint when the server's certificate is what failed.
 pub fn describe(e: &reqwest::Error) -> String {

@@ -35,10 +35,22 @@ pub enum RemoteError {
         /// Its message.
         message: String,
     },
+    /// It answered something too large or not the JSON expected.
+    #[error("orchestrator {url}: {message}")]
+    Answer {
+        /// The URL.
+        url: String,
+        /// What is wrong with the answer.
+        message: String,
+    },
     /// The request could not be planned (bad revision, no lock, …).
     #[error("{0}")]
     Request(String),
 }
+
+/// Largest answer read from an orchestrator (`status --limit 100` with every attempt, a log of
+/// `build.max-log-bytes`).
+const MAX_ANSWER: usize = 256 << 20;
 
 /// A client for one orchestrator.
 pub struct Remote {
@@ -73,10 +85,12 @@ impl Remote {
             .map_err(|source| RemoteError::Transport { url: url.clone(), source })?;
         let status = resp.status();
         if !status.is_success() {
-            let message = resp.text().await.unwrap_or_default().trim().to_owned();
+            let message = builder::http::error_text(resp).await;
             return Err(RemoteError::Status { url, status, message });
         }
-        resp.json().await.map_err(|source| RemoteError::Transport { url, source })
+        builder::http::read_json(resp, MAX_ANSWER)
+            .await
+            .map_err(|message| RemoteError::Answer { url, message })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
@@ -102,6 +116,16 @@ impl Remote {
                 Ok(v) => {
                     unreachable_since = None;
                     v
+                }
+                // A body cut short (the server restarting) reads as a bad answer: asked again
+                // for as long as an unreachable server is.
+                Err(e @ RemoteError::Answer { .. }) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > UNREACHABLE_FOR {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
                 }
                 Err(RemoteError::Transport { url, source })
                     if !builder::http::is_certificate_error(&source) =>
