@@ -46,7 +46,7 @@ struct Inner {
     loaded: Option<(Instant, u64)>,
 }
 
-/// What the last listing found.
+/// What the index holds, and what its last listing found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IndexStatus {
     /// Narinfos held: the last listing's and the publications through this server since.
