@@ -212,8 +212,9 @@ fn log_link(drv: &str) -> String {
     format!("/logs?drv={escaped}")
 }
 
+/// The first 12 characters (a commit's short form; whatever a forge sent, cut at a character).
 fn short(rev: &str) -> &str {
-    &rev[..rev.len().min(12)]
+    rev.char_indices().nth(12).map_or(rev, |(i, _)| &rev[..i])
 }
 
 fn ago(unix: i64) -> String {
@@ -554,6 +555,13 @@ mod tests {
         assert_eq!(strip_ansi("a\u{1b}]0;title\u{7}b\u{1b}]8;;http://x\u{1b}\\c\td"), "abc\td");
         assert_eq!(strip_ansi("bell\u{7} and \u{1b}(B charset"), "bell and  charset");
         assert_eq!(strip_ansi("é ✓ <b>"), "é ✓ <b>");
+    }
+
+    #[test]
+    fn short_revisions_cut_at_a_character() {
+        assert_eq!(short("3a5ffa7d8c2e3edda944"), "3a5ffa7d8c2e");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short("ééééééééééééé"), "éééééééééééé");
     }
 
     #[test]
