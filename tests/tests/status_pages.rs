@@ -95,11 +95,26 @@ async fn the_pages_follow_builds_as_builders_work() {
 
     // The running build's log: its lines so far, more a moment later; colours become text.
     let log_url = format!("{}{}", o.url, log.expect("a log link"));
-    let first = get(&log_url).await;
+    // (The builder streams its log in chunks: the first lines may take a moment to arrive.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let page = get(&log_url).await;
+        if page.contains("configuring llama.cpp cpu") || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(first.contains("configuring llama.cpp cpu") && first.contains("id=\"log-live\""), "{first}");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let later = get(&log_url).await;
-    let (n1, n2) = (lines_with(&first, "compiling ggml-cpu"), lines_with(&later, "compiling ggml-cpu"));
+    let n1 = lines_with(&first, "compiling ggml-cpu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let later = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let page = get(&log_url).await;
+        if lines_with(&page, "compiling ggml-cpu") > n1 || Instant::now() > deadline {
+            break page;
+        }
+    };
+    let n2 = lines_with(&later, "compiling ggml-cpu");
     assert!(n2 > n1, "the live log gained lines: {n1} then {n2}");
     assert!(
         !later.contains('\u{1b}') && !later.contains("[1;34m") && later.contains("] compiling ggml-cpu"),
