@@ -136,7 +136,7 @@ fn text(p: &Page) -> String {
 
 /// The style of fleetcache's pages (this one and the orchestrator's): readable on a laptop and a
 /// phone, light and dark as the system prefers.
-pub const PAGE_STYLE: &str = "
+const PAGE_STYLE: &str = "
 :root { color-scheme: light dark; --fg: #1b1f24; --bg: #fbfbfa; --muted: #5b636e; --code: #eef0f2; --accent: #2f6f4f; }
 @media (prefers-color-scheme: dark) { :root { --fg: #e6e6e3; --bg: #16181b; --muted: #9aa3ad; --code: #23272c; --accent: #7fc8a0; } }
 body { font: 16px/1.5 system-ui, sans-serif; color: var(--fg); background: var(--bg); margin: 0 auto; max-width: 46rem; padding: 1.5rem 1rem 3rem; }
@@ -148,16 +148,24 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: .35rem 1rem; } 
 footer { margin-top: 2.5rem; color: var(--muted); font-size: .9rem; } a { color: var(--accent); }
 ";
 
+/// The `head` of fleetcache's pages: `title`, sized for phones, [`PAGE_STYLE`] and then
+/// `extra_style`.
+pub fn page_head(title: &str, extra_style: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) }
+            style { (PreEscaped(PAGE_STYLE)) (PreEscaped(extra_style)) }
+        }
+    }
+}
+
 fn render(p: &Page) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "fleetcache — " (p.url) }
-                style { (PreEscaped(PAGE_STYLE)) }
-            }
+            (page_head(&format!("fleetcache — {}", p.url), ""))
             body {
                 h1 { "fleetcache binary cache" }
                 p.lead { "A Nix binary cache for this fleet, at " code #url { (p.url) } "." }

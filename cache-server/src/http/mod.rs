@@ -25,7 +25,7 @@ pub use app::{
     default_verifications,
 };
 use app::{ApiResult, check_read};
-pub use landing::PAGE_STYLE;
+pub use landing::page_head;
 use read::{log, nar, top};
 use upload::{native_missing, native_upload, put_log, put_nar, put_top};
 

@@ -22,7 +22,7 @@ use super::record::{BUILDER_ALIVE, describe_job, find_log};
 use super::server::Server;
 use super::sessions::{COOKIE, SESSION_LIFETIME, session_id};
 use crate::config::StatusPage;
-use crate::state::{JobStatus, RevisionReport, StateError, VariantReport, now};
+use crate::state::{BuilderInfo, JobStatus, RevisionReport, StateError, VariantReport, now};
 
 /// Revisions on the overview.
 const OVERVIEW_REVISIONS: u32 = 10;
@@ -111,12 +111,7 @@ fn chrome(title: &str, json_twin: &str, logout: bool, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " — fleetcache" }
-                style { (PreEscaped(cache_server::http::PAGE_STYLE)) (PreEscaped(EXTRA_STYLE)) }
-            }
+            (cache_server::http::page_head(&format!("{title} — fleetcache"), EXTRA_STYLE))
             body {
                 nav {
                     a href="/" { "Overview" }
@@ -144,13 +139,19 @@ struct Shown {
     words: String,
 }
 
-async fn shown(server: &Server, variant: &VariantReport) -> Result<Shown, StateError> {
+/// `builders`: the registered builders, read once for the whole page.
+async fn shown(
+    server: &Server,
+    variant: &VariantReport,
+    builders: &[BuilderInfo],
+) -> Result<Shown, StateError> {
     let done = matches!(variant.status.as_str(), "cached" | "built" | "failed" | "interrupted");
     let drvs: Vec<String> = variant.drv_path.iter().cloned().collect();
-    let checks = server.state.jobs_for(&drvs, JobKind::Verify).await?;
-    let verification =
-        variant.drv_path.as_ref().and_then(|d| checks.get(d)).and_then(|j| j.verification.clone());
     if done {
+        // Only an ended variant shows its verification.
+        let checks = server.state.jobs_for(&drvs, JobKind::Verify).await?;
+        let verification =
+            variant.drv_path.as_ref().and_then(|d| checks.get(d)).and_then(|j| j.verification.clone());
         let (class, mut words) = match variant.status.as_str() {
             "cached" => ("cached", "cached".to_owned()),
             "built" => ("built", "built".to_owned()),
@@ -179,10 +180,9 @@ async fn shown(server: &Server, variant: &VariantReport) -> Result<Shown, StateE
     let Some(job) = variant.drv_path.as_ref().and_then(|d| jobs.get(d)) else {
         return Ok(Shown { class: "queued", words: variant.status.clone() });
     };
-    let builders = server.state.builders().await?;
     let words = match (job.status, &job.error) {
         (JobStatus::Failed, Some(error)) => format!("failed: {}", strip_ansi(error)),
-        _ => describe_job(job, &builders),
+        _ => describe_job(job, builders),
     };
     let class = match job.status {
         JobStatus::Claimed if job.phase.as_deref() == Some("pushing") => "pushing",
@@ -227,10 +227,14 @@ fn ago(unix: i64) -> String {
     }
 }
 
-async fn revision_table(server: &Server, r: &RevisionReport) -> Result<Markup, StateError> {
+async fn revision_table(
+    server: &Server,
+    r: &RevisionReport,
+    builders: &[BuilderInfo],
+) -> Result<Markup, StateError> {
     let mut rows = Vec::new();
     for v in &r.variants {
-        rows.push((v, shown(server, v).await?));
+        rows.push((v, shown(server, v, builders).await?));
     }
     Ok(html! {
         p.muted {
@@ -261,9 +265,10 @@ async fn revision_table(server: &Server, r: &RevisionReport) -> Result<Markup, S
 pub(super) async fn overview(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> PageResult {
     s.reader(&headers)?;
     let revisions = s.state.report(OVERVIEW_REVISIONS).await?;
+    let builders = s.state.builders().await?;
     let mut sections = Vec::new();
     for r in &revisions {
-        sections.push((r, revision_table(&s, r).await?));
+        sections.push((r, revision_table(&s, r, &builders).await?));
     }
     Ok(html_response(s.page(
         "Fleet revisions",
@@ -293,7 +298,7 @@ pub(super) async fn revision(
         .iter()
         .find(|r| r.rev == rev || (rev.len() >= 7 && r.rev.starts_with(&rev)))
         .ok_or_else(|| Refusal::NotFound(format!("no revision {rev} among the last 100")))?;
-    let table = revision_table(&s, r).await?;
+    let table = revision_table(&s, r, &s.state.builders().await?).await?;
     Ok(html_response(s.page(
         &format!("Revision {}", short(&r.rev)),
         "/api/v1/status?limit=100",
