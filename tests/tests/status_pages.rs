@@ -10,24 +10,17 @@ use std::time::{Duration, Instant};
 use fleetcache_tests::browser;
 use fleetcache_tests::cache_server::CacheServer;
 use fleetcache_tests::orchestrator::{Setup, spawn_build};
-use fleetcache_tests::serve::{configure, start_builder_with, start_orchestrator};
+use fleetcache_tests::serve::{DEFAULT_AND_CUDA, configure, start_builder_with, start_orchestrator};
 use reqwest::StatusCode;
 
-const PUBLIC_VARIANTS: &str = r#"status-page = "public"
-
-[[variant]]
-name = "default"
-attr = "inputs.llama-cpp.packages.{system}.default"
-
-[[variant]]
-name = "cuda"
-attr = "inputs.llama-cpp.packages.{system}.cuda"
-features = ["cuda"]
-
-[[variant]]
-name = "broken"
-attr = "inputs.llama-cpp.packages.{system}.broken"
-"#;
+/// Public pages (a line of `[server]`, where `configure` puts it), the stand-in fleet's
+/// `default` and `cuda` variants, and its `broken` one.
+fn public_variants() -> String {
+    format!(
+        "status-page = \"public\"\n{DEFAULT_AND_CUDA}\n[[variant]]\nname = \"broken\"\n\
+         attr = \"inputs.llama-cpp.packages.{{system}}.broken\"\n"
+    )
+}
 
 async fn get(url: &str) -> String {
     let resp = reqwest::get(url).await.unwrap();
@@ -77,7 +70,7 @@ async fn the_pages_follow_builds_as_builders_work() {
     let s = Setup::new();
     s.fleet.hold_builds();
     let (_dir, cache) = CacheServer::start_local();
-    let (config, api_token) = configure(&s, &cache, "", PUBLIC_VARIANTS);
+    let (config, api_token) = configure(&s, &cache, "", &public_variants());
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     // Two jobs at once, so default and broken build side by side.
     let (_builder, _) = start_builder_with(&s, &o, "builder-a", "token-a", "", &["--max-jobs", "2"]);
