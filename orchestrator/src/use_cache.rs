@@ -196,8 +196,7 @@ pub async fn fetch_keys(url: &str, token: Option<&str>) -> Result<Vec<String>, U
         return Err(err(format!("it answered {status} (a fleetcache cache-server answers with its keys)")));
     }
     // A few keys of ~100 bytes each.
-    let body = builder::http::read_limited(response, 64 << 10).await.map_err(err)?;
-    let keys: cache_protocol::CacheKeys = serde_json::from_slice(&body).map_err(|e| err(e.to_string()))?;
+    let keys: cache_protocol::CacheKeys = builder::http::read_json(response, 64 << 10).await.map_err(err)?;
     if keys.public_keys.is_empty() {
         return Err(err("it has no signing key".to_owned()));
     }
