@@ -76,6 +76,15 @@ pub struct Query {
     pub upstream: Vec<StorePath>,
 }
 
+/// The end of a build log the cache holds ([`CacheClient::log_tail`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTail {
+    /// The last lines, lossily decoded as UTF-8.
+    pub text: String,
+    /// The whole log's size in the cache.
+    pub total_bytes: u64,
+}
+
 impl CacheClient {
     /// A client for the cache at `base` (`https://host` or `http://host:port`), uploading with
     /// `token`.
@@ -163,6 +172,36 @@ impl CacheClient {
             .send()
             .await;
         Self::check(resp).await.map(drop)
+    }
+
+    /// The last `max` bytes at most of the build log the cache holds for `drv`, and the whole
+    /// log's size; `None` when the cache has no log for it. The tail starts at a line.
+    pub async fn log_tail(&self, drv: &StorePath, max: usize) -> Result<Option<LogTail>, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/log/{}", self.base, drv.base_name()))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::RANGE, format!("bytes=-{max}"))
+            .send()
+            .await;
+        if resp.as_ref().is_ok_and(|r| r.status() == StatusCode::NOT_FOUND) {
+            return Ok(None);
+        }
+        let resp = Self::check(resp).await?;
+        // 206 names the whole size in Content-Range (`bytes a-b/size`); 200 is the whole log.
+        let total = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok()?.rsplit('/').next()?.parse::<u64>().ok());
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+        let body = crate::http::read_limited(resp, max).await.map_err(ClientError::Protocol)?;
+        let total = total.unwrap_or(body.len() as u64);
+        let mut text = String::from_utf8_lossy(&body).into_owned();
+        if partial && total > body.len() as u64 {
+            // Cut in the middle of a line (or of a character): start at the next one.
+            text = text.split_once('\n').map_or(String::new(), |(_, rest)| rest.to_owned());
+        }
+        Ok(Some(LogTail { text, total_bytes: total }))
     }
 
     /// Uploads one path: `body` yields the metadata line, then the zstd-compressed NAR.

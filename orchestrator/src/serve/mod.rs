@@ -4,7 +4,8 @@
 //! loses nothing: planned requests keep their jobs, running jobs keep their leases.
 //!
 //! [`http`] is the edge (routes, tokens, handlers), [`pages`] the status pages for a browser
-//! (their logins in [`sessions`]); [`server`] holds the shared state and the
+//! and [`logs`] its build logs (the frame they share and the login in [`frame`], the logins'
+//! sessions in [`sessions`]); [`server`] holds the shared state and the
 //! round that plans and settles requests; [`settle`] decides a variant's next step from its
 //! jobs alone; [`record`] is what is kept of a plan and what the CLI sees of it.
 
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+mod frame;
 mod http;
+mod logs;
 mod pages;
 mod record;
 mod server;
@@ -21,6 +24,7 @@ mod sessions;
 mod settle;
 
 pub use http::router;
+pub use logs::CACHE_LOG_SHOWN;
 pub use record::{LogView, RequestView, VariantView, find_log};
 pub use server::{Server, Submit};
 

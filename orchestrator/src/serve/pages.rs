@@ -1,137 +1,24 @@
 //! The status pages of `orchestrator serve`: what the CLI and the JSON API show, for a browser.
 //! Server-rendered HTML (maud) from the same state: the overview of the newest revisions with
-//! each variant's live phase, a revision with its attempts, a build log (following the build
-//! while it runs), the builders and the webhook deliveries. Every page links its JSON twin.
-//!
-//! Read access is `server.status-page`: `public`, or `token` (the default): an API token, by
-//! `Authorization` or by the login form, which keeps a random session id in an `HttpOnly`
-//! cookie (sessions live in memory: a restart asks for the token again). No token, secret or
-//! key is shown on any page.
+//! each variant's live phase, a revision with its attempts, the builders and the webhook
+//! deliveries (build logs are in [`super::logs`], the frame and the login in [`super::frame`]).
+//! Every page links its JSON twin.
 
 use std::sync::Arc;
 
-use axum::extract::{Form, Path, Query, State as AxState};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::extract::{Path, State as AxState};
+use axum::http::HeaderMap;
 use builder::api::{JobKind, VerifyStatus};
-use cache_server::auth::presented_token;
-use maud::{DOCTYPE, Markup, PreEscaped, html};
-use serde::Deserialize;
+use maud::{Markup, html};
 
-use super::record::{BUILDER_ALIVE, describe_job, find_log};
+use super::frame::{PageResult, Refusal, html_response};
+use super::logs::{log_link, strip_ansi};
+use super::record::{BUILDER_ALIVE, describe_job};
 use super::server::Server;
-use super::sessions::{COOKIE, SESSION_LIFETIME, session_id};
-use crate::config::StatusPage;
 use crate::state::{BuilderInfo, JobStatus, RevisionReport, StateError, VariantReport, now};
 
 /// Revisions on the overview.
 const OVERVIEW_REVISIONS: u32 = 10;
-
-/// Why a page is not shown.
-pub(super) enum Refusal {
-    /// Not logged in: to the login form.
-    Login,
-    /// The state database failed.
-    State,
-    /// No such thing.
-    NotFound(String),
-}
-
-impl From<StateError> for Refusal {
-    fn from(e: StateError) -> Self {
-        tracing::error!(error = %e, "state");
-        Refusal::State
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        match self {
-            Refusal::Login => Redirect::to("/login").into_response(),
-            Refusal::State => {
-                let body = page("Unavailable", "", html! { p { "The state database failed; retry later." } });
-                (StatusCode::SERVICE_UNAVAILABLE, html_response(body)).into_response()
-            }
-            Refusal::NotFound(what) => {
-                (StatusCode::NOT_FOUND, html_response(page("Not found", "", html! { p { (what) } })))
-                    .into_response()
-            }
-        }
-    }
-}
-
-pub(super) type PageResult = Result<Response, Refusal>;
-
-impl Server {
-    /// Whether the visitor may read the pages.
-    fn reader(&self, headers: &HeaderMap) -> Result<(), Refusal> {
-        if self.config.server.status_page == StatusPage::Public {
-            return Ok(());
-        }
-        let by_token = presented_token(headers).and_then(|t| self.api_tokens.check(&t));
-        let by_session = session_id(headers).and_then(|id| self.sessions.user(id));
-        by_token.or(by_session).map(drop).ok_or(Refusal::Login)
-    }
-}
-
-fn html_response(markup: Markup) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
-        markup.into_string(),
-    )
-        .into_response()
-}
-
-const EXTRA_STYLE: &str = "
-body { max-width: 72rem; }
-nav { display: flex; gap: 1rem; flex-wrap: wrap; margin-bottom: 1rem; } nav a { text-decoration: none; }
-table { border-collapse: collapse; width: 100%; margin: .5rem 0 1rem; } th, td { text-align: left; padding: .3rem .6rem; border-bottom: 1px solid var(--code); vertical-align: top; }
-th { color: var(--muted); font-weight: 600; } .wrap { overflow-x: auto; }
-.st { font-weight: 600; white-space: nowrap; } .cached, .built, .verified { color: #2f8f4f; } .failed, .push-failed, .verify-failed { color: #c0392b; }
-.building, .pushing, .queued, .waiting, .running { color: #b7791f; } .muted { color: var(--muted); }
-pre.log { max-height: 75vh; overflow: auto; white-space: pre-wrap; }
-form.login { display: grid; gap: .6rem; max-width: 22rem; } input { font: inherit; padding: .4rem; }
-";
-
-impl Server {
-    /// [`page`] as this server shows it: with a log-out button when the pages need a login.
-    fn page(&self, title: &str, json_twin: &str, body: Markup) -> Markup {
-        chrome(title, json_twin, self.config.server.status_page == StatusPage::Token, body)
-    }
-}
-
-/// A page without a log-out button (the login form, errors).
-fn page(title: &str, json_twin: &str, body: Markup) -> Markup {
-    chrome(title, json_twin, false, body)
-}
-
-/// A whole page: the navigation, `title`, `body`, a link to the JSON twin, and a log-out button
-/// when `logout`.
-fn chrome(title: &str, json_twin: &str, logout: bool, body: Markup) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            (cache_server::http::page_head(&format!("{title} — fleetcache"), EXTRA_STYLE))
-            body {
-                nav {
-                    a href="/" { "Overview" }
-                    a href="/builders" { "Builders" }
-                    a href="/webhooks" { "Webhook deliveries" }
-                }
-                h1 { (title) }
-                (body)
-                footer {
-                    @if !json_twin.is_empty() { a.json href=(json_twin) { "this page as JSON" } " · " }
-                    a href="/metrics" { "metrics" }
-                    @if logout {
-                        " · "
-                        form method="post" action="/logout" style="display:inline" { button type="submit" { "log out" } }
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// A variant's state in one word (its CSS class) and in words, live from its jobs.
 struct Shown {
@@ -193,23 +80,6 @@ async fn shown(
         _ => "failed",
     };
     Ok(Shown { class, words })
-}
-
-/// `/logs?drv=…` for a derivation (its characters need only `+`, `=` and `?` escaped).
-fn log_link(drv: &str) -> String {
-    let escaped: String = drv
-        .chars()
-        .map(|c| match c {
-            '+' => "%2B".to_owned(),
-            '=' => "%3D".to_owned(),
-            '?' => "%3F".to_owned(),
-            '&' => "%26".to_owned(),
-            '#' => "%23".to_owned(),
-            ' ' => "%20".to_owned(),
-            c => c.to_string(),
-        })
-        .collect();
-    format!("/logs?drv={escaped}")
 }
 
 /// The first 12 characters (a commit's short form; whatever a forge sent, cut at a character).
@@ -329,113 +199,6 @@ pub(super) async fn revision(
     )))
 }
 
-#[derive(Deserialize)]
-pub(super) struct LogQuery {
-    drv: Option<String>,
-    rev: Option<String>,
-    variant: Option<String>,
-}
-
-/// Removes ANSI escape sequences (colours, cursor moves) and other control characters but
-/// newlines and tabs, so a log shows as text.
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\u{1b}' => match chars.peek() {
-                // CSI: parameters and intermediates, then one final byte in @..~.
-                Some('[') => {
-                    chars.next();
-                    for c in chars.by_ref() {
-                        if ('@'..='~').contains(&c) {
-                            break;
-                        }
-                    }
-                }
-                // OSC: up to BEL or ESC \.
-                Some(']') => {
-                    chars.next();
-                    while let Some(c) = chars.next() {
-                        if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
-                            break;
-                        }
-                    }
-                }
-                // Others: intermediate bytes (` ` to `/`), then one final byte.
-                _ => {
-                    while chars.next_if(|c| (' '..='/').contains(c)).is_some() {}
-                    chars.next();
-                }
-            },
-            '\n' | '\t' => out.push(c),
-            '\r' => {}
-            c if c.is_control() => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-pub(super) async fn log(
-    AxState(s): AxState<Arc<Server>>,
-    Query(q): Query<LogQuery>,
-    headers: HeaderMap,
-) -> PageResult {
-    s.reader(&headers)?;
-    let (drv, text, running) = match (&q.drv, &q.rev, &q.variant) {
-        (Some(drv), _, _) => {
-            let (log, running) = s.state.job_log(drv).await?.unwrap_or_default();
-            (drv.clone(), log, running)
-        }
-        (None, Some(rev), Some(variant)) => {
-            let view = find_log(&s.state, rev, variant)
-                .await?
-                .ok_or_else(|| Refusal::NotFound(format!("no build of {variant} at {rev}")))?;
-            (view.drv_path, view.log, view.running)
-        }
-        _ => return Err(Refusal::NotFound("name a derivation (?drv=) or a revision and a variant".into())),
-    };
-    let name = drv.rsplit('/').next().unwrap_or(&drv).to_owned();
-    Ok(html_response(s.page(
-        &format!("Log of {name}"),
-        "",
-        html! {
-            p #log-state {
-                @if running {
-                    span #log-live .st.running { "running" } " — this page follows the build."
-                } @else if text.is_empty() {
-                    span.muted { "No log was recorded (yet)." }
-                } @else { "ended" }
-            }
-            pre.log #log data-polls="0" { (strip_ansi(&text)) }
-            @if running { script { (PreEscaped(FOLLOW_LOG)) } }
-        },
-    )))
-}
-
-/// While the build runs, the log page fetches itself again every 1.5 s and takes the new log
-/// and state from it, staying at the end if the reader was there; it stops once the build ended.
-const FOLLOW_LOG: &str = "
-(() => {
-  const log = document.getElementById('log'), state = document.getElementById('log-state');
-  log.scrollTop = log.scrollHeight;
-  async function poll() {
-    try {
-      const page = new DOMParser().parseFromString(await (await fetch(location.href)).text(), 'text/html');
-      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-      const newLog = page.getElementById('log'), newState = page.getElementById('log-state');
-      if (newLog) log.textContent = newLog.textContent;
-      if (newState) state.innerHTML = newState.innerHTML;
-      log.dataset.polls = Number(log.dataset.polls) + 1;
-      if (atEnd) log.scrollTop = log.scrollHeight;
-      if (page.getElementById('log-live')) setTimeout(poll, 1500);
-    } catch (e) { setTimeout(poll, 5000); }
-  }
-  setTimeout(poll, 1500);
-})();
-";
-
 pub(super) async fn builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> PageResult {
     s.reader(&headers)?;
     let builders = s.state.builders().await?;
@@ -489,88 +252,14 @@ pub(super) async fn webhooks(AxState(s): AxState<Arc<Server>>, headers: HeaderMa
     )))
 }
 
-pub(super) async fn login_form() -> Response {
-    html_response(login_page(None))
-}
-
-fn login_page(error: Option<&str>) -> Markup {
-    page(
-        "Log in",
-        "",
-        html! {
-            @if let Some(e) = error { p #login-error .st.failed { (e) } }
-            form.login method="post" action="/login" {
-                label for="token" { "API token (a line of server.api-tokens-file)" }
-                input #token type="password" name="token" autocomplete="current-password" required;
-                button type="submit" { "Log in" }
-            }
-        },
-    )
-}
-
-#[derive(Deserialize)]
-pub(super) struct Login {
-    token: String,
-}
-
-pub(super) async fn login(
-    AxState(s): AxState<Arc<Server>>,
-    headers: HeaderMap,
-    Form(form): Form<Login>,
-) -> Response {
-    let Some(user) = s.api_tokens.check(form.token.trim().as_bytes()) else {
-        s.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return (
-            StatusCode::UNAUTHORIZED,
-            html_response(login_page(Some("That is not an API token of this server."))),
-        )
-            .into_response();
-    };
-    let id = s.sessions.start(&user);
-    let secure = headers.get("x-forwarded-proto").is_some_and(|p| p.as_bytes().starts_with(b"https"));
-    let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        SESSION_LIFETIME.as_secs(),
-        if secure { "; Secure" } else { "" }
-    );
-    let mut resp = Redirect::to("/").into_response();
-    resp.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("ascii"));
-    resp
-}
-
-pub(super) async fn logout(AxState(s): AxState<Arc<Server>>, headers: HeaderMap) -> Response {
-    if let Some(id) = session_id(&headers) {
-        s.sessions.end(id);
-    }
-    let mut resp = Redirect::to("/login").into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("fleetcache_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn logs_show_as_text() {
-        assert_eq!(strip_ansi("\u{1b}[1;31merror:\u{1b}[0m build failed\r\n"), "error: build failed\n");
-        assert_eq!(strip_ansi("a\u{1b}]0;title\u{7}b\u{1b}]8;;http://x\u{1b}\\c\td"), "abc\td");
-        assert_eq!(strip_ansi("bell\u{7} and \u{1b}(B charset"), "bell and  charset");
-        assert_eq!(strip_ansi("é ✓ <b>"), "é ✓ <b>");
-    }
 
     #[test]
     fn short_revisions_cut_at_a_character() {
         assert_eq!(short("3a5ffa7d8c2e3edda944"), "3a5ffa7d8c2e");
         assert_eq!(short("abc"), "abc");
         assert_eq!(short("ééééééééééééé"), "éééééééééééé");
-    }
-
-    #[test]
-    fn log_links_escape_what_a_query_would_misread() {
-        assert_eq!(log_link("/nix/store/abc-a+b=c?.drv"), "/logs?drv=/nix/store/abc-a%2Bb%3Dc%3F.drv");
     }
 }
