@@ -235,6 +235,8 @@ async fn the_pages_follow_builds_as_builders_work() {
     );
     let builders = b.dom();
     assert!(builders.contains("data-name=\"builder-a\"") && builders.contains("x86_64-linux"), "{builders}");
+    let done = b.eval("document.querySelector('tr[data-name=\"builder-a\"] td.done').textContent");
+    assert_eq!(done, serde_json::json!("1 built, 1 failed"), "default built, broken failed");
     b.screenshot("status-builders", LAPTOP);
     b.click("nav a[href='/webhooks']");
     b.wait_for(

@@ -208,7 +208,7 @@ pub(super) async fn builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMa
         html! {
             @if builders.is_empty() { p { "No builder has registered." } }
             @else { div.wrap { table {
-                thead { tr { th { "name" } th { "systems" } th { "features" } th { "jobs held" } th { "last heard" } th { "version" } } }
+                thead { tr { th { "name" } th { "systems" } th { "features" } th { "jobs held" } th { "done" } th { "last heard" } th { "version" } } }
                 tbody { @for b in &builders {
                     tr.builder data-name=(b.name) {
                         td { (b.name) }
@@ -218,6 +218,7 @@ pub(super) async fn builders(AxState(s): AxState<Arc<Server>>, headers: HeaderMa
                             @for f in &b.mandatory_features { strong title="mandatory: it takes only jobs that require it" { (f) "*" } " " }
                         }
                         td { (b.running) " of " (b.max_jobs) }
+                        td.done { (b.built) " built" @if b.failed > 0 { ", " (b.failed) " failed" } }
                         td { @if now() - b.last_seen < BUILDER_ALIVE { (ago(b.last_seen)) } @else { span.muted { (ago(b.last_seen)) " (gone)" } } }
                         td { (b.version) }
                     }

@@ -142,6 +142,8 @@ mod tests {
             version: "t".into(),
             last_seen,
             running: 0,
+            built: 0,
+            failed: 0,
         }
     }
 

@@ -26,6 +26,12 @@ pub struct BuilderInfo {
     pub last_seen: i64,
     /// Jobs it holds now.
     pub running: u32,
+    /// Builds it finished that were published.
+    #[serde(default)]
+    pub built: u64,
+    /// Builds it finished that failed.
+    #[serde(default)]
+    pub failed: u64,
 }
 
 impl BuilderInfo {
@@ -48,6 +54,8 @@ fn builder_info(r: &sqlx::any::AnyRow) -> BuilderInfo {
         version: r.get(5),
         last_seen: r.get(6),
         running: r.get::<i64, _>(7) as u32,
+        built: r.get::<i64, _>(8) as u64,
+        failed: r.get::<i64, _>(9) as u64,
     }
 }
 
@@ -78,7 +86,9 @@ impl State {
     pub async fn builders(&self) -> Result<Vec<BuilderInfo>, StateError> {
         let rows = sqlx::query(&self.sql(
             "SELECT b.name, b.systems, b.features, b.mandatory_features, b.max_jobs, b.version, b.last_seen,
-               (SELECT count(*) FROM jobs j WHERE j.builder = b.name AND j.status = 'claimed')
+               (SELECT count(*) FROM jobs j WHERE j.builder = b.name AND j.status = 'claimed'),
+               (SELECT count(*) FROM attempts a WHERE a.owner = b.name AND a.status = 'built'),
+               (SELECT count(*) FROM attempts a WHERE a.owner = b.name AND a.status = 'failed')
              FROM builders b ORDER BY b.name",
         ))
         .fetch_all(&self.pool)
@@ -91,7 +101,9 @@ impl State {
     pub(super) async fn builder(&self, name: &str) -> Result<Option<BuilderInfo>, StateError> {
         let row = sqlx::query(&self.sql(
             "SELECT b.name, b.systems, b.features, b.mandatory_features, b.max_jobs, b.version, b.last_seen,
-               (SELECT count(*) FROM jobs j WHERE j.builder = b.name AND j.status = 'claimed')
+               (SELECT count(*) FROM jobs j WHERE j.builder = b.name AND j.status = 'claimed'),
+               (SELECT count(*) FROM attempts a WHERE a.owner = b.name AND a.status = 'built'),
+               (SELECT count(*) FROM attempts a WHERE a.owner = b.name AND a.status = 'failed')
              FROM builders b WHERE b.name = ?",
         ))
         .bind(name)
@@ -117,6 +129,8 @@ mod tests {
             version: "0".into(),
             last_seen: 0,
             running: 0,
+            built: 0,
+            failed: 0,
         }
     }
 

@@ -126,6 +126,8 @@ pub(super) const MIGRATIONS: &[(i64, &str)] = &[
     (2, "ALTER TABLE variants ADD COLUMN machines TEXT NOT NULL DEFAULT '[]'"),
     // Revisions a garbage collection keeps whatever their age (`orchestrator pin`).
     (3, "CREATE TABLE IF NOT EXISTS pins (rev TEXT PRIMARY KEY, pinned_at INTEGER NOT NULL)"),
+    // The builds each builder finished, counted on the builders page.
+    (4, "CREATE INDEX IF NOT EXISTS attempts_by_owner ON attempts (owner, status)"),
 ];
 
 /// The version this orchestrator writes.
