@@ -30,8 +30,8 @@ pub const CACHE_LOG_SHOWN: usize = 4 << 20;
 /// How long the page waits for the cache's log before it shows the orchestrator's.
 const CACHE_LOG_WAIT: Duration = Duration::from_secs(5);
 
-/// The drop of the end of a followed log that is looked for in the next read, when the log's
-/// beginning was cut (the state keeps its last `build.max-log-bytes`).
+/// How much of the end of what a follower was sent is looked for in the next read, when the
+/// log's beginning was cut in between (the state keeps its last `build.max-log-bytes`).
 const ANCHOR_BYTES: usize = 1024;
 
 #[derive(Deserialize)]
