@@ -101,7 +101,7 @@ async fn events_until(url: &str, enough: impl Fn(&[(String, String)]) -> bool) -
 async fn the_pages_follow_builds_as_builders_work() {
     let s = Setup::new();
     s.fleet.hold_builds();
-    let (_dir, cache) = CacheServer::start_local();
+    let (_dir, mut cache) = CacheServer::start_local();
     let (config, api_token) = configure(&s, &cache, "", &public_variants());
     let o = start_orchestrator(&s, &config, &api_token, "127.0.0.1:0");
     // Two jobs at once, so default and broken build side by side.
@@ -249,6 +249,16 @@ async fn the_pages_follow_builds_as_builders_work() {
     for page in [&dom, &revision, &builders, &hooks, &ended] {
         assert!(!page.contains("token-a") && !page.contains("api-token"), "no token is shown");
     }
+
+    // The cache gone: an ended build's page still shows a log (the orchestrator's) and says why.
+    cache.stop();
+    let without = get(&log_url).await;
+    assert!(
+        without.contains("data-source=\"orchestrator\"")
+            && without.contains("the cache's log could not be read: cannot reach the cache")
+            && without.contains("built llama.cpp cpu"),
+        "{without}"
+    );
 }
 
 #[tokio::test]
