@@ -32,7 +32,7 @@ pub struct Browser {
     answers: mpsc::Receiver<Value>,
     next_id: u64,
     session: String,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 fn chromium_path() -> PathBuf {
@@ -83,8 +83,7 @@ impl Browser {
                 message.clear();
             }
         });
-        let mut browser =
-            Browser { child, commands, answers, next_id: 0, session: String::new(), _profile: profile };
+        let mut browser = Browser { child, commands, answers, next_id: 0, session: String::new(), profile };
         let target = browser.call("Target.createTarget", json!({ "url": "about:blank" }));
         let target_id = target["targetId"].as_str().expect("a target").to_owned();
         let attached =
@@ -133,7 +132,7 @@ impl Browser {
 
     /// What Chromium wrote on its stderr so far.
     fn log(&self) -> String {
-        std::fs::read_to_string(self._profile.path().join("chromium.log")).unwrap_or_default()
+        std::fs::read_to_string(self.profile.path().join("chromium.log")).unwrap_or_default()
     }
 
     /// Opens `url` and waits until it loaded.
@@ -191,6 +190,15 @@ impl Browser {
                 json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 }),
             );
         }
+    }
+
+    /// Clicks `selector` and waits until the page it leads to, where `condition` holds, loaded.
+    pub fn click_to(&mut self, selector: &str, condition: &str) {
+        self.click(selector);
+        self.wait_for(
+            &format!("({condition}) && document.readyState === 'complete'"),
+            &format!("{selector} to lead on"),
+        );
     }
 
     /// Clicks the field `selector` names and types `text` into it.

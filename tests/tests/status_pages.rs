@@ -187,9 +187,7 @@ async fn the_pages_follow_builds_as_builders_work() {
     );
     b.screenshot("status-log-ended", LAPTOP);
     // The same as the builder streamed it, a link away.
-    b.click("#log-state a");
-    b.wait_for("location.search.includes('source=orchestrator')", "the builder's copy");
-    b.wait_for("document.readyState === 'complete'", "the builder's copy to load");
+    b.click_to("#log-state a", "location.search.includes('source=orchestrator')");
     assert!(b.dom().contains("data-source=\"orchestrator\""));
     wait_for_row(&o.url, "default", "built", |c, _| c == "built").await;
     let (words, log) = wait_for_row(&o.url, "broken", "failed", |c, _| c == "failed").await;
@@ -220,29 +218,17 @@ async fn the_pages_follow_builds_as_builders_work() {
 
     // The revision with its attempts, the builders, the webhook deliveries.
     let rev = dom.split("data-rev=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
-    b.click(&format!("a[href='/revisions/{rev}']"));
-    b.wait_for(
-        &format!("location.pathname === '/revisions/{rev}' && document.readyState === 'complete'"),
-        "the revision page",
-    );
+    b.click_to(&format!("a[href='/revisions/{rev}']"), &format!("location.pathname === '/revisions/{rev}'"));
     let revision = b.dom();
     assert!(revision.contains("builder-a") && revision.contains("class=\"attempts\""), "{revision}");
     b.screenshot("status-revision", LAPTOP);
-    b.click("nav a[href='/builders']");
-    b.wait_for(
-        "location.pathname === '/builders' && document.readyState === 'complete'",
-        "the builders page",
-    );
+    b.click_to("nav a[href='/builders']", "location.pathname === '/builders'");
     let builders = b.dom();
     assert!(builders.contains("data-name=\"builder-a\"") && builders.contains("x86_64-linux"), "{builders}");
     let done = b.eval("document.querySelector('tr[data-name=\"builder-a\"] td.done').textContent");
     assert_eq!(done, serde_json::json!("1 built, 1 failed"), "default built, broken failed");
     b.screenshot("status-builders", LAPTOP);
-    b.click("nav a[href='/webhooks']");
-    b.wait_for(
-        "location.pathname === '/webhooks' && document.readyState === 'complete'",
-        "the webhooks page",
-    );
+    b.click_to("nav a[href='/webhooks']", "location.pathname === '/webhooks'");
     let hooks = b.dom();
     assert!(hooks.contains("No push was delivered."), "{hooks}");
     b.screenshot("status-webhooks", LAPTOP);
@@ -334,8 +320,7 @@ async fn with_status_page_token_the_pages_need_a_login() {
         "the overview",
     );
     assert_eq!(b.eval("document.cookie"), serde_json::json!(""), "the session cookie is HttpOnly");
-    b.click("footer form button");
-    b.wait_for("location.pathname === '/login' && document.getElementById('token')", "the login form again");
+    b.click_to("footer form button", "location.pathname === '/login' && document.getElementById('token')");
     b.open(&format!("{}/builders", o.url));
     assert!(b.location().ends_with("/login"), "logged out: {}", b.location());
 }

@@ -18,7 +18,6 @@ use nix_formats::StorePath;
 use serde::Deserialize;
 
 use super::frame::{PageResult, Refusal, html_response};
-use super::record::find_log;
 use super::server::Server;
 
 /// How often a followed log is read again from the state database.
@@ -136,19 +135,15 @@ fn log_change<'a>(shown: &str, now: &'a str) -> LogChange<'a> {
     }
 }
 
-/// The derivation a query names, with its log as the state has it and whether it runs.
-async fn named(s: &Server, q: &LogQuery) -> Result<(String, String, bool), Refusal> {
+/// The derivation a query names.
+async fn named(s: &Server, q: &LogQuery) -> Result<String, Refusal> {
     match (&q.drv, &q.rev, &q.variant) {
-        (Some(drv), _, _) => {
-            let (log, running) = s.state.job_log(drv).await?.unwrap_or_default();
-            Ok((drv.clone(), log, running))
-        }
-        (None, Some(rev), Some(variant)) => {
-            let view = find_log(&s.state, rev, variant)
-                .await?
-                .ok_or_else(|| Refusal::NotFound(format!("no build of {variant} at {rev}")))?;
-            Ok((view.drv_path, view.log, view.running))
-        }
+        (Some(drv), _, _) => Ok(drv.clone()),
+        (None, Some(rev), Some(variant)) => s
+            .state
+            .variant_drv(rev, variant)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no build of {variant} at {rev}"))),
         _ => Err(Refusal::NotFound("name a derivation (?drv=) or a revision and a variant".into())),
     }
 }
@@ -182,7 +177,8 @@ pub(super) async fn log(
     headers: HeaderMap,
 ) -> PageResult {
     s.reader(&headers)?;
-    let (drv, mut text, running) = named(&s, &q).await?;
+    let drv = named(&s, &q).await?;
+    let (mut text, running) = s.state.job_log(&drv).await?.unwrap_or_default();
     let mut kept = Kept::Orchestrator(None);
     if !running && q.source.as_deref() != Some("orchestrator") {
         match cache_log(&s, &drv).await {
@@ -285,7 +281,7 @@ pub(super) async fn events(
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     s.reader(&headers)?;
-    let (drv, _, _) = named(&s, &q).await?;
+    let drv = named(&s, &q).await?;
     let follow = Follow { server: s, drv, shown: String::new(), first: true, ended: false };
     let stream = futures_util::stream::unfold(follow, Follow::next)
         .flat_map(futures_util::stream::iter)
