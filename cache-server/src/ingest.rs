@@ -165,9 +165,10 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Reads a decompressed NAR from `decoder` to its end and checks it (blocking); returns its
-/// NarHash and NarSize. A decompression failure is an invalid NAR too.
+/// NarHash and NarSize. A decompression failure is an invalid NAR too. Decompression runs on
+/// this thread, the check and the hash on a second one: each costs about a core-second per GiB.
 pub fn verify_decompressed(decoder: impl Read) -> Result<(Hash, u64), IngestError> {
-    NarVerifier::verify_reader(decoder).map_err(|e| match e {
+    NarVerifier::verify_reader_on_two_threads(decoder).map_err(|e| match e {
         NarError::Io(e) => IngestError::InvalidNar(format!("decompressing: {e}")),
         e => IngestError::InvalidNar(e.to_string()),
     })
@@ -183,8 +184,13 @@ pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 
 /// A zstd decoder over `reader` that refuses windows over [`ZSTD_WINDOW_LOG_MAX`].
 pub fn zstd_decoder<R: Read>(reader: R) -> Result<impl Read, IngestError> {
+    zstd_decoder_buffered(io::BufReader::with_capacity(zstd::zstd_safe::DCtx::in_size(), reader))
+}
+
+/// [`zstd_decoder`] over a reader with its own buffer, which the decoder reads in place.
+pub fn zstd_decoder_buffered<R: io::BufRead>(reader: R) -> Result<impl Read, IngestError> {
     let bad = |e: io::Error| IngestError::InvalidNar(e.to_string());
-    let mut decoder = zstd::Decoder::new(reader).map_err(bad)?;
+    let mut decoder = zstd::Decoder::with_buffer(reader).map_err(bad)?;
     decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(bad)?;
     Ok(decoder)
 }

@@ -83,29 +83,56 @@ pub async fn missing(publisher: Publisher<'_>, req: MissingRequest) -> Result<Mi
     Ok(MissingResponse { missing, upstream: served })
 }
 
-/// A `Read` over chunks sent from the async side, for the decompressing verifier thread.
+/// The compressed bytes as the decompressing verifier thread reads them from the async side.
+/// The decoder reads the chunks in place ([`io::BufRead`]), without a copy.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl io::BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
                 Some(b) => self.current = b,
-                None => return Ok(0),
+                None => break,
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.current.advance(amt);
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = io::BufRead::fill_buf(self)?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        io::BufRead::consume(self, n);
         Ok(n)
     }
 }
 
-fn verify_zstd_stream(reader: ChannelReader) -> Result<(Hash, u64), IngestError> {
-    crate::ingest::verify_decompressed(crate::ingest::zstd_decoder(reader)?)
+/// Decompresses on this thread and checks the NAR on a second one (each is about a core-second
+/// per GiB); reads the body to its end, so whatever follows the zstd stream is received too.
+fn verify_zstd_stream(mut reader: ChannelReader) -> Result<(Hash, u64), IngestError> {
+    let decoder = crate::ingest::zstd_decoder_buffered(&mut reader)?;
+    let verified = crate::ingest::verify_decompressed(decoder)?;
+    io::copy(&mut reader, &mut io::sink()).map_err(|e| IngestError::Body(e.to_string()))?;
+    Ok(verified)
+}
+
+/// The FileHash of every compressed byte received, on a thread of its own (a core-second per
+/// GiB that neither the runtime nor the verifier should wait for).
+fn hash_file(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> Hash {
+    let mut file = HashingWriter::new(io::sink());
+    while let Some(chunk) = rx.blocking_recv() {
+        io::Write::write_all(&mut file, &chunk).expect("a sink");
+    }
+    file.finish().0
 }
 
 /// Handles `POST /api/v1/upload`.
@@ -169,7 +196,8 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let verifier =
         tokio::task::spawn_blocking(move || verify_zstd_stream(ChannelReader { rx, current: Bytes::new() }));
-    let mut file = HashingWriter::new(io::sink());
+    let (file_tx, file_rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let file_hasher = tokio::task::spawn_blocking(move || hash_file(file_rx));
     let mut next = if rest.is_empty() { None } else { Some(Ok(rest)) };
     let streamed: Result<(), IngestError> = async {
         loop {
@@ -181,12 +209,12 @@ where
                     None => break,
                 },
             }?;
-            io::Write::write_all(&mut file, &chunk).expect("sink");
             // A closed channel means the verifier already failed: stop reading, its error is
             // the answer.
             if tx.send(chunk.clone()).await.is_err() {
                 break;
             }
+            file_tx.send(chunk.clone()).await.expect("the file hasher reads to the end");
             if let Some(upload) = upload.as_mut() {
                 upload.write(chunk).await?;
             }
@@ -194,8 +222,9 @@ where
         Ok(())
     }
     .await;
-    drop(tx);
+    drop((tx, file_tx));
     let verified = verifier.await.map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
+    let file_hash = file_hasher.await.map_err(|e| IngestError::Body(format!("file hasher failed: {e}")))?;
     let (found_hash, found_size) = match (streamed, verified) {
         (Err(e), _) | (Ok(()), Err(e)) => {
             if let Some(upload) = upload {
@@ -218,7 +247,6 @@ where
         }
         return Err(IngestError::Mismatch { field, claimed, actual });
     }
-    let (file_hash, _, _) = file.finish();
     let committed = match upload {
         Some(upload) => upload.commit_new().await?,
         None => None,

@@ -271,3 +271,57 @@ fn the_verifier_hashes_what_it_validates() {
     let short = &SAMPLE_FROM_NIX[..SAMPLE_FROM_NIX.len() - 8];
     assert!(matches!(NarVerifier::verify_reader(short).unwrap_err(), NarError::Truncated { .. }));
 }
+
+/// A NAR of one file of `len` bytes, none zero (so a flipped padding byte is found).
+fn big_file_nar(len: usize) -> Vec<u8> {
+    let contents: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+    let mut e = NarEncoder::new(Vec::new()).unwrap();
+    e.regular(false, &contents).unwrap();
+    e.finish().unwrap()
+}
+
+/// A reader that fails after `ok` bytes.
+struct FailingAfter<'a> {
+    data: &'a [u8],
+    ok: usize,
+}
+
+impl io::Read for FailingAfter<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ok == 0 {
+            return Err(io::Error::other("the disk went away"));
+        }
+        let n = buf.len().min(self.ok).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        self.ok -= n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn the_two_thread_verifier_agrees_with_the_one_thread_one() {
+    // Smaller and larger than the chunks handed between the threads, and more of them than
+    // the queue holds.
+    let len = verifier::PIPELINE_CHUNK * (verifier::PIPELINE_CHUNKS + 3) + 12_345;
+    for nar in [SAMPLE_FROM_NIX.to_vec(), big_file_nar(len)] {
+        let expected = (crate::Hash::sha256_of(&nar), nar.len() as u64);
+        assert_eq!(NarVerifier::verify_reader_on_two_threads(&nar[..]).unwrap(), expected);
+        assert_eq!(NarVerifier::verify_reader(&nar[..]).unwrap(), expected);
+        let short = &nar[..nar.len() - 8];
+        assert!(matches!(
+            NarVerifier::verify_reader_on_two_threads(short).unwrap_err(),
+            NarError::Truncated { .. }
+        ));
+    }
+    // A bad byte far into a long NAR (the checker stops; the reader is told) and a reader
+    // that fails midway each give their own error.
+    let mut nar = big_file_nar(len);
+    let padding = nar.len() - 16 - 1;
+    nar[padding] = 1;
+    let err = NarVerifier::verify_reader_on_two_threads(&nar[..]).unwrap_err();
+    assert!(matches!(err, NarError::NonZeroPadding { .. }), "{err}");
+    let failing = FailingAfter { data: &nar, ok: len / 2 };
+    let err = NarVerifier::verify_reader_on_two_threads(failing).unwrap_err();
+    assert!(err.to_string().contains("the disk went away"), "{err}");
+}
