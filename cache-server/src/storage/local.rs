@@ -121,10 +121,8 @@ impl Storage for LocalStorage {
                 }
                 Ok(Some((file, size, None)))
             },
-        )
-        .await
-        .map_err(|e| io_err(key)(io::Error::other(e)))?
-        .map_err(io_err(key))?;
+        );
+        let opened = joined(key, opened).await?;
         let Some((file, size, whole)) = opened else { return Ok(None) };
         if let Some(bytes) = whole {
             return Ok(Some(Object {
@@ -216,8 +214,7 @@ impl LocalUpload {
     /// The file, once the batch in flight (if any) is written.
     async fn idle_file(&mut self) -> Result<std::fs::File, StorageError> {
         if let Some(writing) = self.writing.take() {
-            let file = writing.await.map_err(|e| io_err(&self.key)(io::Error::other(e.to_string())))?;
-            self.file = Some(file.map_err(io_err(&self.key))?);
+            self.file = Some(joined(&self.key, writing).await?);
         }
         Ok(self.file.take().expect("the file is here when no batch is in flight"))
     }
@@ -241,11 +238,14 @@ impl LocalUpload {
     async fn write_all_durably(&mut self) -> Result<(), StorageError> {
         self.write_pending().await?;
         let file = self.idle_file().await?;
-        tokio::task::spawn_blocking(move || file.sync_all())
-            .await
-            .map_err(|e| io_err(&self.key)(io::Error::other(e.to_string())))?
-            .map_err(io_err(&self.key))
+        joined(&self.key, tokio::task::spawn_blocking(move || file.sync_all())).await
     }
+}
+
+/// The result of a file operation on the blocking pool, its failure (or the task's) named by
+/// `key`.
+async fn joined<T>(key: &Key, task: tokio::task::JoinHandle<io::Result<T>>) -> Result<T, StorageError> {
+    task.await.map_err(io::Error::other).and_then(|r| r).map_err(io_err(key))
 }
 
 #[async_trait]
