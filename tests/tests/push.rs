@@ -96,6 +96,8 @@ fn a_killed_push_leaves_only_complete_paths_and_the_rerun_finishes() {
     assert!(narinfos.len() >= 3 && narinfos.len() < closure.len(), "{} of {}", narinfos.len(), closure.len());
     for n in &narinfos {
         assert_eq!(std::fs::metadata(dir.path().join(&n.url)).unwrap().len(), n.file_size.unwrap());
+        // Checked by decompressing to the NarHash; no second hash of the compressed bytes.
+        assert_eq!(n.file_hash, None, "{}", n.store_path);
         for r in &n.references {
             assert!(dir.path().join(format!("{}.narinfo", r.hash_part())).exists(), "{r} missing");
         }
