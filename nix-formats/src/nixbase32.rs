@@ -57,8 +57,20 @@ pub fn encode(input: &[u8]) -> String {
     out
 }
 
+/// Each byte's digit value, or `INVALID`: a table, since a server decodes a hash per request.
+const DIGITS: [u8; 256] = {
+    let mut t = [INVALID; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+const INVALID: u8 = 0xff;
+
 fn digit(c: u8) -> Option<u8> {
-    ALPHABET.iter().position(|&a| a == c).map(|p| p as u8)
+    Some(DIGITS[c as usize]).filter(|&d| d != INVALID)
 }
 
 /// Decodes a nix32 string into exactly `N` bytes.
@@ -124,6 +136,13 @@ mod tests {
         assert_eq!(encoded_len(32), 52);
         assert_eq!(encoded_len(64), 103);
         assert_eq!(encode(&[]), "");
+    }
+
+    #[test]
+    fn the_digit_table_is_the_alphabet() {
+        for c in 0..=255u8 {
+            assert_eq!(digit(c), ALPHABET.iter().position(|&a| a == c).map(|p| p as u8), "byte {c}");
+        }
     }
 
     #[test]

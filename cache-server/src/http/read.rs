@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
@@ -15,18 +15,16 @@ use crate::storage::{ByteRange, Key, SMALL_OBJECT, StorageError};
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
-pub(super) async fn top(
-    State(s): State<Arc<AppState>>,
-    method: Method,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
+// The read handlers take the request itself, whose headers they borrow: the HeaderMap
+// extractor would copy them on every request.
+pub(super) async fn top(State(s): State<Arc<AppState>>, Path(file): Path<String>, req: Request) -> ApiResult {
+    let h = req.headers();
+    check_read(&s, h)?;
     let (key, ctype, cache) = top_key(&file)?;
-    let head_only = method == Method::HEAD;
+    let head_only = req.method() == Method::HEAD;
     match file.strip_suffix(".narinfo") {
         Some(hash) => narinfo(&s, hash, &key, head_only).await,
-        None => serve(&s, &key, ctype, cache, &h, head_only).await,
+        None => serve(&s, &key, ctype, cache, h, head_only).await,
     }
 }
 
@@ -55,15 +53,11 @@ async fn narinfo(state: &AppState, hash: &str, key: &Key, head_only: bool) -> Ap
     Ok(builder.body(Body::from(bytes)).expect("valid response"))
 }
 
-pub(super) async fn nar(
-    State(s): State<Arc<AppState>>,
-    method: Method,
-    Path(file): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
+pub(super) async fn nar(State(s): State<Arc<AppState>>, Path(file): Path<String>, req: Request) -> ApiResult {
+    let h = req.headers();
+    check_read(&s, h)?;
     let key = Key::nar(&file)?;
-    let head_only = method == Method::HEAD;
+    let head_only = req.method() == Method::HEAD;
     match &s.nar_redirect {
         NarRedirect::Proxy => {}
         // The mapping from name to URL never changes, so a client may remember it a while.
@@ -78,7 +72,7 @@ pub(super) async fn nar(
             }
         }
     }
-    serve(&s, &key, "application/x-nix-nar", IMMUTABLE, &h, head_only).await
+    serve(&s, &key, "application/x-nix-nar", IMMUTABLE, h, head_only).await
 }
 
 /// A temporary redirect (the method and a range header are sent again to `location`).
@@ -91,15 +85,11 @@ fn redirect(location: &str, cache_control: &'static str) -> Response {
         .expect("a URL made of a valid key is a valid header")
 }
 
-pub(super) async fn log(
-    State(s): State<Arc<AppState>>,
-    method: Method,
-    Path(drv): Path<String>,
-    h: HeaderMap,
-) -> ApiResult {
-    check_read(&s, &h)?;
-    let head_only = method == Method::HEAD;
-    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", &h, head_only).await
+pub(super) async fn log(State(s): State<Arc<AppState>>, Path(drv): Path<String>, req: Request) -> ApiResult {
+    let h = req.headers();
+    check_read(&s, h)?;
+    let head_only = req.method() == Method::HEAD;
+    serve(&s, &Key::log(&drv)?, "text/plain; charset=utf-8", "public, max-age=300", h, head_only).await
 }
 
 /// Parses a single `bytes=` range against an object of `size` bytes. `Ok(None)`: serve it all.
