@@ -10,6 +10,8 @@ GARAGE_VERSION=2.5.0
 export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command flakes\nsubstituters =\nnarinfo-cache-negative-ttl = 0\nnarinfo-cache-positive-ttl = 0'
 
 step() { printf '\n==> %s\n' "$*" >&2; }
+# The median of the numbers on stdin, one a line (the lower middle one of an even count).
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
