@@ -41,6 +41,22 @@ impl ClientError {
         }
     }
 
+    /// The cache refused what was sent and would refuse it again: 400 (a NAR that does not
+    /// match its hash, an invalid NAR), 413 (too large), 422. Not a refused token (401, 403,
+    /// mended by fixing the token), a wrong address (404, 405), a timeout or rate limit (408,
+    /// 429) or a stale reference (409).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Status { status, .. } if [
+                StatusCode::BAD_REQUEST,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ]
+            .contains(status)
+        )
+    }
+
     /// The cache lacked a reference the path needs (409): a collection deleted it since the
     /// cache said it had it. Asking again what is missing and uploading it mends that.
     pub fn is_stale(&self) -> bool {

@@ -107,6 +107,13 @@ pub struct FailedPath {
     pub path: String,
     /// The server's reason, or the dependency that failed.
     pub reason: String,
+    /// Pushing it again would fail the same way: the cache refused the path itself (its NAR
+    /// does not match its hash, say) or it cannot be read from the store; or it needs such a
+    /// path. False when the failure may pass: the cache unreachable or overloaded, the token
+    /// refused.
+    pub permanent: bool,
+    /// The path it needs that failed, when that is why.
+    pub needs: Option<String>,
 }
 
 /// Why a push could not start.
@@ -230,6 +237,8 @@ fn produce(
 struct AttemptError {
     message: String,
     transient: bool,
+    /// Trying again cannot help ([`FailedPath::permanent`]).
+    permanent: bool,
     /// The cache lacked a reference it had said it had ([`ClientError::is_stale`]).
     stale: bool,
 }
@@ -259,6 +268,7 @@ async fn upload_one(
     let produced = producer.await.map_err(|e| AttemptError {
         message: e.to_string(),
         transient: false,
+        permanent: false,
         stale: false,
     })?;
     match (sent, produced) {
@@ -266,12 +276,18 @@ async fn upload_one(
         (_, Err(e)) if e.kind() != io::ErrorKind::BrokenPipe => Err(AttemptError {
             message: format!("reading {} from the store: {e}", info.path),
             transient: false,
+            permanent: true,
             stale: false,
         }),
-        (Err(e), _) => {
-            Err(AttemptError { transient: e.is_transient(), stale: e.is_stale(), message: e.to_string() })
+        (Err(e), _) => Err(AttemptError {
+            transient: e.is_transient(),
+            permanent: e.is_refusal(),
+            stale: e.is_stale(),
+            message: e.to_string(),
+        }),
+        (Ok(_), Err(e)) => {
+            Err(AttemptError { message: e.to_string(), transient: true, permanent: false, stale: false })
         }
-        (Ok(_), Err(e)) => Err(AttemptError { message: e.to_string(), transient: true, stale: false }),
     }
 }
 
@@ -407,7 +423,12 @@ async fn push_round(
             Err(e) => {
                 stale |= e.stale;
                 progress.finished(path, &Err(e.message.clone()), false);
-                summary.failed.push(FailedPath { path: path.to_string(), reason: e.message });
+                summary.failed.push(FailedPath {
+                    path: path.to_string(),
+                    reason: e.message,
+                    permanent: e.permanent,
+                    needs: None,
+                });
                 // Everything that needs this path can never be published: say so.
                 let mut stack = vec![path];
                 while let Some(p) = stack.pop() {
@@ -416,6 +437,8 @@ async fn push_round(
                             summary.failed.push(FailedPath {
                                 path: d.to_string(),
                                 reason: format!("not uploaded: it needs {path}, which failed"),
+                                permanent: e.permanent,
+                                needs: Some(path.to_string()),
                             });
                             stack.push(d);
                         }

@@ -230,8 +230,9 @@ enum Command {
         /// PATHS; with --watch, keep doing so (a service).
         #[arg(long, value_name = "DIR", conflicts_with = "paths")]
         from_queue: Option<PathBuf>,
-        /// With --from-queue: wait for more, pushing each batch as it comes; a failed batch stays
-        /// queued and is retried (with backoff, and at the next start).
+        /// With --from-queue: wait for more, pushing each batch as it comes. A batch that failed
+        /// for a reason that may pass (the cache unreachable) stays queued and is retried (with
+        /// backoff, and at the next start); one the cache refused moves to DIR/refused/.
         #[arg(long, requires = "from_queue")]
         watch: bool,
         /// Store paths or .drv files.

@@ -5,8 +5,10 @@
 //! not upload). `orchestrator push --from-queue DIR` (with `--watch`, as a service) pushes
 //! what is queued with the ordinary push pipeline and removes a file only once every path in it
 //! is in the cache, so a push that fails — the cache down, the machine rebooted — is retried on
-//! the pusher's next round or start. Files are written under a temporary name and renamed, so a
-//! pusher never reads half a file.
+//! the pusher's next round or start. A file whose paths the cache refuses (a NAR that does not
+//! match its hash: a corrupted store) would fail the same way for ever: it moves to `refused/`
+//! in the queue with a `.why` beside it, and moving it back queues it again. Files are written
+//! under a temporary name and renamed, so a pusher never reads half a file.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -41,17 +43,20 @@ pub fn enqueue(dir: &Path, paths: &[String]) -> io::Result<PathBuf> {
     Ok(file)
 }
 
-/// What is queued now: the files, oldest first, and their paths (each once).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Batch {
-    /// The queue files.
-    pub files: Vec<PathBuf>,
-    /// The store paths in them.
+/// Where refused files go, inside the queue directory.
+pub const REFUSED: &str = "refused";
+
+/// One queued file and its store paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// The queue file.
+    pub file: PathBuf,
+    /// The store paths in it.
     pub paths: Vec<String>,
 }
 
-/// Reads everything queued in `dir` (none if it does not exist).
-pub fn pending(dir: &Path) -> io::Result<Batch> {
+/// Reads everything queued in `dir`, oldest first (none if it does not exist).
+pub fn pending(dir: &Path) -> io::Result<Vec<Queued>> {
     let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -65,7 +70,7 @@ pub fn pending(dir: &Path) -> io::Result<Batch> {
         Err(e) => return Err(e),
     };
     files.sort();
-    let mut batch = Batch::default();
+    let mut queued = Vec::new();
     for file in files {
         let text = match fs::read_to_string(&file) {
             Ok(t) => t,
@@ -73,25 +78,32 @@ pub fn pending(dir: &Path) -> io::Result<Batch> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            if !batch.paths.iter().any(|p| p == line) {
-                batch.paths.push(line.to_owned());
-            }
-        }
-        batch.files.push(file);
+        let paths = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+        queued.push(Queued { file, paths });
     }
-    Ok(batch)
+    Ok(queued)
 }
 
-/// Removes a batch's files once its paths are in the cache.
-pub fn done(batch: &Batch) -> io::Result<()> {
-    for f in &batch.files {
-        match fs::remove_file(f) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+/// Removes a queued file once its paths are in the cache.
+pub fn done(queued: &Queued) -> io::Result<()> {
+    match fs::remove_file(&queued.file) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Moves a queued file the cache refused into `refused/` beside it, with `why` (one reason per
+/// line) in a `.why` file of the same name; returns where it went.
+pub fn refuse(queued: &Queued, why: &[String]) -> io::Result<PathBuf> {
+    let dir = queued.file.parent().unwrap_or(Path::new(".")).join(REFUSED);
+    fs::create_dir_all(&dir)?;
+    let name = queued.file.file_name().unwrap_or_default();
+    let to = dir.join(name);
+    let mut text = why.join("\n");
+    text.push('\n');
+    fs::write(to.with_extension("why"), text)?;
+    fs::rename(&queued.file, &to)?;
+    Ok(to)
 }
 
 /// What Nix gives a post-build hook: the paths `$OUT_PATHS` names (space-separated), or when it
@@ -110,17 +122,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queued_paths_come_back_once_in_order_until_done() {
+    fn queued_files_come_back_in_order_until_done_or_refused() {
         let dir = tempfile::tempdir().unwrap();
         let q = dir.path().join("queue");
-        assert_eq!(pending(&q).unwrap(), Batch::default(), "no directory is an empty queue");
+        assert_eq!(pending(&q).unwrap(), [], "no directory is an empty queue");
         let a = enqueue(&q, &["/nix/store/a".into(), "/nix/store/b".into()]).unwrap();
         let b = enqueue(&q, &["/nix/store/b".into(), "/nix/store/c".into()]).unwrap();
         fs::write(q.join(".half-written.tmp"), "/nix/store/x\n").unwrap();
-        let batch = pending(&q).unwrap();
-        assert_eq!(batch.files, vec![a, b]);
-        assert_eq!(batch.paths, ["/nix/store/a", "/nix/store/b", "/nix/store/c"]);
-        done(&batch).unwrap();
-        assert_eq!(pending(&q).unwrap(), Batch::default());
+        let queued = pending(&q).unwrap();
+        let files: Vec<&PathBuf> = queued.iter().map(|f| &f.file).collect();
+        assert_eq!(files, [&a, &b]);
+        assert_eq!(queued[0].paths, ["/nix/store/a", "/nix/store/b"]);
+        assert_eq!(queued[1].paths, ["/nix/store/b", "/nix/store/c"]);
+
+        done(&queued[0]).unwrap();
+        let moved = refuse(&queued[1], &["/nix/store/c: bad".into(), "/nix/store/b: worse".into()]).unwrap();
+        assert_eq!(pending(&q).unwrap(), [], "a refused file is no longer queued");
+        assert_eq!(moved, q.join(REFUSED).join(b.file_name().unwrap()));
+        assert_eq!(fs::read_to_string(&moved).unwrap(), "/nix/store/b\n/nix/store/c\n");
+        let why = fs::read_to_string(moved.with_extension("why")).unwrap();
+        assert_eq!(why, "/nix/store/c: bad\n/nix/store/b: worse\n");
+
+        // Moved back, it is queued again.
+        fs::rename(&moved, &b).unwrap();
+        assert_eq!(pending(&q).unwrap(), [queued[1].clone()]);
     }
 }

@@ -1,12 +1,13 @@
 //! `orchestrator push` of paths or of what `orchestrator hook` queued, and the hook itself.
 
+use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use builder::client::CacheClient;
-use builder::push::{PushOptions, PushSummary};
+use builder::push::{FailedPath, PushOptions, PushSummary};
 use nix_formats::StorePath;
 use orchestrator::push_queue;
 
@@ -77,8 +78,10 @@ fn report(summary: &PushSummary) {
 /// Longest wait between two attempts at a batch that failed.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
-/// `orchestrator push --from-queue DIR [--watch]`: pushes what is queued, removing each batch
-/// once all of it is in the cache; a failed batch stays for the next round (or start).
+/// `orchestrator push --from-queue DIR [--watch]`: pushes what is queued, removing each file
+/// once all of it is in the cache. A file that failed for a reason that may pass (the cache
+/// unreachable) stays for the next round (or start); one whose paths the cache refused moves to
+/// `refused/` ([`push_queue::refuse`]) so it neither blocks nor repeats.
 pub(crate) fn from_queue(
     cache: &str,
     token_file: &Path,
@@ -91,65 +94,132 @@ pub(crate) fn from_queue(
     let rt = tokio::runtime::Runtime::new()?;
     let queue_error = |e: std::io::Error| CliError::Error(format!("the push queue {}: {e}", queue.display()));
     let mut delay = Duration::from_secs(5);
+    let mut refused = 0;
     loop {
-        let batch = push_queue::pending(queue).map_err(queue_error)?;
-        if batch.files.is_empty() {
+        let queued = push_queue::pending(queue).map_err(queue_error)?;
+        if queued.is_empty() {
             if !watch {
-                eprintln!("the push queue {} is empty", queue.display());
-                return Ok(());
+                if refused == 0 {
+                    eprintln!("the push queue {} is empty", queue.display());
+                    return Ok(());
+                }
+                eprintln!(
+                    "the push queue {} is empty; {refused} batches the cache refused are in {}",
+                    queue.display(),
+                    queue.join(push_queue::REFUSED).display()
+                );
+                return Err(CliError::Failed);
             }
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }
-        let mut roots = Vec::new();
-        for p in &batch.paths {
-            let path = match StorePath::from_absolute(p) {
-                Ok(path) => path,
+        let files: Vec<(&push_queue::Queued, Vec<StorePath>)> =
+            queued.iter().map(|q| (q, queued_roots(&q.paths))).collect();
+        let mut roots: Vec<StorePath> = Vec::new();
+        for r in files.iter().flat_map(|(_, r)| r) {
+            if !roots.contains(r) {
+                roots.push(r.clone());
+            }
+        }
+        let summary = if roots.is_empty() {
+            PushSummary::default()
+        } else {
+            eprintln!("pushing {} queued paths", roots.len());
+            match rt.block_on(builder::push::push(&client, &roots, opts, progress())) {
+                Ok(summary) => {
+                    report(&summary);
+                    summary
+                }
                 Err(e) => {
-                    eprintln!("{p:?} in the queue is not a store path ({e}); skipped");
+                    eprintln!("error: {e}; the paths stay queued");
+                    if !watch {
+                        return Err(CliError::Failed);
+                    }
+                    retry_after(&mut delay);
                     continue;
                 }
-            };
-            let built = if path.is_derivation() && Path::new(p).exists() {
-                builder::nix::derivation_outputs(&path).unwrap_or_else(|e| {
-                    eprintln!("{path}: its outputs are unknown ({e}); skipped");
-                    Vec::new()
-                })
+            }
+        };
+        let failed: HashMap<&str, &FailedPath> =
+            summary.failed.iter().map(|f| (f.path.as_str(), f)).collect();
+        let mut kept = false;
+        for (file, roots) in &files {
+            let mine: Vec<&FailedPath> =
+                roots.iter().filter_map(|r| failed.get(r.to_absolute().as_str()).copied()).collect();
+            if mine.is_empty() {
+                push_queue::done(file).map_err(queue_error)?;
+            } else if mine.iter().any(|f| !f.permanent) {
+                kept = true;
             } else {
-                vec![path]
-            };
-            for out in built {
-                // Collected from the store since it was built (or never built): nothing to push.
-                if Path::new(&out.to_absolute()).exists() {
-                    roots.push(out);
-                } else {
-                    eprintln!("{out}: not in the store; skipped");
+                // What failed and, for a path that needs one that failed, that one.
+                let mut why: Vec<String> = Vec::new();
+                for f in &mine {
+                    let cause = f.needs.as_deref().and_then(|n| failed.get(n));
+                    for f in std::iter::once(f).chain(cause) {
+                        let line = format!("{}: {}", f.path, f.reason);
+                        if !why.contains(&line) {
+                            why.push(line);
+                        }
+                    }
                 }
+                let to = push_queue::refuse(file, &why).map_err(queue_error)?;
+                eprintln!(
+                    "error: the cache refused {} ({}); moved to {} (move it back into the queue to retry)",
+                    file.file.display(),
+                    why.join("; "),
+                    to.display()
+                );
+                refused += 1;
             }
         }
-        if roots.is_empty() {
-            push_queue::done(&batch).map_err(queue_error)?;
+        if !kept {
+            delay = Duration::from_secs(5);
             continue;
         }
-        eprintln!("pushing {} queued paths", roots.len());
-        let failure = match rt.block_on(builder::push::push(&client, &roots, opts, progress())) {
-            Ok(summary) if summary.failed.is_empty() => {
-                report(&summary);
-                push_queue::done(&batch).map_err(queue_error)?;
-                delay = Duration::from_secs(5);
-                continue;
-            }
-            Ok(summary) => summary.refusal().unwrap_or_default(),
-            Err(e) => e.to_string(),
-        };
-        eprintln!("error: {failure}; the paths stay queued");
+        eprintln!("error: {}; the paths stay queued", summary.refusal().unwrap_or_default());
         if !watch {
             return Err(CliError::Failed);
         }
-        eprintln!("retrying in {}s", delay.as_secs());
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
+        retry_after(&mut delay);
     }
+}
+
+/// Sleeps `delay` and doubles it (up to [`MAX_RETRY_DELAY`]).
+fn retry_after(delay: &mut Duration) {
+    eprintln!("retrying in {}s", delay.as_secs());
+    std::thread::sleep(*delay);
+    *delay = (*delay * 2).min(MAX_RETRY_DELAY);
+}
+
+/// What to push for the paths of one queue file: each path, or a derivation's outputs, that is
+/// in the store (one collected since it was built, or never built, has nothing to push).
+fn queued_roots(paths: &[String]) -> Vec<StorePath> {
+    let mut roots = Vec::new();
+    for p in paths {
+        let path = match StorePath::from_absolute(p) {
+            Ok(path) => path,
+            Err(e) => {
+                eprintln!("{p:?} in the queue is not a store path ({e}); skipped");
+                continue;
+            }
+        };
+        let built = if path.is_derivation() && Path::new(p).exists() {
+            builder::nix::derivation_outputs(&path).unwrap_or_else(|e| {
+                eprintln!("{path}: its outputs are unknown ({e}); skipped");
+                Vec::new()
+            })
+        } else {
+            vec![path]
+        };
+        for out in built {
+            if Path::new(&out.to_absolute()).exists() {
+                roots.push(out);
+            } else {
+                eprintln!("{out}: not in the store; skipped");
+            }
+        }
+    }
+    roots
 }
 
 /// `orchestrator hook`: queues the built paths and returns. It never fails the build: a path

@@ -1,7 +1,8 @@
 //! What a machine builds reaches the cache by itself: the real Nix runs `orchestrator hook` as
 //! its post-build-hook, which only queues; `orchestrator push --from-queue` uploads. A build
 //! succeeds while the cache is unreachable, and what it built is pushed on the pusher's next
-//! start; a watching pusher pushes a new build within seconds.
+//! start; a watching pusher pushes a new build within seconds; a batch the cache refuses (a
+//! corrupted store path) is set aside with the reason instead of blocking the rest.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -106,4 +107,83 @@ fn built_paths_are_queued_by_the_hook_and_pushed_even_after_a_failed_push() {
     }
     let store = TempStore::new();
     nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&second]));
+}
+
+/// The queue files in `queue/refused` and the `.why` files beside them.
+fn refused(queue: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut paths, mut whys) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(queue.join("refused")).into_iter().flatten() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("paths") => paths.push(text),
+            Some("why") => whys.push(text),
+            _ => panic!("{} in refused/", path.display()),
+        }
+    }
+    (paths, whys)
+}
+
+#[test]
+fn a_batch_the_cache_refuses_is_set_aside_and_the_rest_is_pushed() {
+    let work = tempfile::tempdir().unwrap();
+    let queue = work.path().join("queue");
+    let hook = hook_script(work.path(), &queue);
+    let (_cache_dir, server) = CacheServer::start_local();
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", server.token)).unwrap();
+
+    // A build whose leaf is corrupted in the store after it was queued (bit rot, a stray
+    // write): same size, other bytes, while Nix's database keeps the hash it was built with.
+    let bad = build_with_hook(&format!("hook-bad-{}", std::process::id()), &hook);
+    let run = std::fs::read_link(Path::new(&bad.to_absolute()).join("bin/run")).unwrap();
+    let leaf = StorePath::from_absolute(run.ancestors().nth(2).unwrap().to_str().unwrap()).unwrap();
+    let data = Path::new(&leaf.to_absolute()).join("lib/data");
+    let size = std::fs::metadata(&data).unwrap().len() as usize;
+    std::fs::write(&data, "y".repeat(size)).unwrap();
+    let bad_files = queued(&queue).len();
+    // And a sound build queued after it.
+    let good = build_with_hook(&format!("hook-good-{}", std::process::id()), &hook);
+
+    let out = pusher(&server.url, &token_file, &queue, false).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a refusal fails the run: {stderr}");
+    assert!(stderr.contains("moved to") && stderr.contains("2 batches the cache refused"), "{stderr}");
+    assert!(queued(&queue).is_empty(), "nothing stays in the queue to be retried for ever: {stderr}");
+
+    // The leaf's file and the top's (which needs the leaf) are set aside with the cache's reason;
+    // the other leaf of that build and the whole sound build are in the cache.
+    let (paths, whys) = refused(&queue);
+    assert_eq!(paths.len(), 2, "the leaf's batch and the top's: {paths:?} of {bad_files} files");
+    assert_eq!(whys.len(), paths.len());
+    for why in &whys {
+        assert!(why.contains(&format!("{leaf}: ")) && why.contains("NarHash mismatch"), "{why}");
+    }
+    assert!(whys.iter().any(|w| w.contains(&format!("{bad}: not uploaded: it needs {leaf}"))), "{whys:?}");
+    let store = TempStore::new();
+    nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&good]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = |p: &StorePath| {
+        let url = format!("{}/{}.narinfo", server.url, p.hash_part());
+        rt.block_on(async { reqwest::get(&url).await.unwrap().status() })
+    };
+    assert_eq!(status(&leaf), reqwest::StatusCode::NOT_FOUND);
+    let others: Vec<StorePath> = nix::closure(&bad).into_iter().filter(|p| *p != leaf && *p != bad).collect();
+    assert!(!others.is_empty());
+    for p in &others {
+        assert_eq!(status(p), reqwest::StatusCode::OK, "{p} is pushed");
+    }
+
+    // Repaired and moved back, the batches are queued again and pushed.
+    std::fs::write(&data, "x".repeat(size)).unwrap();
+    for entry in std::fs::read_dir(queue.join("refused")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "paths") {
+            std::fs::rename(&path, queue.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = pusher(&server.url, &token_file, &queue, false).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(queued(&queue).is_empty());
+    nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&bad]));
 }
