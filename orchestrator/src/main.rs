@@ -252,6 +252,14 @@ enum Command {
         /// Store paths (default: $OUT_PATHS, which Nix sets for the hook).
         paths: Vec<String>,
     },
+    /// Show the push queue: the batches waiting for `orchestrator push --from-queue`, and those
+    /// the cache refused with its reasons. Reads the directory only; never talks to the cache.
+    Queue {
+        /// The queue directory (default: /var/lib/fleetcache-push/queue for root, else
+        /// $XDG_STATE_HOME/fleetcache/push-queue).
+        #[arg(long, value_name = "DIR")]
+        queue: Option<PathBuf>,
+    },
 }
 
 /// Settings shared by the commands that use the state.
@@ -416,6 +424,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Hook { queue, paths } => pushing::hook(queue, paths),
+        Command::Queue { queue } => pushing::show_queue(queue),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

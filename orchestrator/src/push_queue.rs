@@ -106,6 +106,21 @@ pub fn refuse(queued: &Queued, why: &[String]) -> io::Result<PathBuf> {
     Ok(to)
 }
 
+/// The files in `refused/` of the queue `dir`, oldest first, each with its `.why` (empty if
+/// that is missing).
+pub fn refused(dir: &Path) -> io::Result<Vec<(Queued, String)>> {
+    let mut out = Vec::new();
+    for queued in pending(&dir.join(REFUSED))? {
+        let why = match fs::read_to_string(queued.file.with_extension("why")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        out.push((queued, why));
+    }
+    Ok(out)
+}
+
 /// What Nix gives a post-build hook: the paths `$OUT_PATHS` names (space-separated), or when it
 /// is empty (Nix 2.8 sets it empty) the derivation `$DRV_PATH`, whose outputs the pusher finds.
 pub fn built_paths_from_env() -> Vec<String> {
@@ -142,9 +157,14 @@ mod tests {
         assert_eq!(fs::read_to_string(&moved).unwrap(), "/nix/store/b\n/nix/store/c\n");
         let why = fs::read_to_string(moved.with_extension("why")).unwrap();
         assert_eq!(why, "/nix/store/c: bad\n/nix/store/b: worse\n");
+        assert_eq!(
+            refused(&q).unwrap(),
+            [(Queued { file: moved.clone(), paths: queued[1].paths.clone() }, why)]
+        );
 
         // Moved back, it is queued again.
         fs::rename(&moved, &b).unwrap();
         assert_eq!(pending(&q).unwrap(), [queued[1].clone()]);
+        assert_eq!(refused(&q).unwrap(), []);
     }
 }

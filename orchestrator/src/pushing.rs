@@ -222,6 +222,53 @@ fn queued_roots(paths: &[String]) -> Vec<StorePath> {
     roots
 }
 
+/// `orchestrator queue`: what waits in the push queue, and what the cache refused and why.
+pub(crate) fn show_queue(queue: Option<PathBuf>) -> Result<(), CliError> {
+    let dir = queue.map_or_else(push_queue::default_dir, Ok).map_err(CliError::Error)?;
+    let queue_error = |e: std::io::Error| CliError::Error(format!("the push queue {}: {e}", dir.display()));
+    let waiting = push_queue::pending(&dir).map_err(queue_error)?;
+    let refused = push_queue::refused(&dir).map_err(queue_error)?;
+    let paths: usize = waiting.iter().map(|q| q.paths.len()).sum();
+    println!("{}: {} batches waiting ({paths} paths)", dir.display(), waiting.len());
+    for q in &waiting {
+        println!("  {}: {} paths, queued {}", file_name(&q.file), q.paths.len(), age(&q.file));
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "{} batches refused by the cache, in {} (move a file back into the queue to retry):",
+        refused.len(),
+        dir.join(push_queue::REFUSED).display()
+    );
+    for (q, why) in &refused {
+        println!("  {}: {} paths, queued {}", file_name(&q.file), q.paths.len(), age(&q.file));
+        for line in why.lines() {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
+fn file_name(file: &Path) -> String {
+    file.file_name().unwrap_or_default().to_string_lossy().into_owned()
+}
+
+/// How long ago `file` was written, as `5 min ago`.
+fn age(file: &Path) -> String {
+    let Ok(elapsed) =
+        std::fs::metadata(file).and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default())
+    else {
+        return "at an unknown time".to_owned();
+    };
+    match elapsed.as_secs() {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86400),
+    }
+}
+
 /// `orchestrator hook`: queues the built paths and returns. It never fails the build: a path
 /// that cannot be queued is reported on stderr (which Nix shows) and the build goes on.
 pub(crate) fn hook(queue: Option<PathBuf>, paths: Vec<String>) -> Result<(), CliError> {

@@ -160,6 +160,15 @@ fn a_batch_the_cache_refuses_is_set_aside_and_the_rest_is_pushed() {
         assert!(why.contains(&format!("{leaf}: ")) && why.contains("NarHash mismatch"), "{why}");
     }
     assert!(whys.iter().any(|w| w.contains(&format!("{bad}: not uploaded: it needs {leaf}"))), "{whys:?}");
+    // `orchestrator queue` shows it, without a cache.
+    let shown = Command::new(bin("orchestrator")).arg("queue").arg("--queue").arg(&queue).output().unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    assert!(
+        text.contains("0 batches waiting (0 paths)") && text.contains("2 batches refused by the cache"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("    {leaf}: the cache answered 400")), "{text}");
     let store = TempStore::new();
     nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&good]));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -185,5 +194,6 @@ fn a_batch_the_cache_refuses_is_set_aside_and_the_rest_is_pushed() {
     let out = pusher(&server.url, &token_file, &queue, false).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(queued(&queue).is_empty());
+    assert_eq!(refused(&queue).0.len(), 0);
     nix::run(&mut store.copy_from(&server.url, &server.public_key, &[&bad]));
 }
