@@ -110,7 +110,7 @@ pub struct Config {
     /// How `GET /nar/…` is answered: `"proxy"` (this server reads the store and sends the
     /// bytes), `"presigned"` (a redirect to a presigned URL of the object, valid for
     /// `nar-presigned-seconds`; s3:// stores only, and machines must reach the store's
-    /// endpoint) or `"base-url"` (a redirect to `nar-base-url` followed by `/nar/…`: a public
+    /// endpoint or `nar-presigned-endpoint`) or `"base-url"` (a redirect to `nar-base-url` followed by `/nar/…`: a public
     /// bucket's own HTTPS endpoint, or a CDN in front of it). A redirect is sent only to a
     /// client the read tokens admit; narinfos are always served here, so what a machine
     /// trusts is still signed by this cache and the NAR's hash is checked by Nix. HEAD and
@@ -121,6 +121,12 @@ pub struct Config {
     /// Seconds a presigned NAR URL stays valid. Default 600.
     #[serde(default = "default_nar_presigned_seconds")]
     pub nar_presigned_seconds: u64,
+    /// The S3 endpoint that presigned NAR URLs name, when machines reach the bucket by another
+    /// address than this server does (`https://s3.example.org` for machines, `http://garage:3900`
+    /// inside); a presigned URL is signed for its host, so it is made for this one. Only with
+    /// `nar-downloads = "presigned"`. Default: the store's endpoint.
+    #[serde(default)]
+    pub nar_presigned_endpoint: Option<String>,
     /// Where `nar-downloads = "base-url"` sends NAR requests (`https://cache-bucket.example.org`;
     /// the bucket's `nar/` objects must be readable there). Default none.
     #[serde(default)]
@@ -211,6 +217,16 @@ impl Config {
         if self.nar_base_url.is_some() && self.nar_downloads != NarDownloads::BaseUrl {
             return Err(bad("nar-base-url is set but nar-downloads is not \"base-url\""));
         }
+        if let Some(endpoint) = &self.nar_presigned_endpoint {
+            if self.nar_downloads != NarDownloads::Presigned {
+                return Err(bad("nar-presigned-endpoint is set but nar-downloads is not \"presigned\""));
+            }
+            if !printable_url(endpoint) {
+                return Err(bad(
+                    "nar-presigned-endpoint must be an http:// or https:// URL of printable ASCII, without ? or #",
+                ));
+            }
+        }
         match self.nar_downloads {
             NarDownloads::Proxy => Ok(NarRedirect::Proxy),
             NarDownloads::Presigned => {
@@ -228,9 +244,7 @@ impl Config {
                     .nar_base_url
                     .as_deref()
                     .ok_or(bad("nar-downloads = \"base-url\" needs nar-base-url"))?;
-                let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-                let printable = |r: &str| r.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
-                if rest.is_none_or(|r| r.is_empty() || !printable(r)) {
+                if !printable_url(url) {
                     return Err(bad(
                         "nar-base-url must be an http:// or https:// URL of printable ASCII, without ? or #",
                     ));
@@ -246,6 +260,12 @@ impl Config {
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
     }
+}
+
+/// An `http://` or `https://` URL with a host, of printable ASCII, without a query or fragment.
+fn printable_url(url: &str) -> bool {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    rest.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#'))
 }
 
 /// A parsed store URL.
@@ -359,6 +379,8 @@ mod tests {
             ("nar-base-url = \"https://x\"", &s3, "not \"base-url\""),
             ("nar-downloads = \"base-url\"\nnar-base-url = \"ftp://x\"", &s3, "http:// or https://"),
             ("nar-downloads = \"base-url\"\nnar-base-url = \"https://x/?a=b\"", &s3, "without ?"),
+            ("nar-presigned-endpoint = \"https://x\"", &s3, "not \"presigned\""),
+            ("nar-downloads = \"presigned\"\nnar-presigned-endpoint = \"s3.example\"", &s3, "http:// or"),
         ] {
             let e = c(t).nar_redirect(store).unwrap_err().to_string();
             assert!(e.contains(why), "{t}: {e}");

@@ -88,13 +88,17 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
     let backend: Box<dyn Storage> = match store {
         StoreUrl::File(dir) => Box::new(LocalStorage::open(&dir).await?),
         StoreUrl::S3 { bucket, endpoint, region, checksums_when_required } => {
-            Box::new(S3Storage::new(&S3Options {
+            let s3 = S3Storage::new(&S3Options {
                 bucket,
                 endpoint,
                 region,
                 credentials: config.s3_credentials_file.as_deref().map(s3_credentials).transpose()?,
                 checksums_when_required,
-            })?)
+            })?;
+            match &config.nar_presigned_endpoint {
+                Some(e) => Box::new(s3.presigning_for(e)),
+                None => Box::new(s3),
+            }
         }
     };
     let cache_info = CacheInfo { priority: Some(config.priority), ..CacheInfo::fleetcache_default() };

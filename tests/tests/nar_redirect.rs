@@ -1,7 +1,7 @@
 //! NAR downloads that bypass cache-server: with `nar-downloads = "presigned"` on Garage a NAR
 //! request is answered with a redirect to a presigned URL, and a fresh store trusting only the
 //! fleet key substitutes the closure through it (the real Nix follows the redirect; the bytes
-//! come from Garage, not the server). With `"base-url"` the redirect goes to another server of
+//! come from Garage, not the server), at the address machines reach the bucket by. With `"base-url"` the redirect goes to another server of
 //! the same files. A client the read tokens refuse gets no URL.
 
 use fleetcache_tests::cache_server::{self, CacheServer, Options};
@@ -72,18 +72,21 @@ fn substitute(cache: &str, key: &str, netrc: Option<&std::path::Path>, top: &Sto
 #[tokio::test]
 async fn presigned_redirects_on_garage() {
     let garage = Garage::start();
-    // The store is named by `localhost` and the cache by 127.0.0.1, as a bucket and a cache
-    // are different hosts in a fleet: curl sends the netrc's read token to the cache only.
+    // The server reaches the bucket at 127.0.0.1 and the machines at `localhost`, as a server
+    // inside reaches S3 by another address than machines outside; and the cache is at
+    // 127.0.0.1, a host apart from the bucket's, so curl sends the netrc's read token to the
+    // cache only.
     let port = garage.endpoint().rsplit(':').next().unwrap().to_owned();
-    let store = format!("s3://{}?endpoint=http://localhost:{port}&region={REGION}", garage.bucket);
+    let store = format!("s3://{}?endpoint=http://127.0.0.1:{port}&region={REGION}", garage.bucket);
+    let presigned = |extra: &str| Options {
+        config: Some(format!("nar-downloads = \"presigned\"\nnar-presigned-seconds = 120\n{extra}")),
+        read_token: Some(READ_TOKEN.into()),
+        env: garage.credential_env().to_vec(),
+        ..Options::default()
+    };
     let server = CacheServer::start_with(
         &store,
-        Options {
-            config: Some("nar-downloads = \"presigned\"\nnar-presigned-seconds = 120\n".into()),
-            read_token: Some(READ_TOKEN.into()),
-            env: garage.credential_env().to_vec(),
-            ..Options::default()
-        },
+        presigned(&format!("nar-presigned-endpoint = \"http://localhost:{port}\"\n")),
     );
     let top = nix::build_closure(&format!("redirect-{}", std::process::id()), 3, 2);
     let pushed = cache_server::push_json(&server, &[&top]);
@@ -109,6 +112,16 @@ async fn presigned_redirects_on_garage() {
     let size = direct.bytes().await.unwrap().len();
     let unsigned = reqwest::get(location.split('?').next().unwrap()).await.unwrap();
     assert_eq!(unsigned.status(), StatusCode::FORBIDDEN, "{:?}", unsigned.text().await);
+    // Without nar-presigned-endpoint the URL names the store's own endpoint.
+    let plain = CacheServer::start_with(&store, presigned(""));
+    let plain_nar = format!("{}/nar/{}", plain.url, nar.rsplit('/').next().unwrap());
+    let answer = client.get(&plain_nar).bearer_auth(READ_TOKEN).send().await.unwrap();
+    assert_eq!(answer.status(), StatusCode::TEMPORARY_REDIRECT);
+    let plain_location = answer.headers()[LOCATION].to_str().unwrap();
+    assert!(
+        plain_location.starts_with(&format!("http://127.0.0.1:{port}/{}/nar/", garage.bucket)),
+        "{plain_location}"
+    );
     // HEAD is answered here (a presigned URL is for GET only), with the object's size.
     let head = client.head(&nar).bearer_auth(READ_TOKEN).send().await.unwrap();
     assert_eq!(head.status(), StatusCode::OK);

@@ -52,6 +52,8 @@ pub struct MissingCredentials;
 /// A cache in an S3 bucket.
 pub struct S3Storage {
     client: Client,
+    /// The client presigned URLs are made with, when machines reach the bucket elsewhere.
+    presigner: Option<Client>,
     bucket: String,
 }
 
@@ -78,7 +80,18 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
-        Ok(S3Storage { client: Client::from_conf(conf.build()), bucket: opts.bucket.clone() })
+        Ok(S3Storage {
+            client: Client::from_conf(conf.build()),
+            presigner: None,
+            bucket: opts.bucket.clone(),
+        })
+    }
+
+    /// Makes presigned URLs for `endpoint` (path-style) instead of the store's endpoint.
+    pub fn presigning_for(mut self, endpoint: &str) -> Self {
+        let conf = self.client.config().to_builder().endpoint_url(endpoint).force_path_style(true).build();
+        self.presigner = Some(Client::from_conf(conf));
+        self
     }
 }
 
@@ -224,7 +237,8 @@ impl Storage for S3Storage {
             key: key.to_string(),
             message: e.to_string(),
         })?;
-        let req = self.client.get_object().bucket(&self.bucket).key(key.as_str()).presigned(config).await;
+        let client = self.presigner.as_ref().unwrap_or(&self.client);
+        let req = client.get_object().bucket(&self.bucket).key(key.as_str()).presigned(config).await;
         Ok(Some(req.map_err(s3_err("presign GetObject", key))?.uri().to_owned()))
     }
 
