@@ -104,8 +104,9 @@ pub(crate) fn from_queue(
                     return Ok(());
                 }
                 eprintln!(
-                    "the push queue {} is empty; {refused} batches the cache refused are in {}",
+                    "the push queue {} is empty; {} the cache refused in {}",
                     queue.display(),
+                    count(refused, "batch", "batches"),
                     queue.join(push_queue::REFUSED).display()
                 );
                 return Err(CliError::Failed);
@@ -229,25 +230,45 @@ pub(crate) fn show_queue(queue: Option<PathBuf>) -> Result<(), CliError> {
     let waiting = push_queue::pending(&dir).map_err(queue_error)?;
     let refused = push_queue::refused(&dir).map_err(queue_error)?;
     let paths: usize = waiting.iter().map(|q| q.paths.len()).sum();
-    println!("{}: {} batches waiting ({paths} paths)", dir.display(), waiting.len());
+    println!(
+        "{}: {} waiting ({})",
+        dir.display(),
+        count(waiting.len(), "batch", "batches"),
+        count(paths, "path", "paths")
+    );
     for q in &waiting {
-        println!("  {}: {} paths, queued {}", file_name(&q.file), q.paths.len(), age(&q.file));
+        println!(
+            "  {}: {}, queued {}",
+            file_name(&q.file),
+            count(q.paths.len(), "path", "paths"),
+            age(&q.file)
+        );
     }
     if refused.is_empty() {
         return Ok(());
     }
     println!(
-        "{} batches refused by the cache, in {} (move a file back into the queue to retry):",
-        refused.len(),
+        "{} refused by the cache, in {} (move a file back into the queue to retry):",
+        count(refused.len(), "batch", "batches"),
         dir.join(push_queue::REFUSED).display()
     );
     for (q, why) in &refused {
-        println!("  {}: {} paths, queued {}", file_name(&q.file), q.paths.len(), age(&q.file));
+        println!(
+            "  {}: {}, queued {}",
+            file_name(&q.file),
+            count(q.paths.len(), "path", "paths"),
+            age(&q.file)
+        );
         for line in why.lines() {
             println!("    {line}");
         }
     }
     Ok(())
+}
+
+/// `1 batch`, `2 batches`.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn file_name(file: &Path) -> String {

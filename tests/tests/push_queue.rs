@@ -148,7 +148,7 @@ fn a_batch_the_cache_refuses_is_set_aside_and_the_rest_is_pushed() {
     let out = pusher(&server.url, &token_file, &queue, false).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a refusal fails the run: {stderr}");
-    assert!(stderr.contains("moved to") && stderr.contains("2 batches the cache refused"), "{stderr}");
+    assert!(stderr.contains("moved to") && stderr.contains("2 batches the cache refused in"), "{stderr}");
     assert!(queued(&queue).is_empty(), "nothing stays in the queue to be retried for ever: {stderr}");
 
     // The leaf's file and the top's (which needs the leaf) are set aside with the cache's reason;
