@@ -110,12 +110,12 @@ pub struct Config {
     /// How `GET /nar/…` is answered: `"proxy"` (this server reads the store and sends the
     /// bytes), `"presigned"` (a redirect to a presigned URL of the object, valid for
     /// `nar-presigned-seconds`; s3:// stores only, and machines must reach the store's
-    /// endpoint or `nar-presigned-endpoint`) or `"base-url"` (a redirect to `nar-base-url` followed by `/nar/…`: a public
-    /// bucket's own HTTPS endpoint, or a CDN in front of it). A redirect is sent only to a
-    /// client the read tokens admit; narinfos are always served here, so what a machine
-    /// trusts is still signed by this cache and the NAR's hash is checked by Nix. HEAD and
-    /// range requests are redirected too, except HEAD with "presigned" (a presigned URL is for
-    /// one method). Default `"proxy"`.
+    /// endpoint or `nar-presigned-endpoint`) or `"base-url"` (a redirect to `nar-base-url`
+    /// followed by `/nar/…`: a public bucket's own HTTPS endpoint, or a CDN in front of it). A
+    /// redirect is sent only to a client the read tokens admit; narinfos are always served
+    /// here, so what a machine trusts is still signed by this cache and the NAR's hash is
+    /// checked by Nix. HEAD and range requests are redirected too, except HEAD with
+    /// "presigned" (a presigned URL is for one method). Default `"proxy"`.
     #[serde(default)]
     pub nar_downloads: NarDownloads,
     /// Seconds a presigned NAR URL stays valid. Default 600.

@@ -1,8 +1,9 @@
 //! NAR downloads that bypass cache-server: with `nar-downloads = "presigned"` on Garage a NAR
 //! request is answered with a redirect to a presigned URL, and a fresh store trusting only the
 //! fleet key substitutes the closure through it (the real Nix follows the redirect; the bytes
-//! come from Garage, not the server), at the address machines reach the bucket by. With `"base-url"` the redirect goes to another server of
-//! the same files. A client the read tokens refuse gets no URL.
+//! come from Garage, not the server), at the address machines reach the bucket by. With
+//! `"base-url"` the redirect goes to another server of the same files. A client the read tokens
+//! refuse gets no URL.
 
 use fleetcache_tests::cache_server::{self, CacheServer, Options};
 use fleetcache_tests::garage::{Garage, REGION};
