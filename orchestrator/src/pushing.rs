@@ -282,12 +282,7 @@ fn age(file: &Path) -> String {
     else {
         return "at an unknown time".to_owned();
     };
-    match elapsed.as_secs() {
-        s if s < 120 => format!("{s} s ago"),
-        s if s < 7200 => format!("{} min ago", s / 60),
-        s if s < 172_800 => format!("{} h ago", s / 3600),
-        s => format!("{} days ago", s / 86400),
-    }
+    orchestrator::report::ago(elapsed.as_secs())
 }
 
 /// `orchestrator hook`: queues the built paths and returns. It never fails the build: a path

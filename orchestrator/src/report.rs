@@ -86,6 +86,16 @@ pub fn human_bytes(n: u64) -> String {
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
+/// `42 s ago`, `5 min ago`, `3 h ago`, `2 d ago`, for that many seconds.
+pub fn ago(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds} s ago"),
+        60..3600 => format!("{} min ago", seconds / 60),
+        3600..86400 => format!("{} h ago", seconds / 3600),
+        _ => format!("{} d ago", seconds / 86400),
+    }
+}
+
 /// Reports nothing (the server plans without an audience).
 pub struct Quiet;
 
@@ -314,5 +324,19 @@ mod tests {
     fn bytes_read_well() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
+    }
+
+    #[test]
+    fn ages_read_well() {
+        let cases = [
+            (59, "59 s ago"),
+            (60, "1 min ago"),
+            (3599, "59 min ago"),
+            (7200, "2 h ago"),
+            (172_800, "2 d ago"),
+        ];
+        for (seconds, text) in cases {
+            assert_eq!(ago(seconds), text);
+        }
     }
 }

@@ -88,13 +88,7 @@ fn short(rev: &str) -> &str {
 }
 
 fn ago(unix: i64) -> String {
-    let s = (now() - unix).max(0);
-    match s {
-        0..60 => format!("{s} s ago"),
-        60..3600 => format!("{} min ago", s / 60),
-        3600..86400 => format!("{} h ago", s / 3600),
-        _ => format!("{} d ago", s / 86400),
-    }
+    crate::report::ago((now() - unix).max(0).unsigned_abs())
 }
 
 async fn revision_table(
