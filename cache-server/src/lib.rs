@@ -95,10 +95,10 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
                 credentials: config.s3_credentials_file.as_deref().map(s3_credentials).transpose()?,
                 checksums_when_required,
             })?;
-            match &config.nar_presigned_endpoint {
-                Some(e) => Box::new(s3.presigning_for(e)),
-                None => Box::new(s3),
-            }
+            Box::new(match &config.nar_presigned_endpoint {
+                Some(e) => s3.presigning_for(e),
+                None => s3,
+            })
         }
     };
     let cache_info = CacheInfo { priority: Some(config.priority), ..CacheInfo::fleetcache_default() };

@@ -1,6 +1,6 @@
 //! `orchestrator push` of paths or of what `orchestrator hook` queued, and the hook itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,7 +92,7 @@ pub(crate) fn from_queue(
     let token = read_token(token_file)?;
     let client = CacheClient::new(cache, &token)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let queue_error = |e: std::io::Error| CliError::Error(format!("the push queue {}: {e}", queue.display()));
+    let queue_error = queue_error(queue);
     let mut delay = Duration::from_secs(5);
     let mut refused = 0;
     loop {
@@ -116,12 +116,10 @@ pub(crate) fn from_queue(
         }
         let files: Vec<(&push_queue::Queued, Vec<StorePath>)> =
             queued.iter().map(|q| (q, queued_roots(&q.paths))).collect();
-        let mut roots: Vec<StorePath> = Vec::new();
-        for r in files.iter().flat_map(|(_, r)| r) {
-            if !roots.contains(r) {
-                roots.push(r.clone());
-            }
-        }
+        // Each once, in queue order (a system build queues thousands).
+        let mut seen = HashSet::new();
+        let roots: Vec<StorePath> =
+            files.iter().flat_map(|(_, r)| r).filter(|r| seen.insert(*r)).cloned().collect();
         let summary = if roots.is_empty() {
             PushSummary::default()
         } else {
@@ -185,6 +183,11 @@ pub(crate) fn from_queue(
     }
 }
 
+/// How a failure to read or change the queue `dir` is reported.
+fn queue_error(dir: &Path) -> impl Fn(std::io::Error) -> CliError + Copy + '_ {
+    move |e| CliError::Error(format!("the push queue {}: {e}", dir.display()))
+}
+
 /// Sleeps `delay` and doubles it (up to [`MAX_RETRY_DELAY`]).
 fn retry_after(delay: &mut Duration) {
     eprintln!("retrying in {}s", delay.as_secs());
@@ -226,7 +229,7 @@ fn queued_roots(paths: &[String]) -> Vec<StorePath> {
 /// `orchestrator queue`: what waits in the push queue, and what the cache refused and why.
 pub(crate) fn show_queue(queue: Option<PathBuf>) -> Result<(), CliError> {
     let dir = queue.map_or_else(push_queue::default_dir, Ok).map_err(CliError::Error)?;
-    let queue_error = |e: std::io::Error| CliError::Error(format!("the push queue {}: {e}", dir.display()));
+    let queue_error = queue_error(&dir);
     let waiting = push_queue::pending(&dir).map_err(queue_error)?;
     let refused = push_queue::refused(&dir).map_err(queue_error)?;
     let paths: usize = waiting.iter().map(|q| q.paths.len()).sum();
