@@ -56,6 +56,13 @@ async fn contract(s: &dyn Storage) {
     let tail: Vec<Bytes> =
         futures_util::TryStreamExt::try_collect(tail.unwrap().unwrap().body).await.unwrap();
     assert_eq!(tail.concat(), &data[data.len() - 5..]);
+    // Ranges of many megabytes, across the upload's 8 MiB multipart boundaries.
+    for (start, end) in [((3 << 20) + 1, (19 << 20) + 7), (9 << 20, data.len() as u64 - 1)] {
+        let obj = s.get(&nar, Some(ByteRange { start, end })).await.unwrap().unwrap();
+        assert_eq!(obj.size, data.len() as u64);
+        let got: Vec<Bytes> = futures_util::TryStreamExt::try_collect(obj.body).await.unwrap();
+        assert!(got.concat() == data[start as usize..=end as usize], "bytes {start}-{end} differ");
+    }
 
     // Two writers of one key at once: both succeed, and the result is one of them, whole.
     let (a, b) = (Bytes::from(vec![b'a'; 100_000]), Bytes::from(vec![b'b'; 100_000]));
@@ -81,6 +88,11 @@ async fn contract(s: &dyn Storage) {
         assert_eq!(later.commit_new().await.unwrap(), None, "{size} bytes replaced the object");
         assert_eq!(get_bytes(s, &nar).await.unwrap().unwrap(), &b"first"[..]);
     }
+
+    // An empty object reads as empty.
+    s.delete(&nar).await.unwrap();
+    put_bytes(s, &nar, Bytes::new()).await.unwrap();
+    assert_eq!(get_bytes(s, &nar).await.unwrap().unwrap(), &b""[..]);
 
     s.delete(&nar).await.unwrap();
     assert!(s.head(&nar).await.unwrap().is_none());
