@@ -51,13 +51,9 @@ async fn contract(s: &dyn Storage) {
     assert_eq!(up.commit().await.unwrap(), data.len() as u64);
     assert_eq!(s.head(&nar).await.unwrap(), Some(data.len() as u64));
     assert!(get_bytes(s, &nar).await.unwrap().unwrap() == data[..], "large object differs");
-    let tail =
-        s.get(&nar, Some(ByteRange { start: data.len() as u64 - 5, end: data.len() as u64 - 1 })).await;
-    let tail: Vec<Bytes> =
-        futures_util::TryStreamExt::try_collect(tail.unwrap().unwrap().body).await.unwrap();
-    assert_eq!(tail.concat(), &data[data.len() - 5..]);
-    // Ranges of many megabytes, across the upload's 8 MiB multipart boundaries.
-    for (start, end) in [((3 << 20) + 1, (19 << 20) + 7), (9 << 20, data.len() as u64 - 1)] {
+    // The last bytes, and ranges of many megabytes across the upload's 8 MiB multipart boundaries.
+    let last = data.len() as u64 - 1;
+    for (start, end) in [(last - 4, last), ((3 << 20) + 1, (19 << 20) + 7), (9 << 20, last)] {
         let obj = s.get(&nar, Some(ByteRange { start, end })).await.unwrap().unwrap();
         assert_eq!(obj.size, data.len() as u64);
         let got: Vec<Bytes> = futures_util::TryStreamExt::try_collect(obj.body).await.unwrap();
