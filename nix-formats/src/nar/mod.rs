@@ -36,6 +36,16 @@ pub const MAX_TARGET_LEN: usize = 4095;
 /// the depth, and so the parser's memory.
 pub const MAX_PATH_LEN: usize = 4096 - 256;
 
+/// One read into `buf`, again when interrupted; 0 at the end of the stream.
+pub(crate) fn read_some(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Padding needed after `len` bytes to reach a multiple of 8.
 pub(crate) const fn padding(len: u64) -> u64 {
     (8 - len % 8) % 8

@@ -10,7 +10,7 @@
 use std::io::{self, Read};
 
 use super::error::NarError;
-use super::{MAGIC, MAX_NAME_LEN, MAX_PATH_LEN, MAX_TARGET_LEN, MAX_TOKEN_LEN, padding};
+use super::{MAGIC, MAX_NAME_LEN, MAX_PATH_LEN, MAX_TARGET_LEN, MAX_TOKEN_LEN, padding, read_some};
 
 /// What the parser reports, in archive order. Paths are relative to the root, `/`-joined;
 /// the root itself is the empty path.
@@ -405,11 +405,9 @@ pub(crate) fn read_chunks(
 ) -> Result<(), NarError> {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        match reader.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => f(&buf[..n])?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(NarError::Io(e)),
+        match read_some(&mut reader, &mut buf).map_err(NarError::Io)? {
+            0 => return Ok(()),
+            n => f(&buf[..n])?,
         }
     }
 }

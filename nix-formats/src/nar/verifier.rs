@@ -1,12 +1,13 @@
 //! Checking a NAR stream and computing its NarHash and NarSize in one pass.
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::sync::mpsc;
 
 use sha2::Digest as _;
 
 use super::error::NarError;
 use super::parser::{NarParser, read_chunks};
+use super::read_some;
 use crate::hash::Hash;
 
 /// Bytes per chunk handed from the reading thread to the checking one in
@@ -62,11 +63,9 @@ impl NarVerifier {
             let read = (|| {
                 loop {
                     let mut buf = empty_rx.try_recv().unwrap_or_else(|_| vec![0u8; PIPELINE_CHUNK]);
-                    let n = match reader.read(&mut buf) {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(NarError::Io(e)),
+                    let n = match read_some(&mut reader, &mut buf).map_err(NarError::Io)? {
+                        0 => return Ok(()),
+                        n => n,
                     };
                     // A closed channel means the checker failed: its error is the answer.
                     if full_tx.send((buf, n)).is_err() {

@@ -1,14 +1,14 @@
 //! Serialising a file system tree into a NAR, streaming, with bounded memory.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::{MAGIC, padding};
+use super::{MAGIC, padding, read_some};
 
 /// Why a path could not be serialised.
 #[derive(Debug, Error)]
@@ -154,11 +154,9 @@ fn dump_node<W: Write>(enc: &mut NarEncoder<W>, path: &Path, buf: &mut [u8]) -> 
         enc.regular_start(executable, size).map_err(io_err)?;
         let mut done = 0u64;
         loop {
-            let n = match file.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(e)),
+            let n = match read_some(&mut file, buf).map_err(io_err)? {
+                0 => break,
+                n => n,
             };
             done += n as u64;
             if done > size {
