@@ -233,12 +233,23 @@ impl LocalUpload {
         Ok(())
     }
 
-    /// Writes everything and makes it durable: the bytes are on disk before the name appears,
-    /// so a crash never leaves a short file.
-    async fn write_all_durably(&mut self) -> Result<(), StorageError> {
+    /// Writes everything and makes it durable, and makes the destination's directory: the
+    /// bytes are on disk before the name appears, so a crash never leaves a short file.
+    async fn ready_to_place(&mut self) -> Result<(), StorageError> {
         self.write_pending().await?;
         let file = self.idle_file().await?;
-        joined(&self.key, tokio::task::spawn_blocking(move || file.sync_all())).await
+        joined(&self.key, tokio::task::spawn_blocking(move || file.sync_all())).await?;
+        if let Some(parent) = self.dest.parent() {
+            fs::create_dir_all(parent).await.map_err(io_err(&self.key))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the new name durable. Without it a crash may keep a narinfo (written after its
+    /// NAR, in another directory) and lose the NAR's name: a narinfo whose NAR is gone.
+    async fn sync_placed(&self) -> Result<(), StorageError> {
+        let Some(parent) = self.dest.parent().map(Path::to_owned) else { return Ok(()) };
+        joined(&self.key, tokio::task::spawn_blocking(move || std::fs::File::open(parent)?.sync_all())).await
     }
 }
 
@@ -261,30 +272,26 @@ impl Upload for LocalUpload {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<u64, StorageError> {
-        let key = self.key.clone();
-        self.write_all_durably().await?;
-        if let Some(parent) = self.dest.parent() {
-            fs::create_dir_all(parent).await.map_err(io_err(&key))?;
-        }
-        fs::rename(&self.tmp, &self.dest).await.map_err(io_err(&key))?;
+        self.ready_to_place().await?;
+        fs::rename(&self.tmp, &self.dest).await.map_err(io_err(&self.key))?;
         self.finished = true;
+        self.sync_placed().await?;
         Ok(self.size)
     }
 
     async fn commit_new(mut self: Box<Self>) -> Result<Option<u64>, StorageError> {
-        let key = self.key.clone();
-        self.write_all_durably().await?;
-        if let Some(parent) = self.dest.parent() {
-            fs::create_dir_all(parent).await.map_err(io_err(&key))?;
-        }
+        self.ready_to_place().await?;
         // A hard link, unlike a rename, never replaces what is there.
         let linked = fs::hard_link(&self.tmp, &self.dest).await;
         self.finished = true;
-        fs::remove_file(&self.tmp).await.map_err(io_err(&key))?;
+        fs::remove_file(&self.tmp).await.map_err(io_err(&self.key))?;
         match linked {
-            Ok(()) => Ok(Some(self.size)),
+            Ok(()) => {
+                self.sync_placed().await?;
+                Ok(Some(self.size))
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(io_err(&key)(e)),
+            Err(e) => Err(io_err(&self.key)(e)),
         }
     }
 
