@@ -249,7 +249,13 @@ impl LocalUpload {
     /// NAR, in another directory) and lose the NAR's name: a narinfo whose NAR is gone.
     async fn sync_placed(&self) -> Result<(), StorageError> {
         let Some(parent) = self.dest.parent().map(Path::to_owned) else { return Ok(()) };
-        joined(&self.key, tokio::task::spawn_blocking(move || std::fs::File::open(parent)?.sync_all())).await
+        let sync = move || match std::fs::File::open(parent)?.sync_all() {
+            // A file system that cannot sync a directory (EINVAL, ENOTSUP: some network and
+            // FUSE ones) gives no stronger promise to ask for; refusing uploads would not help.
+            Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported) => Ok(()),
+            other => other,
+        };
+        joined(&self.key, tokio::task::spawn_blocking(sync)).await
     }
 }
 
