@@ -36,6 +36,10 @@ pub enum TokenFileError {
     },
 }
 
+/// Tokens shorter than this are warned about when a file is read: the README's
+/// `head -c 16 /dev/urandom | base64` makes 24 characters.
+pub const MIN_TOKEN_LEN: usize = 16;
+
 /// A set of named tokens.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
@@ -64,7 +68,20 @@ impl Tokens {
                 }
             }
         }
-        Ok(Tokens { entries })
+        let tokens = Tokens { entries };
+        for name in tokens.short() {
+            tracing::warn!(
+                file = %path.display(),
+                name,
+                "a token under {MIN_TOKEN_LEN} characters can be guessed: head -c 16 /dev/urandom | base64"
+            );
+        }
+        Ok(tokens)
+    }
+
+    /// The names of the tokens shorter than [`MIN_TOKEN_LEN`].
+    pub fn short(&self) -> Vec<&str> {
+        self.entries.iter().filter(|(_, t)| t.len() < MIN_TOKEN_LEN).map(|(n, _)| n.as_str()).collect()
     }
 
     /// One token, held in memory: the embedded cache-server of `orchestrator build`.
@@ -174,6 +191,25 @@ mod tests {
         assert_eq!(t.check(&presented_token(&h).unwrap()), Some("spaced"));
         h.insert(AUTHORIZATION, format!("Basic {}", BASE64.encode("u:s3cret")).parse().unwrap());
         assert_eq!(t.check(&presented_token(&h).unwrap()), Some("spaced"));
+    }
+
+    #[test]
+    fn short_tokens_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t");
+        let random = "q8Jd0Zr1c2Vn7mYtLx4wKg==";
+        std::fs::write(
+            &f,
+            format!(
+                "ci:hunter2
+builder-1:{random}
+edge:{}
+",
+                &random[..MIN_TOKEN_LEN]
+            ),
+        )
+        .unwrap();
+        assert_eq!(Tokens::load(&f).unwrap().short(), ["ci"]);
     }
 
     #[test]
