@@ -198,17 +198,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t");
         let random = "q8Jd0Zr1c2Vn7mYtLx4wKg==";
-        std::fs::write(
-            &f,
-            format!(
-                "ci:hunter2
-builder-1:{random}
-edge:{}
-",
-                &random[..MIN_TOKEN_LEN]
-            ),
-        )
-        .unwrap();
+        let edge = &random[..MIN_TOKEN_LEN];
+        std::fs::write(&f, format!("ci:hunter2\nbuilder-1:{random}\nedge:{edge}\n")).unwrap();
         assert_eq!(Tokens::load(&f).unwrap().short(), ["ci"]);
     }
 
