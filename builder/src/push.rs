@@ -187,7 +187,8 @@ fn chunk_buffer() -> Vec<u8> {
     pooled.unwrap_or_else(|| Vec::with_capacity(CHUNK))
 }
 
-/// Sends what is written to the HTTP body, [`CHUNK`] bytes at a time.
+/// Sends what is written to the HTTP body, [`CHUNK`] bytes at a time. Its buffer is taken
+/// from [`BUFFERS`] when a chunk starts, so the end of a path holds none.
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     buf: Vec<u8>,
@@ -198,7 +199,7 @@ impl ChannelWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from_owner(Pooled(std::mem::replace(&mut self.buf, chunk_buffer())));
+        let chunk = Bytes::from_owner(Pooled(std::mem::take(&mut self.buf)));
         // The receiver is gone when the request failed; stop producing.
         self.tx
             .blocking_send(Ok(chunk))
@@ -210,6 +211,9 @@ impl Write for ChannelWriter {
     /// Takes what fits in the chunk, so a buffer never grows past [`CHUNK`] (a reallocation
     /// and a copy).
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf = chunk_buffer();
+        }
         let n = data.len().min(CHUNK - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == CHUNK {
@@ -253,7 +257,7 @@ fn produce(
     tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     progress: Arc<dyn Progress>,
 ) -> io::Result<()> {
-    let sink = ChannelWriter { tx, buf: chunk_buffer() };
+    let sink = ChannelWriter { tx, buf: Vec::new() };
     let mut enc = zstd::stream::write::Encoder::new(sink, opts.zstd_level)?;
     enc.long_distance_matching(opts.long_distance_matching)?;
     if info.nar_size > MULTITHREAD_ABOVE {
@@ -495,7 +499,7 @@ mod tests {
     #[test]
     fn chunks_are_full_and_keep_every_byte() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-        let mut sink = ChannelWriter { tx, buf: chunk_buffer() };
+        let mut sink = ChannelWriter { tx, buf: Vec::new() };
         // Writes of awkward sizes, one larger than a chunk, so chunk ends fall inside writes.
         let data: Vec<u8> = (0..5 * CHUNK + 12_345).map(|i| (i * 7 % 251) as u8).collect();
         let mut rest = &data[..];
