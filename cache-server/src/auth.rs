@@ -1,11 +1,11 @@
 //! Tokens: files of `name:token` lines, presented as `Authorization: Bearer <token>` or as the
 //! password of HTTP Basic auth (what `nix copy --netrc-file` sends). Comparison is constant time.
-//! A [`TokenFile`] is read again whenever it changes, so removing a line revokes that token at
-//! its next request, without a restart.
+//! A [`TokenFile`] is read again whenever it changes, so removing a line revokes that token
+//! within a second, without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -102,10 +102,23 @@ impl Tokens {
     }
 }
 
+/// How long a token file is trusted before it is looked at again: a removed line revokes its
+/// token within this long. Looking at it on every request cost a private cache a quarter of its
+/// narinfo requests a second (a `stat` per token file per request, under one lock).
+pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// A `name:token` file, read again whenever it changes (or a fixed set held in memory).
 pub struct TokenFile {
     path: Option<PathBuf>,
-    cached: Mutex<(Option<SystemTime>, Tokens)>,
+    recheck_after: Duration,
+    cached: RwLock<Cached>,
+}
+
+/// What a [`TokenFile`] last read, and when it last looked.
+struct Cached {
+    mtime: Option<SystemTime>,
+    looked: Instant,
+    tokens: Tokens,
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -115,31 +128,48 @@ fn modified(path: &Path) -> Option<SystemTime> {
 impl TokenFile {
     /// Reads `path`; an unreadable or malformed file is an error here.
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
+        Self::load_rechecking(path, RECHECK_AFTER)
+    }
+
+    fn load_rechecking(path: &Path, recheck_after: Duration) -> Result<Self, TokenFileError> {
         let mtime = modified(path);
         let tokens = Tokens::load(path)?;
-        Ok(TokenFile { path: Some(path.to_owned()), cached: Mutex::new((mtime, tokens)) })
+        let cached = RwLock::new(Cached { mtime, looked: Instant::now(), tokens });
+        Ok(TokenFile { path: Some(path.to_owned()), recheck_after, cached })
     }
 
     /// Tokens that never change (the embedded cache-server of `orchestrator build`).
     pub fn fixed(tokens: Tokens) -> Self {
-        TokenFile { path: None, cached: Mutex::new((None, tokens)) }
+        let cached = RwLock::new(Cached { mtime: None, looked: Instant::now(), tokens });
+        TokenFile { path: None, recheck_after: Duration::MAX, cached }
     }
 
-    /// The name of the token `presented`, reading the file again if it changed. A file that has
-    /// become unreadable or malformed revokes every token until it is fixed (failing closed).
+    /// The name of the token `presented`, reading the file again if it changed (looked at no
+    /// more than once per [`RECHECK_AFTER`]). A file that has become unreadable or malformed
+    /// revokes every token until it is fixed (failing closed).
     pub fn check(&self, presented: &[u8]) -> Option<String> {
-        let mut cached = self.cached.lock().expect("token cache");
-        if let Some(path) = &self.path {
+        {
+            let cached = self.cached.read().expect("token cache");
+            if self.path.is_none() || cached.looked.elapsed() < self.recheck_after {
+                return cached.tokens.check(presented).map(str::to_owned);
+            }
+        }
+        let mut cached = self.cached.write().expect("token cache");
+        if let Some(path) = &self.path
+            // Another request may have looked while this one waited for the lock.
+            && cached.looked.elapsed() >= self.recheck_after
+        {
             let mtime = modified(path);
-            if mtime != cached.0 || mtime.is_none() {
-                let tokens = Tokens::load(path).unwrap_or_else(|e| {
+            if mtime != cached.mtime || mtime.is_none() {
+                cached.tokens = Tokens::load(path).unwrap_or_else(|e| {
                     tracing::error!(error = %e, "token file unusable: refusing every token until it is fixed");
                     Tokens::default()
                 });
-                *cached = (mtime, tokens);
+                cached.mtime = mtime;
             }
+            cached.looked = Instant::now();
         }
-        cached.1.check(presented).map(str::to_owned)
+        cached.tokens.check(presented).map(str::to_owned)
     }
 }
 
@@ -204,16 +234,16 @@ mod tests {
     }
 
     #[test]
-    fn a_removed_line_revokes_at_once_and_a_broken_file_revokes_all() {
+    fn a_removed_line_revokes_and_a_broken_file_revokes_all() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
         std::fs::write(&path, "a:one\nb:two\n").unwrap();
-        let file = TokenFile::load(&path).unwrap();
+        let file = TokenFile::load_rechecking(&path, Duration::ZERO).unwrap();
         assert_eq!(file.check(b"two").as_deref(), Some("b"));
         std::fs::write(&path, "a:one\n").unwrap();
         // The modification time moves on every write on any file system we run on, but make
         // sure the test does not depend on its resolution.
-        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        let later = SystemTime::now() + Duration::from_secs(5);
         std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
         assert_eq!(file.check(b"two"), None);
         assert_eq!(file.check(b"one").as_deref(), Some("a"));
@@ -222,11 +252,29 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap()
-            .set_modified(later + std::time::Duration::from_secs(5))
+            .set_modified(later + Duration::from_secs(5))
             .unwrap();
         assert_eq!(file.check(b"one"), None);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(file.check(b"one"), None);
         assert_eq!(TokenFile::fixed(Tokens::single("x", "t")).check(b"t").as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn a_file_is_looked_at_again_only_after_the_recheck_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "a:one\n").unwrap();
+        let mut file = TokenFile::load_rechecking(&path, Duration::from_secs(3600)).unwrap();
+        std::fs::write(&path, "b:two\n").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
+        // Within the interval the file is not looked at: what was read holds.
+        assert_eq!(file.check(b"one").as_deref(), Some("a"));
+        assert_eq!(file.check(b"two"), None);
+        // Once it has passed (here: once there is none), the next request sees the change.
+        file.recheck_after = Duration::ZERO;
+        assert_eq!(file.check(b"one"), None);
+        assert_eq!(file.check(b"two").as_deref(), Some("b"));
     }
 }

@@ -463,11 +463,13 @@ async fn a_revoked_upload_token_is_refused_without_a_restart() {
     let (_dir, server) = CacheServer::start_local();
     let infos = closure_in_upload_order(&nix::build_closure("hostile-revoke", 1, 0));
     assert_eq!(upload(&server, body_for(&infos[0])).await.0, StatusCode::OK);
-    // The line is removed (a stolen builder token): its next request is refused.
+    // The line is removed (a stolen builder token): once the server has looked at the file
+    // again (at most a second later), the token is refused.
     let tokens = server.dir().join("upload-tokens");
     std::fs::write(&tokens, "someone-else:another-token\n").unwrap();
     let later = std::time::SystemTime::now() + Duration::from_secs(5);
     std::fs::File::options().write(true).open(&tokens).unwrap().set_modified(later).unwrap();
+    tokio::time::sleep(cache_server::auth::RECHECK_AFTER + Duration::from_millis(200)).await;
     let (s, body) = upload(&server, body_for(&infos[1])).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(narinfo_of(&server, &path_of(&infos[1])).await, None);

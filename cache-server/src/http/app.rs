@@ -146,8 +146,9 @@ pub(super) fn check_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()>
     };
     let token = presented_token(headers)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "a read token is required"))?;
-    let uploader = state.upload_tokens.as_ref().and_then(|t| t.check(&token));
-    if readers.check(&token).or(uploader).is_none() {
+    // An upload token reads too; it is only looked for when the token is no read token.
+    let uploader = || state.upload_tokens.as_ref().is_some_and(|t| t.check(&token).is_some());
+    if readers.check(&token).is_none() && !uploader() {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"));
     }
     Ok(())

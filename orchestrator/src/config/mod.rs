@@ -182,8 +182,8 @@ pub struct ServerConfig {
     /// Address to listen on (`--listen` overrides it). Default `127.0.0.1:8090`.
     #[serde(default = "default_server_listen")]
     pub listen: std::net::SocketAddr,
-    /// File of `name:token` lines, one per builder agent; removing a line (and restarting)
-    /// revokes it. Required by `serve`.
+    /// File of `name:token` lines, one per builder agent; removing a line revokes it within a
+    /// second, without a restart. Required by `serve`.
     #[serde(default)]
     pub builder_tokens_file: Option<PathBuf>,
     /// File of `name:token` lines for the CLI (`build --server`, `status --server`). Required by

@@ -144,7 +144,8 @@ async fn claim(
 ) -> ApiResult {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(body.wait_seconds.min(60));
     loop {
-        // Checked on every round: a token revoked while its builder waits stops working at once.
+        // Checked on every round: a token revoked while its builder waits stops working within
+        // a second (token files are looked at once a second).
         let name = s.builder_name(&headers)?;
         let notified = s.work.notified();
         tokio::pin!(notified);
