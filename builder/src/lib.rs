@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod compress;
 pub mod config;
 pub mod eval;
 pub mod nix;

@@ -1,9 +1,10 @@
 //! Pushing closures into the cache, fast and exactly once.
 //!
 //! One batch query finds what the cache lacks; nothing else is read or sent. Each missing path
-//! is serialised from the store by our NAR writer, compressed with zstd (level 1, optionally
-//! with long-distance matching, multi-threaded for large NARs) and streamed to the cache-server in
-//! one request, all stages overlapped with bounded memory; the server hashes it against the
+//! is serialised from the store by our NAR writer, compressed with zstd (level 1; a large NAR
+//! as a frame per 4 MiB on every core, [`crate::compress`]; optionally with long-distance
+//! matching) and streamed to the cache-server in one request, all stages overlapped with
+//! bounded memory; the server hashes it against the
 //! NarHash from Nix's database before publishing. Paths start once every reference
 //! they have is in the cache (the server publishes nothing whose references it lacks), largest
 //! first, several at a time. Transient failures are retried with backoff; a refusal stops that
@@ -24,9 +25,10 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::client::{CacheClient, ClientError, UploadMeta};
+use crate::compress::{BufferPool, ParallelEncoder};
 use crate::nix::{self, NixError, PathInfo};
 
-/// NARs larger than this are compressed with several threads.
+/// NARs larger than this are compressed on several threads.
 const MULTITHREAD_ABOVE: u64 = 32 * 1024 * 1024;
 
 /// Compressed bytes are handed to the HTTP body in chunks of this size.
@@ -152,43 +154,18 @@ impl Progress for Quiet {
     fn note(&self, _: &str) {}
 }
 
-/// Chunk buffers the HTTP client has sent, for the next chunks. A fresh buffer per chunk meant
-/// new pages to fault in, as the allocator hands freed ones back to the kernel: ~100 000 page
-/// faults on scripts/bench-push's entropy fixture (1.2 GiB), ~17 000 with the pool. Holds at
-/// most [`POOLED`] of them.
-static BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Chunk buffers the HTTP client has sent, for the next chunks (~100 000 page faults on
+/// scripts/bench-push's entropy fixture without it, ~17 000 with it): the chunks in flight of a
+/// few uploads at once.
+static CHUNKS: BufferPool = BufferPool::new(CHUNK, 16);
 
-/// Buffers kept in [`BUFFERS`]: the chunks in flight of a few uploads at once.
-const POOLED: usize = 16;
-
-/// A chunk's buffer, back to [`BUFFERS`] once sent.
-struct Pooled(Vec<u8>);
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.0);
-        buf.clear();
-        let mut pool = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOLED {
-            pool.push(buf);
-        }
-    }
-}
-
-/// An empty buffer of [`CHUNK`] bytes, from [`BUFFERS`] when one is there.
-fn chunk_buffer() -> Vec<u8> {
-    let pooled = BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    pooled.unwrap_or_else(|| Vec::with_capacity(CHUNK))
+/// Hands a chunk to the HTTP body; the receiver is gone when the request failed: stop producing.
+fn send_chunk(tx: &tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>, chunk: Bytes) -> io::Result<()> {
+    tx.blocking_send(Ok(chunk)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload ended"))
 }
 
 /// Sends what is written to the HTTP body, [`CHUNK`] bytes at a time. Its buffer is taken
-/// from [`BUFFERS`] when a chunk starts, so the end of a path holds none.
+/// from [`CHUNKS`] when a chunk starts, so the end of a path holds none.
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     buf: Vec<u8>,
@@ -199,11 +176,7 @@ impl ChannelWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from_owner(Pooled(std::mem::take(&mut self.buf)));
-        // The receiver is gone when the request failed; stop producing.
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload ended"))
+        send_chunk(&self.tx, CHUNKS.chunk(std::mem::take(&mut self.buf)))
     }
 }
 
@@ -212,7 +185,7 @@ impl Write for ChannelWriter {
     /// and a copy).
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.capacity() == 0 {
-            self.buf = chunk_buffer();
+            self.buf = CHUNKS.take();
         }
         let n = data.len().min(CHUNK - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
@@ -257,21 +230,32 @@ fn produce(
     tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     progress: Arc<dyn Progress>,
 ) -> io::Result<()> {
+    let large = info.nar_size > MULTITHREAD_ABOVE;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    if large && !opts.long_distance_matching {
+        let enc = ParallelEncoder::new(opts.zstd_level, cores, |chunk| send_chunk(&tx, chunk))?;
+        return dump(info, enc, progress)?.finish();
+    }
     let sink = ChannelWriter { tx, buf: Vec::new() };
     let mut enc = zstd::stream::write::Encoder::new(sink, opts.zstd_level)?;
     enc.long_distance_matching(opts.long_distance_matching)?;
-    if info.nar_size > MULTITHREAD_ABOVE {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    if large {
+        // Long-distance matching needs one frame with a long window: zstd's own threads.
         enc.multithread(cores as u32)?;
     }
-    let counting = Counting { inner: enc, progress, path: info.path.clone() };
+    let mut sink = dump(info, enc, progress)?.finish()?;
+    sink.flush()
+}
+
+/// Writes the NAR of `info`'s path to `out`, reporting its bytes to `progress`.
+fn dump<W: Write>(info: &PathInfo, out: W, progress: Arc<dyn Progress>) -> io::Result<W> {
+    let counting = Counting { inner: out, progress, path: info.path.clone() };
     let counting = dump_path(Path::new(&info.path.to_absolute()), counting).map_err(|e| match e {
         // The request ended (the server answered early): keep the kind, its answer says why.
         DumpError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => source,
         e => io::Error::other(e.to_string()),
     })?;
-    let mut sink = counting.inner.finish()?;
-    sink.flush()
+    Ok(counting.inner)
 }
 
 /// Why one attempt at one path failed.
@@ -521,9 +505,9 @@ mod tests {
         assert!(full.iter().all(|c| c.len() == CHUNK), "every chunk but the last is full");
         assert_eq!(last.len(), 12_345);
         assert_eq!(chunks.concat(), data);
-        // Sent chunks give their buffers back, at their size.
+        // Sent chunks give their buffers back, empty, at their size.
         drop(chunks);
-        let pooled = BUFFERS.lock().unwrap();
-        assert!(!pooled.is_empty() && pooled.iter().all(|b| b.is_empty() && b.capacity() == CHUNK));
+        let pooled = CHUNKS.held();
+        assert!(!pooled.is_empty() && pooled.iter().all(|&b| b == (0, CHUNK)), "{pooled:?}");
     }
 }

@@ -46,10 +46,44 @@ fn push_substitute_and_repush(server: &CacheServer) {
     assert_eq!(metric(server, "fleetcache_bytes_ingested_total"), ingested, "the second push wrote nothing");
 }
 
+/// The zstd frames of a compressed file, counted from their headers.
+fn zstd_frames(data: &[u8]) -> usize {
+    let mut rest = data;
+    let mut frames = 0;
+    while !rest.is_empty() {
+        let size = zstd::zstd_safe::find_frame_compressed_size(rest).expect("a whole zstd frame");
+        rest = &rest[size..];
+        frames += 1;
+    }
+    frames
+}
+
 #[test]
 fn push_to_a_local_directory() {
-    let (_dir, server) = CacheServer::start_local();
+    let (dir, server) = CacheServer::start_local();
     push_substitute_and_repush(&server);
+    // The big NAR was compressed on several threads, a frame per 4 MiB segment, and Nix read
+    // those frames as one stream above.
+    let largest = std::fs::read_dir(dir.path().join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let info = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "narinfo"))
+        .map(|p| NarInfo::parse(&std::fs::read_to_string(p).unwrap()).unwrap())
+        .find(|n| dir.path().join(&n.url) == largest)
+        .unwrap();
+    let frames = zstd_frames(&std::fs::read(&largest).unwrap());
+    assert_eq!(
+        frames as u64,
+        info.nar_size.div_ceil(builder::compress::SEGMENT as u64),
+        "{}",
+        info.store_path
+    );
+    assert!(frames > 60, "257 MiB in 4 MiB segments");
 }
 
 #[test]
