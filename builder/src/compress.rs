@@ -1,19 +1,21 @@
 //! Compressing a NAR for upload on several cores: the NAR is cut into segments and each is
-//! compressed as a zstd frame of its own by a worker thread, the frames sent in order.
-//! Concatenated frames are one valid zstd stream (the cache-server, Nix and `zstd -d` decode
-//! them as one).
+//! compressed as a zstd frame of its own by one of the process's compression threads, the
+//! frames sent in order. Concatenated frames are one valid zstd stream (the cache-server, Nix
+//! 2.8 and 2.34 and `zstd -d` decode them as one).
 //!
 //! zstd's own multi-threaded mode does the same work but copies every input byte into its job
-//! buffers and every output byte out again: a fifth of the push's CPU on scripts/bench-push's
-//! entropy fixture. Here a segment is compressed from the buffer the NAR was written to, into
-//! the buffer that becomes the HTTP body's chunk. Its jobs keep 64 KiB of the previous job as
-//! history (level 1's overlap); a frame keeps none, which costs under 1% of the bytes at
-//! [`SEGMENT`] bytes a frame.
+//! buffers and every output byte out again: ~0.3 of the client's ~1.9 CPU-seconds on
+//! scripts/bench-push's entropy fixture. Here a segment is compressed from the buffer the NAR
+//! was written to, into the buffer that becomes the HTTP body's chunk. zstd's jobs keep 64 KiB
+//! of the previous job as history at level 1; a frame keeps none, which cost 0.03% more bytes
+//! on the bench's real fixture.
+//!
+//! Memory is bounded whatever the number of uploads at once: at most [`THREADS_MAX`] threads
+//! for the process, a queue as long, and [`IN_FLIGHT`] segments of any one NAR out at once.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::Mutex;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use bytes::Bytes;
 
@@ -35,7 +37,7 @@ impl BufferPool {
     }
 
     /// An empty buffer of the pool's capacity, from the pool when one is there.
-    pub fn take(&'static self) -> Vec<u8> {
+    pub fn take(&self) -> Vec<u8> {
         let pooled = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         pooled.unwrap_or_else(|| Vec::with_capacity(self.capacity))
     }
@@ -88,82 +90,112 @@ const FRAME: usize = SEGMENT + SEGMENT / 256;
 static SEGMENTS: BufferPool = BufferPool::new(SEGMENT, 8);
 static FRAMES: BufferPool = BufferPool::new(FRAME, 16);
 
-struct Worker {
-    segments: mpsc::SyncSender<Vec<u8>>,
-    frames: mpsc::Receiver<io::Result<Vec<u8>>>,
-    thread: JoinHandle<()>,
+/// Threads compressing segments, shared by every upload of the process; a NAR's frames come
+/// out faster than any link carries them well before eight cores.
+pub const THREADS_MAX: usize = 8;
+
+/// Segments of one NAR being compressed or waiting to be sent at once: with the pool's queue,
+/// what bounds the memory of many large uploads at once (each segment and frame 4 MiB).
+pub const IN_FLIGHT: usize = 4;
+
+/// A segment to compress, and where its frame goes.
+struct Job {
+    segment: Vec<u8>,
+    level: i32,
+    frame: mpsc::SyncSender<io::Result<Vec<u8>>>,
 }
 
-/// Compresses what is written to it as zstd frames of [`SEGMENT`] NAR bytes on worker
-/// threads and hands each frame, in order, to `emit`.
+/// The compression threads' queue, started on first use; `None` if no thread could start.
+fn pool() -> Option<&'static mpsc::SyncSender<Job>> {
+    static POOL: OnceLock<Option<mpsc::SyncSender<Job>>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(THREADS_MAX);
+        let (jobs, queue) = mpsc::sync_channel::<Job>(threads);
+        let queue = Arc::new(Mutex::new(queue));
+        let started = (0..threads)
+            .filter(|_| {
+                let queue = queue.clone();
+                std::thread::Builder::new().name("zstd".into()).spawn(move || compress_jobs(&queue)).is_ok()
+            })
+            .count();
+        (started > 0).then_some(jobs)
+    })
+    .as_ref()
+}
+
+/// A compression thread: takes jobs from the queue for as long as the process lives.
+fn compress_jobs(queue: &Mutex<mpsc::Receiver<Job>>) {
+    let mut compressor: Option<(i32, zstd::bulk::Compressor<'static>)> = None;
+    loop {
+        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(Job { segment, level, frame }) = next else { return };
+        if compressor.as_ref().is_none_or(|(l, _)| *l != level) {
+            compressor = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let compressed = match compressor.as_mut() {
+            Some((_, c)) => {
+                let mut out = FRAMES.take();
+                c.compress_to_buffer(&segment[..], &mut out).map(|_| out)
+            }
+            None => Err(io::Error::other(format!("zstd cannot compress at level {level}"))),
+        };
+        SEGMENTS.give_back(segment);
+        // The encoder is gone when its upload failed: nothing to do with the frame.
+        let _ = frame.send(compressed);
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the zstd compression threads stopped")
+}
+
+/// Compresses what is written to it as zstd frames of [`SEGMENT`] NAR bytes on the shared
+/// compression threads, at most [`IN_FLIGHT`] at once, and hands each frame, in order, to
+/// `emit`.
 pub struct ParallelEncoder<E: FnMut(Bytes) -> io::Result<()>> {
-    workers: Vec<Worker>,
+    jobs: &'static mpsc::SyncSender<Job>,
+    level: i32,
     emit: E,
     segment: Vec<u8>,
-    sent: usize,
-    done: usize,
+    /// The frames of the segments handed over, oldest first.
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
 }
 
 impl<E: FnMut(Bytes) -> io::Result<()>> ParallelEncoder<E> {
-    /// An encoder at zstd `level` with `threads` workers (at least one).
-    pub fn new(level: i32, threads: usize, emit: E) -> io::Result<Self> {
-        let workers = (0..threads.max(1))
-            .map(|_| {
-                let (segments, segments_rx) = mpsc::sync_channel::<Vec<u8>>(1);
-                let (frames_tx, frames) = mpsc::sync_channel(1);
-                let mut compressor = zstd::bulk::Compressor::new(level)?;
-                let thread = std::thread::Builder::new().name("zstd".into()).spawn(move || {
-                    for segment in segments_rx {
-                        let mut frame = FRAMES.take();
-                        let compressed =
-                            compressor.compress_to_buffer(&segment[..], &mut frame).map(|_| frame);
-                        SEGMENTS.give_back(segment);
-                        if frames_tx.send(compressed).is_err() {
-                            break;
-                        }
-                    }
-                })?;
-                Ok(Worker { segments, frames, thread })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(ParallelEncoder { workers, emit, segment: Vec::new(), sent: 0, done: 0 })
+    /// An encoder at zstd `level`.
+    pub fn new(level: i32, emit: E) -> io::Result<Self> {
+        let jobs = pool().ok_or_else(stopped)?;
+        Ok(ParallelEncoder { jobs, level, emit, segment: Vec::new(), in_flight: VecDeque::new() })
     }
 
-    /// Receives the oldest frame in flight and emits it.
+    /// Waits for the oldest frame in flight and emits it.
     fn emit_oldest(&mut self) -> io::Result<()> {
-        let worker = &self.workers[self.done % self.workers.len()];
-        let frame = worker.frames.recv().map_err(|_| io::Error::other("a zstd worker stopped"))??;
-        self.done += 1;
+        let Some(oldest) = self.in_flight.pop_front() else { return Ok(()) };
+        let frame = oldest.recv().map_err(|_| stopped())??;
         (self.emit)(FRAMES.chunk(frame))
     }
 
-    /// Hands the filled segment to the next worker, first emitting the oldest frame when every
-    /// worker has one of its own in flight.
+    /// Hands the filled segment to the compression threads, first emitting the oldest frame
+    /// when [`IN_FLIGHT`] are out.
     fn dispatch(&mut self) -> io::Result<()> {
         if self.segment.is_empty() {
             return Ok(());
         }
-        // Each worker holds one segment and one finished frame at most; the next worker's
-        // frame is the oldest, and emitting it lets that worker take this segment.
-        if self.sent - self.done == 2 * self.workers.len() {
+        if self.in_flight.len() == IN_FLIGHT {
             self.emit_oldest()?;
         }
-        let segment = std::mem::take(&mut self.segment);
-        let worker = &self.workers[self.sent % self.workers.len()];
-        worker.segments.send(segment).map_err(|_| io::Error::other("a zstd worker stopped"))?;
-        self.sent += 1;
+        let (frame, frame_rx) = mpsc::sync_channel(1);
+        let job = Job { segment: std::mem::take(&mut self.segment), level: self.level, frame };
+        self.jobs.send(job).map_err(|_| stopped())?;
+        self.in_flight.push_back(frame_rx);
         Ok(())
     }
 
-    /// Compresses what is left, emits every frame and stops the workers.
+    /// Compresses what is left and emits every frame.
     pub fn finish(mut self) -> io::Result<()> {
         self.dispatch()?;
-        while self.done < self.sent {
+        while !self.in_flight.is_empty() {
             self.emit_oldest()?;
-        }
-        for worker in std::mem::take(&mut self.workers) {
-            drop(worker.segments);
-            let _ = worker.thread.join();
         }
         Ok(())
     }
@@ -209,9 +241,9 @@ mod tests {
             .collect()
     }
 
-    fn compress(data: &[u8], threads: usize, write_size: usize) -> Vec<Bytes> {
+    fn compress(data: &[u8], write_size: usize) -> Vec<Bytes> {
         let mut frames = Vec::new();
-        let mut enc = ParallelEncoder::new(1, threads, |b| {
+        let mut enc = ParallelEncoder::new(1, |b| {
             frames.push(b);
             Ok(())
         })
@@ -230,31 +262,41 @@ mod tests {
 
     #[test]
     fn frames_decode_as_one_stream_in_order() {
-        // Not a whole number of segments, more segments than workers can hold at once, and
-        // writes that straddle segment ends.
-        let data = sample(9 * SEGMENT + 12_345);
-        for threads in [1, 2, 3] {
-            let frames = compress(&data, threads, 1_000_003);
-            assert_eq!(frames.len(), 10, "{threads} threads: a frame a segment");
-            let stream = frames.concat();
-            assert_eq!(zstd::stream::decode_all(&stream[..]).unwrap(), data, "{threads} threads");
-        }
+        // Not a whole number of segments, more segments than may be in flight, and writes
+        // that straddle segment ends.
+        let data = sample((2 * IN_FLIGHT + 1) * SEGMENT + 12_345);
+        let frames = compress(&data, 1_000_003);
+        assert_eq!(frames.len(), 2 * IN_FLIGHT + 2, "a frame a segment");
+        assert_eq!(zstd::stream::decode_all(&frames.concat()[..]).unwrap(), data);
+    }
+
+    #[test]
+    fn uploads_at_once_share_the_threads_and_keep_their_own_order() {
+        // More encoders than compression threads, each with its own bytes.
+        let inputs: Vec<Vec<u8>> = (0..12).map(|i| sample(3 * SEGMENT + i * 777)).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = inputs.iter().map(|d| scope.spawn(move || compress(d, 65_536))).collect();
+            for (data, h) in inputs.iter().zip(handles) {
+                let frames = h.join().unwrap();
+                assert_eq!(zstd::stream::decode_all(&frames.concat()[..]).unwrap(), *data);
+            }
+        });
     }
 
     #[test]
     fn a_short_input_is_one_frame_and_nothing_is_no_frame() {
         let data = sample(1000);
-        let frames = compress(&data, 2, 7);
+        let frames = compress(&data, 7);
         assert_eq!(frames.len(), 1);
         assert_eq!(zstd::stream::decode_all(&frames[0][..]).unwrap(), data);
-        assert!(compress(&[], 2, 1).is_empty());
+        assert!(compress(&[], 1).is_empty());
     }
 
     #[test]
     fn an_emit_error_stops_the_encoder() {
         let mut enc =
-            ParallelEncoder::new(1, 2, |_| Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"))).unwrap();
-        let data = sample(6 * SEGMENT);
+            ParallelEncoder::new(1, |_| Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"))).unwrap();
+        let data = sample((IN_FLIGHT + 2) * SEGMENT);
         let err =
             data.chunks(SEGMENT).try_for_each(|c| enc.write_all(c)).and_then(|()| enc.finish()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);

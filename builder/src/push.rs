@@ -231,9 +231,8 @@ fn produce(
     progress: Arc<dyn Progress>,
 ) -> io::Result<()> {
     let large = info.nar_size > MULTITHREAD_ABOVE;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     if large && !opts.long_distance_matching {
-        let enc = ParallelEncoder::new(opts.zstd_level, cores, |chunk| send_chunk(&tx, chunk))?;
+        let enc = ParallelEncoder::new(opts.zstd_level, |chunk| send_chunk(&tx, chunk))?;
         return dump(info, enc, progress)?.finish();
     }
     let sink = ChannelWriter { tx, buf: Vec::new() };
@@ -241,6 +240,7 @@ fn produce(
     enc.long_distance_matching(opts.long_distance_matching)?;
     if large {
         // Long-distance matching needs one frame with a long window: zstd's own threads.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         enc.multithread(cores as u32)?;
     }
     let mut sink = dump(info, enc, progress)?.finish()?;
