@@ -86,9 +86,11 @@ impl Drop for Pooled {
 /// The largest frame of a segment: zstd's `ZSTD_COMPRESSBOUND` for inputs over 128 KiB.
 const FRAME: usize = SEGMENT + SEGMENT / 256;
 
-/// Segments waiting to be filled and compressed frames waiting to be sent.
-static SEGMENTS: BufferPool = BufferPool::new(SEGMENT, 8);
-static FRAMES: BufferPool = BufferPool::new(FRAME, 16);
+/// Segments waiting to be filled, and compressed frames waiting to be sent: as many as one
+/// NAR's upload cycles through (a segment being filled and those in flight; frames in flight
+/// and in the HTTP body's queue), so a second NAR at once allocates its own and frees them.
+static SEGMENTS: BufferPool = BufferPool::new(SEGMENT, IN_FLIGHT + 1);
+static FRAMES: BufferPool = BufferPool::new(FRAME, 2 * IN_FLIGHT);
 
 /// Threads compressing segments, shared by every upload of the process; a NAR's frames come
 /// out faster than any link carries them well before eight cores.
