@@ -37,9 +37,21 @@ impl BufferPool {
     }
 
     /// An empty buffer of the pool's capacity, from the pool when one is there.
-    pub fn take(&self) -> Vec<u8> {
+    fn take(&self) -> Vec<u8> {
         let pooled = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         pooled.unwrap_or_else(|| Vec::with_capacity(self.capacity))
+    }
+
+    /// Copies into `buf` what of `data` fits in the pool's capacity, taking `buf` from the pool
+    /// when it has none (so it never grows past the capacity: a reallocation and a copy);
+    /// returns how many bytes it took, and whether `buf` is full.
+    pub fn fill(&self, buf: &mut Vec<u8>, data: &[u8]) -> (usize, bool) {
+        if buf.capacity() == 0 {
+            *buf = self.take();
+        }
+        let n = data.len().min(self.capacity - buf.len());
+        buf.extend_from_slice(&data[..n]);
+        (n, buf.len() == self.capacity)
     }
 
     /// `buf` as the bytes of a chunk, its buffer back to this pool when the chunk is dropped.
@@ -204,14 +216,10 @@ impl<E: FnMut(Bytes) -> io::Result<()>> ParallelEncoder<E> {
 }
 
 impl<E: FnMut(Bytes) -> io::Result<()>> Write for ParallelEncoder<E> {
-    /// Takes what fits in the segment, so a segment never grows past [`SEGMENT`].
+    /// Takes what fits in the segment.
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.segment.capacity() == 0 {
-            self.segment = SEGMENTS.take();
-        }
-        let n = data.len().min(SEGMENT - self.segment.len());
-        self.segment.extend_from_slice(&data[..n]);
-        if self.segment.len() == SEGMENT {
+        let (n, full) = SEGMENTS.fill(&mut self.segment, data);
+        if full {
             self.dispatch()?;
         }
         Ok(n)

@@ -181,15 +181,10 @@ impl ChannelWriter {
 }
 
 impl Write for ChannelWriter {
-    /// Takes what fits in the chunk, so a buffer never grows past [`CHUNK`] (a reallocation
-    /// and a copy).
+    /// Takes what fits in the chunk.
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.capacity() == 0 {
-            self.buf = CHUNKS.take();
-        }
-        let n = data.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
+        let (n, full) = CHUNKS.fill(&mut self.buf, data);
+        if full {
             self.send()?;
         }
         Ok(n)
