@@ -2,13 +2,13 @@
 //!
 //! One batch query finds what the cache lacks; nothing else is read or sent. Each missing path
 //! is serialised from the store by our NAR writer, compressed with zstd (level 1; a large NAR
-//! as a frame per 4 MiB on every core, [`crate::compress`]; optionally with long-distance
+//! as a frame per 4 MiB on several threads, [`crate::compress`]; optionally with long-distance
 //! matching) and streamed to the cache-server in one request, all stages overlapped with
-//! bounded memory; the server hashes it against the
-//! NarHash from Nix's database before publishing. Paths start once every reference
-//! they have is in the cache (the server publishes nothing whose references it lacks), largest
-//! first, several at a time. Transient failures are retried with backoff; a refusal stops that
-//! path, and the paths that need it, with the server's reason.
+//! bounded memory; the server hashes it against the NarHash from Nix's database before
+//! publishing. Paths start once every reference they have is in the cache (the server
+//! publishes nothing whose references it lacks), largest first, several at a time. Transient
+//! failures are retried with backoff; a refusal stops that path, and the paths that need it,
+//! with the server's reason.
 
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io::{self, Write};
