@@ -321,7 +321,27 @@ fn the_two_thread_verifier_agrees_with_the_one_thread_one() {
     nar[padding] = 1;
     let err = NarVerifier::verify_reader_on_two_threads(&nar[..]).unwrap_err();
     assert!(matches!(err, NarError::NonZeroPadding { .. }), "{err}");
-    let failing = FailingAfter { data: &nar, ok: len / 2 };
-    let err = NarVerifier::verify_reader_on_two_threads(failing).unwrap_err();
-    assert!(err.to_string().contains("the disk went away"), "{err}");
+    for ok in [len / 2, 1000] {
+        let failing = FailingAfter { data: &nar, ok };
+        let err = NarVerifier::verify_reader_on_two_threads(failing).unwrap_err();
+        assert!(err.to_string().contains("the disk went away"), "{err}");
+    }
+}
+
+#[test]
+fn the_two_thread_verifier_agrees_around_the_first_chunk_end() {
+    // A NAR shorter than a chunk is checked without the second thread; one that fills the
+    // first chunk exactly, or passes it, with it.
+    let overhead = big_file_nar(0).len();
+    for nar_len in [verifier::PIPELINE_CHUNK - 8, verifier::PIPELINE_CHUNK, verifier::PIPELINE_CHUNK + 8] {
+        let nar = big_file_nar(nar_len - overhead);
+        assert_eq!(nar.len(), nar_len);
+        let expected = (crate::Hash::sha256_of(&nar), nar.len() as u64);
+        assert_eq!(NarVerifier::verify_reader_on_two_threads(&nar[..]).unwrap(), expected);
+        let short = &nar[..nar.len() - 8];
+        assert!(matches!(
+            NarVerifier::verify_reader_on_two_threads(short).unwrap_err(),
+            NarError::Truncated { .. }
+        ));
+    }
 }
