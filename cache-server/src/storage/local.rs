@@ -155,21 +155,17 @@ impl Storage for LocalStorage {
         let mut rand = [0u8; 8];
         getrandom::fill(&mut rand).map_err(|e| io_err(key)(io::Error::other(e.to_string())))?;
         let tmp = self.root.join(TMP_DIR).join(format!("{:016x}", u64::from_le_bytes(rand)));
-        let file = fs::File::create_new(&tmp).await.map_err(io_err(key))?.into_std().await;
-        let flusher = Arc::new(file.try_clone().map_err(io_err(key))?);
         Ok(Box::new(LocalUpload {
             key: key.clone(),
             dest: self.path(key),
-            tmp,
-            file: Some(file),
+            file: Some(TmpFile { path: tmp, file: None, named: false }),
             writing: None,
-            flusher,
+            flusher: None,
             flushing: None,
             unflushed: 0,
             pending: Vec::new(),
             pending_bytes: 0,
             size: 0,
-            finished: false,
         }))
     }
 
@@ -203,18 +199,82 @@ const WRITE_BATCH: usize = 4 << 20;
 /// the disk writes while the network receives, and the final sync waits only for the tail.
 const FLUSH_EVERY: usize = 32 << 20;
 
+/// An upload's temporary file, created by its first write: an object smaller than a batch (a
+/// narinfo, most NARs) is created, written, synced and named in one trip to the blocking pool.
+/// Removed when dropped unnamed, by whichever of the upload and a write in flight holds it last.
+struct TmpFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    named: bool,
+}
+
+impl TmpFile {
+    /// The file, created now if it is not yet.
+    fn file(&mut self) -> io::Result<&mut std::fs::File> {
+        match &mut self.file {
+            Some(file) => Ok(file),
+            empty => Ok(empty.insert(std::fs::File::create_new(&self.path)?)),
+        }
+    }
+
+    fn write_all(&mut self, chunks: &[Bytes]) -> io::Result<()> {
+        let file = self.file()?;
+        chunks.iter().try_for_each(|chunk| io::Write::write_all(file, chunk))
+    }
+
+    /// Writes `chunks`, makes the file durable and gives it the name `dest`: replacing what is
+    /// there, or only if nothing is (`false` then, and the file is removed). The bytes are on
+    /// disk before the name appears, so a crash never leaves a short file; the name is on disk
+    /// before this returns, or a crash could keep a narinfo (written after its NAR, in another
+    /// directory) and lose the NAR's name.
+    fn place(mut self, chunks: &[Bytes], dest: &Path, replace: bool) -> io::Result<bool> {
+        self.write_all(chunks)?;
+        self.file()?.sync_all()?;
+        let parent = dest.parent().expect("an object's path is under the root");
+        std::fs::create_dir_all(parent)?;
+        if replace {
+            std::fs::rename(&self.path, dest)?;
+            self.named = true;
+        } else {
+            // A hard link, unlike a rename, never replaces what is there.
+            let linked = std::fs::hard_link(&self.path, dest);
+            std::fs::remove_file(&self.path)?;
+            self.named = true;
+            match linked {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+                linked => linked?,
+            }
+        }
+        match std::fs::File::open(parent)?.sync_all() {
+            // A file system that cannot sync a directory (EINVAL, ENOTSUP: some network and
+            // FUSE ones) gives no stronger promise to ask for; refusing uploads would not help.
+            Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported) => {
+                Ok(true)
+            }
+            synced => synced.map(|()| true),
+        }
+    }
+}
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        if !self.named {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A file being written by batches on the blocking pool, one batch in flight while the next is
 /// gathered.
 struct LocalUpload {
     key: Key,
     dest: PathBuf,
-    tmp: PathBuf,
-    /// The file, while no batch is being written to it.
-    file: Option<std::fs::File>,
+    /// The temporary file, while no batch is being written to it.
+    file: Option<TmpFile>,
     /// The batch being written; gives the file back.
-    writing: Option<tokio::task::JoinHandle<io::Result<std::fs::File>>>,
+    writing: Option<tokio::task::JoinHandle<io::Result<TmpFile>>>,
     /// A second handle on the file, flushed to disk while batches are written through the first.
-    flusher: Arc<std::fs::File>,
+    flusher: Option<Arc<std::fs::File>>,
     /// The flush in flight, if any.
     flushing: Option<tokio::task::JoinHandle<io::Result<()>>>,
     /// Bytes handed to the writer since the last flush started.
@@ -223,13 +283,11 @@ struct LocalUpload {
     pending: Vec<Bytes>,
     pending_bytes: usize,
     size: u64,
-    /// Set once the temporary file was renamed into place or removed.
-    finished: bool,
 }
 
 impl LocalUpload {
     /// The file, once the batch in flight (if any) is written.
-    async fn idle_file(&mut self) -> Result<std::fs::File, StorageError> {
+    async fn idle_file(&mut self) -> Result<TmpFile, StorageError> {
         if let Some(writing) = self.writing.take() {
             self.file = Some(joined(&self.key, writing).await?);
         }
@@ -245,14 +303,16 @@ impl LocalUpload {
             // Waiting for the previous flush keeps at most two flushes' worth of dirty pages
             // per upload, and an upload faster than the disk slows to the disk's speed.
             self.flushed().await?;
-            let flusher = self.flusher.clone();
-            self.flushing = Some(tokio::task::spawn_blocking(move || flusher.sync_data()));
+            if let (None, Some(f)) = (&self.flusher, &file.file) {
+                self.flusher = Some(Arc::new(f.try_clone().map_err(io_err(&self.key))?));
+            }
+            if let Some(flusher) = self.flusher.clone() {
+                self.flushing = Some(tokio::task::spawn_blocking(move || flusher.sync_data()));
+            }
             self.unflushed = 0;
         }
         self.writing = Some(tokio::task::spawn_blocking(move || {
-            for chunk in &batch {
-                io::Write::write_all(&mut file, chunk)?;
-            }
+            file.write_all(&batch)?;
             Ok(file)
         }));
         Ok(())
@@ -266,30 +326,12 @@ impl LocalUpload {
         }
     }
 
-    /// Writes everything and makes it durable, and makes the destination's directory: the
-    /// bytes are on disk before the name appears, so a crash never leaves a short file.
-    async fn ready_to_place(&mut self) -> Result<(), StorageError> {
-        self.write_pending().await?;
+    /// Writes what is pending and names the file `dest` ([`TmpFile::place`]).
+    async fn place(&mut self, replace: bool) -> Result<bool, StorageError> {
         let file = self.idle_file().await?;
         self.flushed().await?;
-        joined(&self.key, tokio::task::spawn_blocking(move || file.sync_all())).await?;
-        if let Some(parent) = self.dest.parent() {
-            fs::create_dir_all(parent).await.map_err(io_err(&self.key))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the new name durable. Without it a crash may keep a narinfo (written after its
-    /// NAR, in another directory) and lose the NAR's name: a narinfo whose NAR is gone.
-    async fn sync_placed(&self) -> Result<(), StorageError> {
-        let Some(parent) = self.dest.parent().map(Path::to_owned) else { return Ok(()) };
-        let sync = move || match std::fs::File::open(parent)?.sync_all() {
-            // A file system that cannot sync a directory (EINVAL, ENOTSUP: some network and
-            // FUSE ones) gives no stronger promise to ask for; refusing uploads would not help.
-            Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported) => Ok(()),
-            other => other,
-        };
-        joined(&self.key, tokio::task::spawn_blocking(sync)).await
+        let (chunks, dest) = (std::mem::take(&mut self.pending), self.dest.clone());
+        joined(&self.key, tokio::task::spawn_blocking(move || file.place(&chunks, &dest, replace))).await
     }
 }
 
@@ -312,44 +354,21 @@ impl Upload for LocalUpload {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<u64, StorageError> {
-        self.ready_to_place().await?;
-        fs::rename(&self.tmp, &self.dest).await.map_err(io_err(&self.key))?;
-        self.finished = true;
-        self.sync_placed().await?;
+        self.place(true).await?;
         Ok(self.size)
     }
 
     async fn commit_new(mut self: Box<Self>) -> Result<Option<u64>, StorageError> {
-        self.ready_to_place().await?;
-        // A hard link, unlike a rename, never replaces what is there.
-        let linked = fs::hard_link(&self.tmp, &self.dest).await;
-        self.finished = true;
-        fs::remove_file(&self.tmp).await.map_err(io_err(&self.key))?;
-        match linked {
-            Ok(()) => {
-                self.sync_placed().await?;
-                Ok(Some(self.size))
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(io_err(&self.key)(e)),
-        }
+        Ok(self.place(false).await?.then_some(self.size))
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
-        // A batch or flush in flight ends on its own; the file it holds is closed when it does.
-        self.writing = None;
+        // The file is removed when dropped: after the write in flight, which may create it.
         self.flushing = None;
-        self.file = None;
-        self.finished = true;
-        fs::remove_file(&self.tmp).await.map_err(io_err(&self.key))
-    }
-}
-
-impl Drop for LocalUpload {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_file(&self.tmp);
+        if let Some(writing) = self.writing.take() {
+            let _ = writing.await;
         }
+        Ok(())
     }
 }
 
