@@ -301,9 +301,9 @@ impl io::Read for FailingAfter<'_> {
 
 #[test]
 fn the_two_thread_verifier_agrees_with_the_one_thread_one() {
-    // Smaller and larger than the chunks handed between the threads, and more of them than
-    // the queue holds.
-    let len = verifier::PIPELINE_CHUNK * (verifier::PIPELINE_CHUNKS + 3) + 12_345;
+    // Smaller and larger than the chunks checked on the reading thread and handed between the
+    // threads after them, and more of those than the queue holds.
+    let len = verifier::PIPELINE_CHUNK * (verifier::INLINE_CHUNKS + verifier::PIPELINE_CHUNKS + 3) + 12_345;
     for nar in [SAMPLE_FROM_NIX.to_vec(), big_file_nar(len)] {
         let expected = (crate::Hash::sha256_of(&nar), nar.len() as u64);
         assert_eq!(NarVerifier::verify_reader_on_two_threads(&nar[..]).unwrap(), expected);
@@ -321,7 +321,7 @@ fn the_two_thread_verifier_agrees_with_the_one_thread_one() {
     nar[padding] = 1;
     let err = NarVerifier::verify_reader_on_two_threads(&nar[..]).unwrap_err();
     assert!(matches!(err, NarError::NonZeroPadding { .. }), "{err}");
-    for ok in [len / 2, 1000] {
+    for ok in [1000, len / 2, len - 1000] {
         let failing = FailingAfter { data: &nar, ok };
         let err = NarVerifier::verify_reader_on_two_threads(failing).unwrap_err();
         assert!(err.to_string().contains("the disk went away"), "{err}");
@@ -329,11 +329,12 @@ fn the_two_thread_verifier_agrees_with_the_one_thread_one() {
 }
 
 #[test]
-fn the_two_thread_verifier_agrees_around_the_first_chunk_end() {
-    // A NAR shorter than a chunk is checked without the second thread; one that fills the
-    // first chunk exactly, or passes it, with it.
+fn the_two_thread_verifier_agrees_around_the_end_of_the_chunks_checked_inline() {
+    // A NAR shorter than the chunks checked on the reading thread is checked without the
+    // second thread; one that fills them exactly, or passes them, with it.
     let overhead = big_file_nar(0).len();
-    for nar_len in [verifier::PIPELINE_CHUNK - 8, verifier::PIPELINE_CHUNK, verifier::PIPELINE_CHUNK + 8] {
+    let inline = verifier::INLINE_CHUNKS * verifier::PIPELINE_CHUNK;
+    for nar_len in [8 * 1024, verifier::PIPELINE_CHUNK, inline - 8, inline, inline + 8] {
         let nar = big_file_nar(nar_len - overhead);
         assert_eq!(nar.len(), nar_len);
         let expected = (crate::Hash::sha256_of(&nar), nar.len() as u64);

@@ -17,6 +17,10 @@ pub const PIPELINE_CHUNK: usize = 256 * 1024;
 /// Chunks queued between the two threads at most.
 pub const PIPELINE_CHUNKS: usize = 8;
 
+/// Chunks of a NAR checked on the reading thread before a second thread takes over (4 MiB):
+/// most store paths are smaller, and for them a thread of their own costs more than it saves.
+pub const INLINE_CHUNKS: usize = 16;
+
 /// Chunk buffers kept for the next NAR. A new buffer is pages the kernel faults in and zeroes
 /// as the NAR is written to it, and freed ones go back to the kernel: for a closure of a
 /// thousand small NARs that was ~250 page faults a NAR, most of a cache-server's CPU.
@@ -80,23 +84,28 @@ impl NarVerifier {
     /// Like [`NarVerifier::verify_reader`], with the reading on this thread and the checking
     /// and hashing on a second one: when reading costs as much as hashing (decompressing an
     /// upload), a NAR is verified at the speed of the slower of the two instead of their sum.
-    /// At most [`PIPELINE_CHUNKS`] chunks of [`PIPELINE_CHUNK`] bytes are in flight. A NAR that
-    /// fits in one chunk, as most do, is checked on this thread: a second one would cost more
-    /// than it saves.
+    /// At most [`PIPELINE_CHUNKS`] chunks of [`PIPELINE_CHUNK`] bytes are in flight. The first
+    /// [`INLINE_CHUNKS`] are checked on this thread, so a NAR shorter than that never starts a
+    /// second one.
     pub fn verify_reader_on_two_threads(mut reader: impl Read) -> Result<(Hash, u64), NarError> {
+        let mut v = NarVerifier::new();
         let mut first = take_chunk();
-        let first_len = fill(&mut reader, &mut first).map_err(NarError::Io)?;
-        if first_len < first.len() {
-            let mut v = NarVerifier::new();
-            let checked = v.update(&first[..first_len]).and_then(|()| v.finish());
-            keep_chunk(first);
-            return checked;
-        }
+        let first_len = loop {
+            let n = fill(&mut reader, &mut first).map_err(NarError::Io)?;
+            if n < first.len() {
+                v.update(&first[..n])?;
+                keep_chunk(first);
+                return v.finish();
+            }
+            if v.size() >= (INLINE_CHUNKS * PIPELINE_CHUNK) as u64 {
+                break n;
+            }
+            v.update(&first)?;
+        };
         let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(PIPELINE_CHUNKS);
         let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
         let verified = std::thread::scope(|scope| {
             let checker = scope.spawn(move || {
-                let mut v = NarVerifier::new();
                 for (buf, n) in full_rx {
                     v.update(&buf[..n])?;
                     // The reader may have stopped already; the buffer is then just dropped.
