@@ -55,8 +55,9 @@ pub struct PushOptions {
     pub jobs: usize,
     /// zstd level.
     pub zstd_level: i32,
-    /// zstd long-distance matching: on large NARs of real binaries about 16% fewer bytes, for
-    /// about 40% more compression time and ~150 MiB more memory (measured by scripts/bench-push).
+    /// zstd long-distance matching on NARs over 32 MiB: on those of real binaries about 16%
+    /// fewer bytes, for about 40% more compression time and ~150 MiB more memory (measured by
+    /// scripts/bench-push).
     pub long_distance_matching: bool,
     /// Attempts per path for transient failures.
     pub attempts: u32,
@@ -262,9 +263,11 @@ fn produce(
     }
     let sink = ChannelWriter { tx, buf: Vec::new() };
     let mut enc = zstd::stream::write::Encoder::new(sink, opts.zstd_level)?;
-    enc.long_distance_matching(opts.long_distance_matching)?;
     if large {
-        // Long-distance matching needs one frame with a long window: zstd's own threads.
+        // Long-distance matching needs one frame with a long window: zstd's own threads. On
+        // a smaller NAR its 128 MiB window is set up for little to find: a push of 1001 small
+        // paths took 5.0 s with it on each of them, 1.9 s without.
+        enc.long_distance_matching(true)?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         enc.multithread(cores as u32)?;
     }
