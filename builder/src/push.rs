@@ -469,7 +469,8 @@ async fn push_round(
                 summary.bytes += size;
                 summary.nar_bytes += infos[path].nar_size;
                 for d in dependents.get(path).into_iter().flatten() {
-                    let left = waiting.get_mut(d).expect("a dependent waits");
+                    // Not waiting any more: another of its references failed, and so did it.
+                    let Some(left) = waiting.get_mut(d) else { continue };
                     *left -= 1;
                     if *left == 0 {
                         waiting.remove(d);
