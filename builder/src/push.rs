@@ -31,6 +31,12 @@ use crate::nix::{self, NixError, PathInfo};
 /// NARs larger than this are compressed on several threads.
 const MULTITHREAD_ABOVE: u64 = 32 * 1024 * 1024;
 
+/// Whether a NAR of `nar_size` bytes is large: compressed on several threads, and one of at
+/// most [`LARGE_AT_ONCE`] uploading at once.
+fn is_large(nar_size: u64) -> bool {
+    nar_size > MULTITHREAD_ABOVE
+}
+
 /// Uploads at once unless told otherwise. Most store paths are small, and a small path's
 /// upload waits on round trips and on the server's syncs more than on any core: on 2 cores,
 /// 1001 small paths took 2.4 s two at a time and 1.3 s eight at a time.
@@ -149,7 +155,7 @@ struct Ready<'a> {
 
 impl<'a> Ready<'a> {
     fn push(&mut self, nar_size: u64, path: &'a StorePath) {
-        let heap = if nar_size > MULTITHREAD_ABOVE { &mut self.large } else { &mut self.small };
+        let heap = if is_large(nar_size) { &mut self.large } else { &mut self.small };
         heap.push((nar_size, path));
     }
 
@@ -256,7 +262,7 @@ fn produce(
     tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     progress: Arc<dyn Progress>,
 ) -> io::Result<()> {
-    let large = info.nar_size > MULTITHREAD_ABOVE;
+    let large = is_large(info.nar_size);
     if large && !opts.long_distance_matching {
         let enc = ParallelEncoder::new(opts.zstd_level, |chunk| send_chunk(&tx, chunk))?;
         return dump(info, enc, progress)?.finish();
@@ -447,12 +453,11 @@ async fn push_round(
             (&info.path, upload_one(client, info, opts, progress).await)
         }
     };
-    let is_large = |path: &StorePath| infos[path].nar_size > MULTITHREAD_ABOVE;
     let mut large_running = 0;
     loop {
         while running.len() < opts.jobs.max(1) {
             let Some(path) = ready.pop(large_running) else { break };
-            large_running += usize::from(is_large(path));
+            large_running += usize::from(is_large(infos[path].nar_size));
             running.push(attempt(path, Duration::ZERO));
         }
         let Some((path, result)) = running.next().await else { break };
@@ -460,7 +465,7 @@ async fn push_round(
         *tries += 1;
         let retried = matches!(&result, Err(e) if e.transient && *tries < opts.attempts);
         if !retried {
-            large_running -= usize::from(is_large(path));
+            large_running -= usize::from(is_large(infos[path].nar_size));
         }
         match result {
             Ok(size) => {
