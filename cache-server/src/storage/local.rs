@@ -143,7 +143,10 @@ impl Storage for LocalStorage {
     }
 
     async fn head(&self, key: &Key) -> Result<Option<u64>, StorageError> {
-        match fs::metadata(self.path(key)).await {
+        // A stat, here rather than on the blocking pool: an upload asks for each of its
+        // references and its NAR, and the trips cost more than the stats (1001 small paths:
+        // 41 000 -> 27 000 context switches, 1.37 -> 1.18 server CPU-seconds).
+        match std::fs::metadata(self.path(key)) {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
