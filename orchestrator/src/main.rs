@@ -213,7 +213,7 @@ enum Command {
         /// File holding an upload token (the cache-server's upload-tokens-file has it).
         #[arg(long)]
         token_file: PathBuf,
-        /// Paths uploaded at once (default: 8); at most two of them NARs over 32 MiB.
+        /// Paths uploaded at once (default: 16); at most two of them NARs over 32 MiB.
         #[arg(long)]
         jobs: Option<usize>,
         /// zstd level.

@@ -46,6 +46,7 @@ pub struct AppState {
     /// The listener's limits (the body idle timeout applies to every upload).
     pub limits: crate::listener::Limits,
     /// Uploads verified at once (each decompresses and hashes a NAR on a core); more wait.
+    /// Storing and publishing what was verified does not count.
     pub verifications: tokio::sync::Semaphore,
 }
 

@@ -141,9 +141,10 @@ pub(super) async fn put_log(
 
 pub(super) async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
     let who = check_upload(&s, &h)?;
-    let _verifying = s.verifications.acquire().await.expect("never closed");
     let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
-    let result = native::upload(s.publisher(), &s.metrics, body).await.map_err(|e| count_failure(&s, e))?;
+    let result = native::upload(s.publisher(), &s.metrics, &s.verifications, body)
+        .await
+        .map_err(|e| count_failure(&s, e))?;
     tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
     Ok(json(&result))
 }

@@ -147,7 +147,7 @@ pub struct BuildConfig {
     /// allowed). Default 1.
     #[serde(default = "default_max_jobs")]
     pub max_jobs: usize,
-    /// Paths uploaded at once by each push (at most two of them NARs over 32 MiB). Default: 8.
+    /// Paths uploaded at once by each push (at most two of them NARs over 32 MiB). Default: 16.
     #[serde(default)]
     pub push_jobs: Option<usize>,
     /// zstd level of pushed NARs. Default 1.
