@@ -122,7 +122,7 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
         ),
         metrics,
         limits: config.limits(),
-        verifications: tokio::sync::Semaphore::new(http::default_verifications()),
+        upload_slots: native::UploadSlots::default(),
     })
 }
 

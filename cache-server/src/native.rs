@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
 use nix_formats::{ContentAddress, Hash, NarInfo, StorePath};
+use tokio::sync::Semaphore;
 
 use crate::ingest::{IngestError, Publisher};
 use crate::metrics::Metrics;
@@ -124,22 +125,41 @@ fn verify_zstd_stream(mut reader: ChannelReader) -> Result<(Hash, u64), IngestEr
     Ok(verified)
 }
 
-/// Handles `POST /api/v1/upload`. A permit of `verifications` is held while the body is read
-/// and checked (the part that takes a core), not while the NAR and narinfo are made durable:
-/// those wait on the disk, and on a journalled file system uploads waiting for it together
-/// share its commits. A push of 1001 small paths, 16 at a time, to ext4 on 2 cores: 1.8 s and
-/// 2380 journal commits holding it to the end, 1.2 s and 1270 commits releasing it here.
+/// How many uploads are at each stage at once; more wait for a slot.
+pub struct UploadSlots {
+    /// Reading and checking a NAR, which takes a core.
+    pub verifying: Semaphore,
+    /// Storing and publishing what was checked, which waits on storage, holding at most the
+    /// tail of its NAR not written yet (up to a part, 8 MiB, on S3; 4 MiB in a directory).
+    /// Separate from `verifying`: on a journalled file system the uploads waiting for a sync
+    /// together share one commit. A push of 1001 small paths, 16 at a time, to ext4 on 2 cores:
+    /// 1.8 s and 2380 journal commits when verifying slots were held to the end (so at most 4
+    /// uploads waited on the disk), 1.2 s and 1270 commits with slots of their own.
+    pub storing: Semaphore,
+}
+
+impl Default for UploadSlots {
+    /// Two uploads verified per core, sixteen stored per core.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        UploadSlots { verifying: Semaphore::new(2 * cores), storing: Semaphore::new(16 * cores) }
+    }
+}
+
+/// Handles `POST /api/v1/upload`, in a verifying slot while the body is read and checked, then
+/// in a storing slot ([`UploadSlots`]). A verified upload keeps its verifying slot until it
+/// has a storing one, so uploads waiting on storage stay bounded, and so does their memory.
 pub async fn upload<S, E>(
     publisher: Publisher<'_>,
     metrics: &Arc<Metrics>,
-    verifications: &tokio::sync::Semaphore,
+    slots: &UploadSlots,
     body: S,
 ) -> Result<UploadResult, IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
 {
-    let verifying = verifications.acquire().await.expect("never closed");
+    let verifying = slots.verifying.acquire().await.expect("never closed");
     let mut body = std::pin::pin!(body);
     // The metadata line.
     let mut head = BytesMut::new();
@@ -216,6 +236,7 @@ where
     .await;
     drop(tx);
     let verified = verifier.await.map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
+    let _storing = slots.storing.acquire().await.expect("never closed");
     drop(verifying);
     let (found_hash, found_size) = match (streamed, verified) {
         (Err(e), _) | (Ok(()), Err(e)) => {
@@ -279,28 +300,30 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use async_trait::async_trait;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::sync::{Notify, Semaphore};
+    use tokio::sync::Notify;
 
     use super::*;
     use crate::storage::{ByteRange, Listed, LocalStorage, Object, Storage, StorageError, Upload};
+
+    /// Commits that reached the gate, and a signal each time one does.
+    type Held = Arc<(AtomicUsize, Notify)>;
 
     /// A directory store whose NAR commits wait for a permit of `gate`: an upload stays in the
     /// storing stage until the test lets it go.
     struct Gated {
         inner: LocalStorage,
         gate: Arc<Semaphore>,
-        /// Commits that reached the gate, and a signal each time one does.
-        held: Arc<(AtomicUsize, Notify)>,
+        held: Held,
     }
 
     struct GatedUpload {
         inner: Box<dyn Upload>,
         gate: Arc<Semaphore>,
-        held: Arc<(AtomicUsize, Notify)>,
+        held: Held,
     }
 
     #[async_trait]
@@ -345,13 +368,58 @@ mod tests {
         }
     }
 
-    /// A native upload's body for a store path holding one file of `contents`.
-    fn upload_body(name: &str, contents: &[u8]) -> Bytes {
+    /// What a publication needs, around a gated store.
+    struct Cache {
+        _dir: tempfile::TempDir,
+        storage: Gated,
+        keys: [nix_formats::SecretKey; 1],
+        gc: crate::gc::Guard,
+        upstreams: crate::upstream::Upstreams,
+        index: crate::index::NarinfoIndex,
+        metrics: Arc<Metrics>,
+    }
+
+    impl Cache {
+        async fn new() -> (Self, Arc<Semaphore>, Held) {
+            let dir = tempfile::tempdir().unwrap();
+            let (gate, held) = (Arc::new(Semaphore::new(0)), Held::default());
+            let inner = LocalStorage::open(dir.path()).await.unwrap();
+            let storage = Gated { inner, gate: gate.clone(), held: held.clone() };
+            let cache = Cache {
+                _dir: dir,
+                storage,
+                keys: [nix_formats::SecretKey::generate("test-1").unwrap()],
+                gc: crate::gc::Guard::default(),
+                upstreams: crate::upstream::Upstreams::none(),
+                index: crate::index::NarinfoIndex::default(),
+                metrics: Arc::new(Metrics::default()),
+            };
+            (cache, gate, held)
+        }
+
+        fn publisher(&self) -> Publisher<'_> {
+            Publisher {
+                storage: &self.storage,
+                keys: &self.keys,
+                gc: &self.gc,
+                upstreams: &self.upstreams,
+                index: &self.index,
+            }
+        }
+    }
+
+    /// A native upload's body for a store path holding one file of `contents`; `ended` is
+    /// notified once the body has been read to its end.
+    fn upload_body(
+        name: &str,
+        contents: &[u8],
+        ended: Arc<Notify>,
+    ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), contents).unwrap();
         let nar = nix_formats::nar::dump_path(&dir.path().join("f"), Vec::new()).unwrap();
         let meta = UploadMeta {
-            store_path: format!("/nix/store/{}-{name}", "0".repeat(31) + &name[..1]),
+            store_path: format!("/nix/store/{}{}-{name}", "0".repeat(31), &name[..1]),
             references: Vec::new(),
             deriver: None,
             ca: None,
@@ -361,50 +429,74 @@ mod tests {
         let mut body = serde_json::to_vec(&meta).unwrap();
         body.push(b'\n');
         body.extend(zstd::encode_all(&nar[..], 1).unwrap());
-        body.into()
+        let end = futures_util::stream::poll_fn(move |_| {
+            ended.notify_one();
+            std::task::Poll::Ready(None)
+        });
+        futures_util::stream::iter([Ok(Bytes::from(body))]).chain(end)
     }
 
-    #[tokio::test]
-    async fn an_upload_being_stored_leaves_its_verification_slot_to_the_next() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = Arc::new((AtomicUsize::new(0), Notify::new()));
-        let gate = Arc::new(Semaphore::new(0));
-        let storage = Gated {
-            inner: LocalStorage::open(dir.path()).await.unwrap(),
-            gate: gate.clone(),
-            held: held.clone(),
-        };
-        let keys = [nix_formats::SecretKey::generate("test-1").unwrap()];
-        let (gc, upstreams) = (crate::gc::Guard::default(), crate::upstream::Upstreams::none());
-        let index = crate::index::NarinfoIndex::default();
-        let publisher =
-            Publisher { storage: &storage, keys: &keys, gc: &gc, upstreams: &upstreams, index: &index };
-        let metrics = Arc::new(Metrics::default());
-        // One upload verified at a time.
-        let verifications = Semaphore::new(1);
-        let bodies = [upload_body("a", b"first"), upload_body("b", b"second")];
-        let uploads = bodies.map(|body| {
-            let body = futures_util::stream::iter([Ok::<_, io::Error>(body)]);
-            upload(publisher, &metrics, &verifications, body)
-        });
-        let both = futures_util::future::join_all(uploads);
-        let mut both = std::pin::pin!(both);
-        // Both reach the storing stage while the first waits there: it holds no slot.
+    /// Waits until `n` commits have reached the gate; panics if `uploads` end first.
+    async fn reach_gate(held: &Held, n: usize, uploads: &mut (impl std::future::Future + Unpin)) {
         let reached = tokio::time::timeout(Duration::from_secs(20), async {
-            while held.0.load(Ordering::SeqCst) < 2 {
+            while held.0.load(Ordering::SeqCst) < n {
                 tokio::select! {
-                    _ = &mut both => panic!("an upload finished at a closed gate"),
+                    _ = &mut *uploads => panic!("an upload finished at a closed gate"),
                     () = held.1.notified() => {}
                 }
             }
-        })
-        .await;
-        assert!(reached.is_ok(), "the second upload was not verified while the first was being stored");
+        });
+        assert!(reached.await.is_ok(), "{n} uploads did not reach the storing stage");
+    }
+
+    #[tokio::test]
+    async fn an_upload_being_stored_leaves_its_verifying_slot_to_the_next() {
+        let (cache, gate, held) = Cache::new().await;
+        let slots = UploadSlots { verifying: Semaphore::new(1), storing: Semaphore::new(2) };
+        let bodies = [("a", &b"first"[..]), ("b", b"second")].map(|(n, c)| upload_body(n, c, Arc::default()));
+        let uploads = bodies.map(|body| upload(cache.publisher(), &cache.metrics, &slots, body));
+        let mut both = std::pin::pin!(futures_util::future::join_all(uploads));
+        // Both reach the storing stage while the first waits there: it holds no verifying slot.
+        reach_gate(&held, 2, &mut both).await;
         gate.add_permits(2);
         for result in both.await {
             let result = result.unwrap();
             assert!(result.narinfo.contains("Sig: test-1:"), "{}", result.narinfo);
         }
-        assert_eq!(verifications.available_permits(), 1);
+        assert_eq!(slots.verifying.available_permits(), 1);
+        assert_eq!(slots.storing.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_verified_upload_waits_for_a_storing_slot_in_its_verifying_one() {
+        let (cache, gate, held) = Cache::new().await;
+        let slots = UploadSlots { verifying: Semaphore::new(1), storing: Semaphore::new(1) };
+        let second_read = Arc::new(Notify::new());
+        let first =
+            upload(cache.publisher(), &cache.metrics, &slots, upload_body("a", b"first", Arc::default()));
+        let second =
+            upload(cache.publisher(), &cache.metrics, &slots, upload_body("b", b"2", second_read.clone()));
+        let mut both = std::pin::pin!(futures_util::future::join(first, second));
+        reach_gate(&held, 1, &mut both).await;
+        // The second is read and checked while the first is stored ...
+        tokio::select! {
+            _ = &mut both => panic!("an upload finished at a closed gate"),
+            () = second_read.notified() => {}
+        }
+        // ... and then waits, its verifying slot held, until the first is done. (A settling
+        // time: were it not waiting, it would reach the gate within it.)
+        tokio::select! {
+            _ = &mut both => panic!("an upload finished at a closed gate"),
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        assert_eq!(held.0.load(Ordering::SeqCst), 1, "two uploads were stored with one storing slot");
+        assert_eq!(slots.verifying.available_permits(), 0, "the waiting upload gave its verifying slot up");
+        gate.add_permits(1);
+        reach_gate(&held, 2, &mut both).await;
+        gate.add_permits(1);
+        let (first, second) = both.await;
+        first.unwrap();
+        second.unwrap();
+        assert_eq!((slots.verifying.available_permits(), slots.storing.available_permits()), (1, 1));
     }
 }

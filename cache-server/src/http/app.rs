@@ -45,14 +45,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The listener's limits (the body idle timeout applies to every upload).
     pub limits: crate::listener::Limits,
-    /// Uploads verified at once (each decompresses and hashes a NAR on a core); more wait.
-    /// Storing and publishing what was verified does not count.
-    pub verifications: tokio::sync::Semaphore,
-}
-
-/// Uploads verified at once by default: two per core.
-pub fn default_verifications() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+    /// How many uploads are verified, and stored, at once.
+    pub upload_slots: crate::native::UploadSlots,
 }
 
 /// Largest build log accepted (`PUT /log/…`).

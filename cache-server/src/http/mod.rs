@@ -20,10 +20,7 @@ mod landing;
 mod read;
 mod upload;
 
-pub use app::{
-    ApiError, AppState, MAX_LISTING_BYTES, MAX_LOG_BYTES, MAX_MISSING_PATHS, MAX_NAR_FILE_BYTES,
-    default_verifications,
-};
+pub use app::{ApiError, AppState, MAX_LISTING_BYTES, MAX_LOG_BYTES, MAX_MISSING_PATHS, MAX_NAR_FILE_BYTES};
 use app::{ApiResult, check_read};
 pub use landing::page_head;
 use read::{log, nar, top};

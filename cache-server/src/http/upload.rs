@@ -95,7 +95,7 @@ pub(super) async fn put_top(
     let limit = if narinfo { s.max_narinfo_bytes } else { MAX_LISTING_BYTES };
     let bytes = read_body(&s, &h, body, limit).await?;
     if let Some(hash) = file.strip_suffix(".narinfo") {
-        let _verifying = s.verifications.acquire().await.expect("never closed");
+        let _verifying = s.upload_slots.verifying.acquire().await.expect("never closed");
         let text =
             ingest::ingest_narinfo(s.publisher(), hash, &bytes).await.map_err(|e| count_failure(&s, e))?;
         s.narinfo_cache.insert(hash, text.into());
@@ -142,7 +142,7 @@ pub(super) async fn put_log(
 pub(super) async fn native_upload(State(s): State<Arc<AppState>>, h: HeaderMap, body: Body) -> ApiResult {
     let who = check_upload(&s, &h)?;
     let body = upload_body(&s, body, MAX_NAR_FILE_BYTES);
-    let result = native::upload(s.publisher(), &s.metrics, &s.verifications, body)
+    let result = native::upload(s.publisher(), &s.metrics, &s.upload_slots, body)
         .await
         .map_err(|e| count_failure(&s, e))?;
     tracing::info!(uploader = %who, bytes = result.file_size, "published by native upload");
