@@ -236,8 +236,6 @@ where
     .await;
     drop(tx);
     let verified = verifier.await.map_err(|e| IngestError::Body(format!("verifier failed: {e}")))?;
-    let _storing = slots.storing.acquire().await.expect("never closed");
-    drop(verifying);
     let (found_hash, found_size) = match (streamed, verified) {
         (Err(e), _) | (Ok(()), Err(e)) => {
             if let Some(upload) = upload {
@@ -260,6 +258,9 @@ where
         }
         return Err(IngestError::Mismatch { field, claimed, actual });
     }
+    // Checked: stored in a storing slot, taken before the verifying one is given back.
+    let _storing = slots.storing.acquire().await.expect("never closed");
+    drop(verifying);
     let committed = match upload {
         Some(upload) => upload.commit_new().await?,
         None => None,
@@ -479,10 +480,13 @@ mod tests {
         let mut both = std::pin::pin!(futures_util::future::join(first, second));
         reach_gate(&held, 1, &mut both).await;
         // The second is read and checked while the first is stored ...
-        tokio::select! {
-            _ = &mut both => panic!("an upload finished at a closed gate"),
-            () = second_read.notified() => {}
-        }
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::select! {
+                _ = &mut both => panic!("an upload finished at a closed gate"),
+                () = second_read.notified() => {}
+            }
+        });
+        assert!(read.await.is_ok(), "the second upload was not read while the first was stored");
         // ... and then waits, its verifying slot held, until the first is done. (A settling
         // time: were it not waiting, it would reach the gate within it.)
         tokio::select! {
