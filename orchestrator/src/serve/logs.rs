@@ -17,11 +17,9 @@ use maud::{PreEscaped, html};
 use nix_formats::StorePath;
 use serde::Deserialize;
 
+use super::follow::{Following, LogRead};
 use super::frame::{PageResult, Refusal, html_response};
 use super::server::Server;
-
-/// How often a followed log is read again from the state database.
-const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// Most of the cache's log a page shows (its end).
 pub const CACHE_LOG_SHOWN: usize = 4 << 20;
@@ -228,33 +226,27 @@ pub(super) async fn log(
 
 /// What a followed log has sent so far.
 struct Follow {
-    server: Arc<Server>,
-    drv: String,
-    shown: String,
-    first: bool,
+    following: Following,
+    /// The read last sent; none before the first event.
+    shown: Option<Arc<LogRead>>,
     ended: bool,
 }
 
 impl Follow {
-    /// The events of one read: the log's change (all of it first: a reconnecting browser
-    /// starts again), then `end` once the build ended.
+    /// The events of the next read: the log's change (all of it first: a reconnecting browser
+    /// starts again), then `end` once the build ended. The stream ends when the feed closes
+    /// without saying so (the log could not be read: the browser reconnects after `retry`).
     async fn next(mut self) -> Option<(Vec<Event>, Follow)> {
         if self.ended {
             return None;
         }
-        if !self.first {
-            tokio::time::sleep(FOLLOW_EVERY).await;
-        }
-        let (log, running) = match self.server.state.job_log(&self.drv).await {
-            Ok(found) => found.unwrap_or_default(),
-            // The browser reconnects (after `retry`) and starts again.
-            Err(e) => {
-                tracing::warn!(drv = self.drv, error = %e, "following a build log");
-                return None;
-            }
+        self.following.changed().await.ok()?;
+        // The feed starts empty and is never emptied: a change is a read.
+        let read = self.following.borrow_and_update().clone()?;
+        let change = match &self.shown {
+            Some(shown) => log_change(&shown.text, &read.text),
+            None => LogChange::Replace(&read.text),
         };
-        let now = strip_ansi(&log);
-        let change = if self.first { LogChange::Replace(&now) } else { log_change(&self.shown, &now) };
         let mut events = Vec::new();
         let data =
             |kind: &str, text: &str| Event::default().event(kind).json_data(text).expect("a string is JSON");
@@ -263,12 +255,11 @@ impl Follow {
             LogChange::Append(rest) => events.push(data("append", rest)),
             LogChange::Replace(all) => events.push(data("replace", all)),
         }
-        if !running {
+        if !read.running {
             events.push(Event::default().event("end").data("ended"));
             self.ended = true;
         }
-        self.first = false;
-        self.shown = now;
+        self.shown = Some(read);
         Some((events, self))
     }
 }
@@ -282,7 +273,15 @@ pub(super) async fn events(
 ) -> Result<Response, Refusal> {
     s.reader(&headers)?;
     let drv = named(&s, &q).await?;
-    let follow = Follow { server: s, drv, shown: String::new(), first: true, ended: false };
+    let state = s.state.clone();
+    let following = s.log_feeds.follow(&drv, move |drv| {
+        let state = state.clone();
+        async move {
+            let (log, running) = state.job_log(&drv).await.map_err(|e| e.to_string())?.unwrap_or_default();
+            Ok(LogRead { text: strip_ansi(&log), running })
+        }
+    });
+    let follow = Follow { following, shown: None, ended: false };
     let stream = futures_util::stream::unfold(follow, Follow::next)
         .flat_map(futures_util::stream::iter)
         .map(Ok::<_, Infallible>);

@@ -5,15 +5,17 @@
 //!
 //! [`http`] is the edge (routes, tokens, handlers), [`pages`] the status pages for a browser
 //! and [`logs`] its build logs (the frame they share and the login in [`frame`], the logins'
-//! sessions in [`sessions`]); [`server`] holds the shared state and the
-//! round that plans and settles requests; [`settle`] decides a variant's next step from its
-//! jobs alone; [`record`] is what is kept of a plan and what the CLI sees of it.
+//! sessions in [`sessions`], one reader per followed log in [`follow`]); [`server`] holds the
+//! shared state and the round that plans and settles requests; [`settle`] decides a variant's
+//! next step from its jobs alone; [`record`] is what is kept of a plan and what the CLI sees of
+//! it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+mod follow;
 mod frame;
 mod http;
 mod logs;

@@ -51,6 +51,8 @@ pub struct Server {
     pub refused: AtomicU64,
     /// Logins to the status pages.
     pub sessions: super::sessions::Sessions,
+    /// The build logs pages follow, each read by one task.
+    pub log_feeds: super::follow::LogFeeds,
 }
 
 /// A submitted build, as the CLI sends it.
@@ -89,6 +91,7 @@ impl Server {
             claims: AtomicU64::default(),
             refused: AtomicU64::default(),
             sessions: super::sessions::Sessions::default(),
+            log_feeds: super::follow::LogFeeds::default(),
         }
     }
 
