@@ -28,12 +28,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Worth retrying: connection trouble (not an untrusted certificate), 5xx, 408, 429.
+    /// Worth retrying: connection trouble (not an untrusted certificate), 5xx but a full cache
+    /// (507), 408, 429.
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Transport(e) => !crate::http::is_certificate_error(e),
             ClientError::Status { status, .. } => {
-                status.is_server_error()
+                (status.is_server_error() && !self.is_full())
                     || *status == StatusCode::TOO_MANY_REQUESTS
                     || *status == StatusCode::REQUEST_TIMEOUT
             }
@@ -55,6 +56,11 @@ impl ClientError {
             ]
             .contains(status)
         )
+    }
+
+    /// The cache's storage is full (507): every upload is refused until space is freed.
+    pub fn is_full(&self) -> bool {
+        matches!(self, ClientError::Status { status, .. } if *status == StatusCode::INSUFFICIENT_STORAGE)
     }
 
     /// The cache lacked a reference the path needs (409): a collection deleted it since the

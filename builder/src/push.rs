@@ -303,6 +303,8 @@ struct AttemptError {
     permanent: bool,
     /// The cache lacked a reference it had said it had ([`ClientError::is_stale`]).
     stale: bool,
+    /// The cache's storage is full ([`ClientError::is_full`]).
+    full: bool,
 }
 
 async fn upload_one(
@@ -332,6 +334,7 @@ async fn upload_one(
         transient: false,
         permanent: false,
         stale: false,
+        full: false,
     })?;
     match (sent, produced) {
         (Ok(size), Ok(())) => Ok(size),
@@ -340,16 +343,22 @@ async fn upload_one(
             transient: false,
             permanent: true,
             stale: false,
+            full: false,
         }),
         (Err(e), _) => Err(AttemptError {
             transient: e.is_transient(),
             permanent: e.is_refusal(),
             stale: e.is_stale(),
+            full: e.is_full(),
             message: e.to_string(),
         }),
-        (Ok(_), Err(e)) => {
-            Err(AttemptError { message: e.to_string(), transient: true, permanent: false, stale: false })
-        }
+        (Ok(_), Err(e)) => Err(AttemptError {
+            message: e.to_string(),
+            transient: true,
+            permanent: false,
+            stale: false,
+            full: false,
+        }),
     }
 }
 
@@ -456,8 +465,10 @@ async fn push_round(
         }
     };
     let mut large_running = 0;
+    // Once the cache says it is full, no upload starts: each would be refused the same way.
+    let mut full = false;
     loop {
-        while running.len() < opts.jobs.max(1) {
+        while !full && running.len() < opts.jobs.max(1) {
             let Some(path) = ready.pop(large_running) else { break };
             large_running += usize::from(is_large(infos[path].nar_size));
             running.push(attempt(path, Duration::ZERO));
@@ -491,6 +502,11 @@ async fn push_round(
             }
             Err(e) => {
                 stale |= e.stale;
+                if e.full && !full {
+                    full = true;
+                    progress
+                        .note("the cache is full: no further upload starts (free space, then push again)");
+                }
                 progress.finished(path, &Err(e.message.clone()), false);
                 summary.failed.push(FailedPath {
                     path: path.to_string(),
@@ -515,6 +531,16 @@ async fn push_round(
                 }
             }
         }
+    }
+    if full {
+        // What never started: ready, or waiting for a reference that was not uploaded.
+        let left = std::iter::from_fn(|| ready.pop(0)).chain(waiting.into_keys());
+        summary.failed.extend(left.map(|p| FailedPath {
+            path: p.to_string(),
+            reason: "not uploaded: the cache is full".to_owned(),
+            permanent: false,
+            needs: None,
+        }));
     }
     Ok((summary, stale))
 }

@@ -170,6 +170,19 @@ root_domain = ".s3.garage.localhost"
         aws_sdk_s3::Client::from_conf(conf)
     }
 
+    /// Sets the bucket's size quota in bytes (`None` lifts it), as `garage bucket set-quotas`
+    /// does: past it Garage refuses writes.
+    pub fn set_max_size(&self, bytes: Option<u64>) {
+        let size = bytes.map_or_else(|| "none".to_owned(), |b| b.to_string());
+        let out = Command::new(garage_binary())
+            .arg("-c")
+            .arg(self.dir.path().join("garage.toml"))
+            .args(["bucket", "set-quotas", &self.bucket, "--max-size", &size])
+            .output()
+            .expect("run garage bucket set-quotas");
+        assert!(out.status.success(), "garage bucket set-quotas: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Stops the server with SIGTERM ("S3 is down"); data stays for [`Garage::restart`].
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -11,7 +11,7 @@ use crate::auth::{TokenFile, presented_token};
 use crate::ingest::IngestError;
 use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
-use crate::storage::{Key, KeyError, Storage, StorageError};
+use crate::storage::{Failure, Key, KeyError, Storage, StorageError};
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -110,9 +110,24 @@ impl From<KeyError> for ApiError {
 }
 
 impl From<StorageError> for ApiError {
+    /// The client learns what kind of failure it was, the server's log the whole of it.
     fn from(e: StorageError) -> Self {
         tracing::error!(error = %e, "storage failure");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage backend unavailable; retry later")
+        match e.failure() {
+            Failure::Full => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "the cache's storage is full (or over its quota); nothing was published: free space \
+                 (a garbage collection) and send it again",
+            ),
+            Failure::Refused => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the cache's storage refuses this server (permissions, credentials or bucket): \
+                 its log says more",
+            ),
+            Failure::Unavailable => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage backend unavailable; retry later")
+            }
+        }
     }
 }
 

@@ -22,7 +22,8 @@ pub use key::{Key, KeyError, KeyKind};
 pub use local::LocalStorage;
 pub use s3::{MissingCredentials, S3Options, S3Storage};
 
-/// A storage failure. Every variant is the server's problem (5xx), never the client's.
+/// A storage failure. Every variant is the server's problem (5xx), never the client's; its
+/// [`Failure`] says which.
 #[derive(Debug, Error)]
 pub enum StorageError {
     /// The local file system failed.
@@ -43,7 +44,35 @@ pub enum StorageError {
         key: String,
         /// The service's or the connection's error, flattened.
         message: String,
+        /// What the service's answer means.
+        failure: Failure,
     },
+}
+
+/// What a storage failure means for whoever asked, and so how the server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Out of space, or over a quota: nothing is stored until space is freed.
+    Full,
+    /// The store refuses this server (permissions, credentials, no such bucket): its
+    /// configuration must change.
+    Refused,
+    /// Anything else (unreachable, timed out, failing): worth trying again later.
+    Unavailable,
+}
+
+impl StorageError {
+    /// What this failure means.
+    pub fn failure(&self) -> Failure {
+        match self {
+            StorageError::Io { source, .. } => match source.kind() {
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Failure::Full,
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => Failure::Refused,
+                _ => Failure::Unavailable,
+            },
+            StorageError::S3 { failure, .. } => *failure,
+        }
+    }
 }
 
 /// Objects up to this size (narinfos, listings, `nix-cache-info`) are read whole in one go rather
@@ -175,4 +204,27 @@ pub async fn get_bytes(storage: &dyn Storage, key: &Key) -> Result<Option<Bytes>
     let chunks: Vec<Bytes> =
         obj.body.try_collect().await.map_err(|source| StorageError::Io { key: key.to_string(), source })?;
     Ok(Some(chunks.concat().into()))
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn io(source: io::Error) -> Failure {
+        StorageError::Io { key: "nar/x.nar.zst".into(), source }.failure()
+    }
+
+    #[test]
+    fn the_operating_system_says_when_the_disk_is_full() {
+        // A real ENOSPC: /dev/full refuses every write with it.
+        let full =
+            std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap().write_all(b"x").unwrap_err();
+        assert_eq!(io(full), Failure::Full);
+        assert_eq!(io(io::Error::from_raw_os_error(122)), Failure::Full, "EDQUOT: over a disk quota");
+        assert_eq!(io(io::Error::from_raw_os_error(13)), Failure::Refused, "EACCES");
+        assert_eq!(io(io::Error::from_raw_os_error(30)), Failure::Refused, "EROFS");
+        assert_eq!(io(io::Error::from_raw_os_error(5)), Failure::Unavailable, "EIO");
+    }
 }

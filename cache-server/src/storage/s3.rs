@@ -19,7 +19,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectI
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 
-use super::{ByteRange, DELETE_BATCH, Key, Listed, Object, Storage, StorageError, Upload};
+use super::{ByteRange, DELETE_BATCH, Failure, Key, Listed, Object, Storage, StorageError, Upload};
 
 /// Size of each multipart part, and the size above which an upload becomes multipart.
 /// S3's minimum part size is 5 MiB; 8 MiB keeps memory per upload small.
@@ -99,7 +99,32 @@ fn s3_err<'a, E: std::error::Error + ProvideErrorMetadata + 'static>(
     op: &'static str,
     key: &'a Key,
 ) -> impl Fn(SdkError<E>) -> StorageError + 'a {
-    move |e| StorageError::S3 { op, key: key.to_string(), message: describe(&e) }
+    move |e| StorageError::S3 { op, key: key.to_string(), message: describe(&e), failure: failure_of(&e) }
+}
+
+/// What S3's answer means: see [`classify`].
+fn failure_of<E: std::error::Error + ProvideErrorMetadata + 'static>(e: &SdkError<E>) -> Failure {
+    let Some(service) = e.as_service_error() else { return Failure::Unavailable };
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    classify(service.code().unwrap_or_default(), service.message().unwrap_or_default(), status)
+}
+
+/// An S3 error code, message and HTTP status as a [`Failure`]. Full: HTTP 507, MinIO's
+/// `XMinioStorageFull` and quota codes, and Garage's quota refusal (an `AccessDenied` whose
+/// message says "quota is reached"). Refused: the other `AccessDenied`s and 403s, unknown or
+/// wrong keys, a bucket that does not exist. Anything else is worth retrying.
+fn classify(code: &str, message: &str, status: Option<u16>) -> Failure {
+    const FULL: [&str; 3] = ["XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"];
+    const REFUSED: [&str; 5] =
+        ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "NoSuchBucket"];
+    let quota = code == "AccessDenied" && message.to_ascii_lowercase().contains("quota");
+    if status == Some(507) || FULL.contains(&code) || quota {
+        Failure::Full
+    } else if status == Some(403) || REFUSED.contains(&code) {
+        Failure::Refused
+    } else {
+        Failure::Unavailable
+    }
 }
 
 /// What S3 answered, in a line: its error code, message and HTTP status for a refusal; the
@@ -199,6 +224,7 @@ impl Storage for S3Storage {
                     out.errors().len(),
                     keys.len()
                 ),
+                failure: classify(e.code().unwrap_or_default(), e.message().unwrap_or_default(), None),
             });
         }
         Ok(())
@@ -213,6 +239,7 @@ impl Storage for S3Storage {
                     op: "ListObjectsV2",
                     key: String::new(),
                     message: describe(&e),
+                    failure: failure_of(&e),
                 })],
                 Ok(out) => out
                     .contents()
@@ -236,6 +263,7 @@ impl Storage for S3Storage {
             op: "presign GetObject",
             key: key.to_string(),
             message: e.to_string(),
+            failure: Failure::Refused,
         })?;
         let client = self.presigner.as_ref().unwrap_or(&self.client);
         let req = client.get_object().bucket(&self.bucket).key(key.as_str()).presigned(config).await;
@@ -415,5 +443,40 @@ impl Drop for S3Upload {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_say_whether_the_bucket_is_full_or_refuses_us() {
+        // Garage 2.5's answer past a bucket quota, as scripts/test's Garage gives it.
+        let garage = "Forbidden: Bucket size quota is reached, maximum total size of objects for this bucket: \
+                      2097152. The bucket is already 51 bytes, and this object would add 11014198 bytes.";
+        assert_eq!(classify("AccessDenied", garage, Some(403)), Failure::Full);
+        assert_eq!(
+            classify(
+                "XMinioStorageFull",
+                "Storage backend has reached its minimum free drive threshold.",
+                Some(507)
+            ),
+            Failure::Full
+        );
+        assert_eq!(
+            classify("XMinioAdminBucketQuotaExceeded", "Bucket quota exceeded", Some(400)),
+            Failure::Full
+        );
+        assert_eq!(classify("", "", Some(507)), Failure::Full);
+        assert_eq!(
+            classify("AccessDenied", "Forbidden: Operation is not allowed for this key.", Some(403)),
+            Failure::Refused
+        );
+        assert_eq!(classify("InvalidAccessKeyId", "", Some(403)), Failure::Refused);
+        assert_eq!(classify("NoSuchBucket", "Bucket not found: cache", Some(404)), Failure::Refused);
+        assert_eq!(classify("SlowDown", "Please reduce your request rate.", Some(503)), Failure::Unavailable);
+        assert_eq!(classify("InternalError", "", Some(500)), Failure::Unavailable);
+        assert_eq!(classify("", "", None), Failure::Unavailable);
     }
 }
