@@ -164,6 +164,10 @@ pub struct GcReport {
     pub young: u64,
     /// Objects an upload used while the collection ran, so kept.
     pub protected: u64,
+    /// Uploads that never ended (their server was stopped mid-upload), begun before the grace
+    /// period, dropped (not counted in a dry run).
+    #[serde(default)]
+    pub abandoned_uploads: u64,
     /// The grace period used.
     pub grace_seconds: u64,
     /// Storage requests made: narinfos read, listings, delete batches.

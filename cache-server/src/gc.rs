@@ -1,7 +1,8 @@
 //! Garbage collection over a set of root store paths: every narinfo the roots reach through
 //! `References` stays, with its NAR, its listing and its derivation's build log; everything
-//! else of the cache layout that is older than a grace period is deleted. What the store holds
-//! outside the layout (uploads in progress, files put there by hand) is never touched.
+//! else of the cache layout that is older than a grace period is deleted, and so are uploads
+//! abandoned before it. What the store holds outside the layout (files put there by hand,
+//! uploads in progress) is never touched.
 //!
 //! The store is read in passes, each a paged listing, so memory grows with what is kept, not
 //! with what is stored:
@@ -11,7 +12,9 @@
 //! 2. mark: read the narinfos the roots reach, remembering their NAR files and derivers;
 //! 3. sweep narinfos and listings that were not reached;
 //! 4. sweep NARs and logs no kept narinfo names — only after the narinfos that named them are
-//!    gone, so a collection stopped half-way never leaves a narinfo without its NAR.
+//!    gone, so a collection stopped half-way never leaves a narinfo without its NAR;
+//! 5. drop what uploads that never ended left, begun before the grace period (S3 keeps
+//!    incomplete multipart uploads, and bills them, until they are aborted).
 //!
 //! Uploads go on while a collection runs, and [`Guard`] keeps every closure whole:
 //!
@@ -307,6 +310,17 @@ async fn run(
         r.consider(obj, keep).await?;
     }
     r.flush().await?;
+
+    // 5. Uploads that never ended (a server killed mid-upload), begun before the grace period.
+    // The collection is done whatever this step meets: a key allowed no listing of multipart
+    // uploads (an older IAM policy) or a bucket with a lifecycle rule doing it still collects.
+    if !opts.dry_run {
+        r.report.requests += 1;
+        match storage.drop_abandoned(r.cutoff).await {
+            Ok(n) => r.report.abandoned_uploads = n,
+            Err(e) => tracing::warn!(error = %e, "uploads that never ended were not dropped"),
+        }
+    }
     r.report.seconds = started.elapsed().as_secs_f64();
     Ok(r.report)
 }

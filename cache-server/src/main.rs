@@ -156,6 +156,12 @@ async fn collect(config: &Config, roots_file: &std::path::Path, opts: GcFlags) -
         report.requests,
         report.seconds
     );
+    if report.abandoned_uploads > 0 {
+        println!(
+            "dropped {} upload(s) that never ended (begun before the grace period)",
+            report.abandoned_uploads
+        );
+    }
     Ok(())
 }
 

@@ -170,6 +170,13 @@ impl Storage for TimedStorage {
         self.inner.list()
     }
 
+    async fn drop_abandoned(&self, before: std::time::SystemTime) -> Result<u64, StorageError> {
+        let t = std::time::Instant::now();
+        let r = self.inner.drop_abandoned(before).await;
+        self.metrics.storage_op("drop_abandoned", t.elapsed());
+        r
+    }
+
     /// Not timed: presigning is local computation, no request.
     async fn presigned_get(&self, key: &Key, valid_for: Duration) -> Result<Option<String>, StorageError> {
         self.inner.presigned_get(key, valid_for).await

@@ -345,6 +345,9 @@ mod tests {
         fn list(&self) -> futures_util::stream::BoxStream<'static, Result<Listed, StorageError>> {
             self.inner.list()
         }
+        async fn drop_abandoned(&self, before: std::time::SystemTime) -> Result<u64, StorageError> {
+            self.inner.drop_abandoned(before).await
+        }
         fn describe(&self) -> String {
             self.inner.describe()
         }

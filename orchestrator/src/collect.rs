@@ -82,6 +82,9 @@ pub fn gc(args: GcArgs) -> Result<(), CliError> {
             report.kept.bytes as f64 / 1048576.0,
             report.seconds
         );
+        if report.abandoned_uploads > 0 {
+            eprintln!("dropped {} upload(s) that never ended (begun before the grace period)", report.abandoned_uploads);
+        }
         Ok(())
     })
 }

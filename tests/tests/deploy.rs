@@ -43,7 +43,8 @@ fn the_s3_documents_grant_what_cache_server_does_and_no_more() {
     actions.sort();
     // GetObject covers HEAD; PutObject covers multipart uploads; ListBucket makes a missing
     // narinfo a 404 rather than a 403; DeleteObject (which covers DeleteObjects) only for a
-    // garbage collection an admin token asks for.
+    // garbage collection an admin token asks for, which also lists the multipart uploads a
+    // killed server left (ListBucketMultipartUploads) to abort them.
     assert_eq!(
         actions,
         [
@@ -51,6 +52,7 @@ fn the_s3_documents_grant_what_cache_server_does_and_no_more() {
             "s3:DeleteObject",
             "s3:GetObject",
             "s3:ListBucket",
+            "s3:ListBucketMultipartUploads",
             "s3:ListMultipartUploadParts",
             "s3:PutObject"
         ]

@@ -191,6 +191,39 @@ async fn a_collection_keeps_what_the_roots_reach_on_garage() {
     keeps_what_the_roots_reach(&server, objects).await;
 }
 
+/// A multipart upload a killed server left on Garage is dropped by a collection (not by its
+/// dry run), and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collection_drops_the_uploads_a_killed_server_left() {
+    let g = Garage::start();
+    let (_d, server) = start(&g.store_url(), g.credential_env().to_vec());
+    let top = nix::build_closure(&format!("gc-abandoned-{}", std::process::id()), 1, 0);
+    pushed(&server, &[&top]);
+    let client = g.client();
+    let key = "nar/0r2p2nhw2q1anv2lgkzgax4qq2xchnibgn67cnark67s0jm1dm7m.nar.zst";
+    let up = client.create_multipart_upload().bucket(&g.bucket).key(key).send().await.unwrap();
+    let part = client.upload_part().bucket(&g.bucket).key(key).upload_id(up.upload_id().unwrap());
+    part.part_number(1).body(vec![7u8; 5 << 20].into()).send().await.unwrap();
+    let open =
+        || async { client.list_multipart_uploads().bucket(&g.bucket).send().await.unwrap().uploads().len() };
+
+    let dry = json!({ "roots": [top.to_absolute()], "dry_run": true, "grace_seconds": 0 });
+    let (code, report) = collect(&server, Some(ADMIN), &dry).await;
+    assert_eq!((code, &report["abandoned_uploads"]), (200, &json!(0)), "{report}");
+    assert_eq!(open().await, 1, "a dry run dropped an upload");
+    // Within the grace period it may still be in flight.
+    let (code, report) = collect(&server, Some(ADMIN), &json!({ "roots": [top.to_absolute()] })).await;
+    assert_eq!((code, &report["abandoned_uploads"]), (200, &json!(0)), "{report}");
+    assert_eq!(open().await, 1, "an upload younger than the grace period was dropped");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let roots = json!({ "roots": [top.to_absolute()], "grace_seconds": 1 });
+    let (code, report) = collect(&server, Some(ADMIN), &roots).await;
+    assert_eq!((code, &report["abandoned_uploads"]), (200, &json!(1)), "{report}");
+    assert_eq!(open().await, 0);
+    assert_served(&server, &nix::closure(&top), true).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_collection_needs_an_admin_token_and_roots() {
     let (_store, plain) = CacheServer::start_local();

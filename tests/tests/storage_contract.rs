@@ -1,5 +1,7 @@
 //! One contract, every backend: the local directory and S3 on a real Garage behave the same.
 
+use std::time::{Duration, SystemTime};
+
 use bytes::Bytes;
 use cache_server::storage::{
     ByteRange, Key, LocalStorage, S3Options, S3Storage, Storage, get_bytes, put_bytes,
@@ -8,6 +10,20 @@ use fleetcache_tests::garage::{Garage, REGION};
 
 const H: &str = "xn8dpmm67grflgfcrf021vfc6gln5s1h";
 const F: &str = "0r2p2nhw2q1anv2lgkzgax4qq2xchnibgn67cnark67s0jm1dm7m";
+
+/// With one upload left by a killed server (begun before this is called, and nothing of this
+/// process open): kept while it may be in flight, dropped once begun before the time given,
+/// and only once.
+async fn abandoned_uploads_are_dropped(s: &dyn Storage) {
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        s.drop_abandoned(SystemTime::now() - hour).await.unwrap(),
+        0,
+        "an upload in flight was dropped"
+    );
+    assert_eq!(s.drop_abandoned(SystemTime::now() + hour).await.unwrap(), 1);
+    assert_eq!(s.drop_abandoned(SystemTime::now() + hour).await.unwrap(), 0, "dropped twice");
+}
 
 async fn contract(s: &dyn Storage) {
     let narinfo = Key::narinfo(H).unwrap();
@@ -126,6 +142,9 @@ async fn contract(s: &dyn Storage) {
 async fn local_directory_backend() {
     let dir = tempfile::tempdir().unwrap();
     let s = LocalStorage::open(dir.path()).await.unwrap();
+    // What a killed server leaves: a file in the upload area.
+    std::fs::write(dir.path().join(".fleetcache-tmp/00000000000000ff"), b"half a NAR").unwrap();
+    abandoned_uploads_are_dropped(&s).await;
     contract(&s).await;
     // Layout is Nix's: the key is the relative path.
     put_bytes(&s, &Key::narinfo(H).unwrap(), Bytes::from_static(b"x")).await.unwrap();
@@ -145,6 +164,26 @@ async fn s3_backend_on_garage() {
         checksums_when_required: true,
     })
     .unwrap();
+    // What a killed server leaves: a multipart upload with a part, never completed nor
+    // aborted; and one of a key outside the cache's layout, which is not the cache's business.
+    let client = g.client();
+    for key in [format!("nar/{F}.nar.zst"), "elsewhere/upload".to_owned()] {
+        let up = client.create_multipart_upload().bucket(&g.bucket).key(&key).send().await.unwrap();
+        let part = client.upload_part().bucket(&g.bucket).key(&key).upload_id(up.upload_id().unwrap());
+        part.part_number(1).body(vec![2u8; 5 << 20].into()).send().await.unwrap();
+    }
+    abandoned_uploads_are_dropped(&s).await;
+    let open = client.list_multipart_uploads().bucket(&g.bucket).send().await.unwrap();
+    let keys: Vec<_> = open.uploads().iter().filter_map(|u| u.key()).collect();
+    assert_eq!(keys, ["elsewhere/upload"]);
+    client
+        .abort_multipart_upload()
+        .bucket(&g.bucket)
+        .key("elsewhere/upload")
+        .upload_id(open.uploads()[0].upload_id().unwrap())
+        .send()
+        .await
+        .unwrap();
     contract(&s).await;
     // No multipart upload is left open by the aborted and dropped uploads (a dropped one is
     // aborted in the background: poll for it).

@@ -48,6 +48,7 @@ pub(super) async fn collect(State(s): State<Arc<AppState>>, h: HeaderMap, body: 
         kept = report.kept.narinfos,
         deleted = report.deleted.narinfos,
         freed = report.deleted.bytes,
+        abandoned_uploads = report.abandoned_uploads,
         seconds = report.seconds,
         "garbage collected"
     );

@@ -32,7 +32,8 @@ impl LocalStorage {
         let io_err = |source| StorageError::Io { key: root.display().to_string(), source };
         fs::create_dir_all(root.join(TMP_DIR)).await.map_err(io_err)?;
         fs::create_dir_all(root.join("nar")).await.map_err(io_err)?;
-        let removed = remove_abandoned(&root.join(TMP_DIR), ABANDONED_AFTER).await.map_err(io_err)?;
+        let before = std::time::SystemTime::now() - ABANDONED_AFTER;
+        let removed = remove_abandoned(&root.join(TMP_DIR), before).await.map_err(io_err)?;
         if removed > 0 {
             tracing::info!(removed, "removed uploads a stopped server left behind");
         }
@@ -44,13 +45,13 @@ impl LocalStorage {
     }
 }
 
-/// Removes the files in `dir` not modified for `age` (another process's uploads in flight are
-/// younger); returns how many.
-async fn remove_abandoned(dir: &Path, age: std::time::Duration) -> io::Result<usize> {
+/// Removes the files in `dir` last modified before `before` (another process's uploads in
+/// flight are younger); returns how many.
+async fn remove_abandoned(dir: &Path, before: std::time::SystemTime) -> io::Result<u64> {
     let mut removed = 0;
     let mut entries = fs::read_dir(dir).await?;
     while let Some(entry) = entries.next_entry().await? {
-        let old = entry.metadata().await?.modified()?.elapsed().is_ok_and(|a| a >= age);
+        let old = entry.metadata().await?.modified()? < before;
         if old && fs::remove_file(entry.path()).await.is_ok() {
             removed += 1;
         }
@@ -185,6 +186,12 @@ impl Storage for LocalStorage {
         tokio::task::spawn_blocking(move || walk(&root, &tx));
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
             .boxed()
+    }
+
+    async fn drop_abandoned(&self, before: std::time::SystemTime) -> Result<u64, StorageError> {
+        let dir = self.root.join(TMP_DIR);
+        let io_err = |source| StorageError::Io { key: dir.display().to_string(), source };
+        remove_abandoned(&dir, before).await.map_err(io_err)
     }
 
     fn describe(&self) -> String {

@@ -165,6 +165,12 @@ pub trait Storage: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Drops what uploads that never ended left behind, begun (for a directory: last written)
+    /// before `before`: files in the directory's upload area, S3's incomplete multipart uploads
+    /// of layout keys (which S3 keeps, and bills, until aborted). Returns how many. An upload
+    /// in flight is younger than any sane `before`; one dropped anyway fails and is sent again.
+    async fn drop_abandoned(&self, before: SystemTime) -> Result<u64, StorageError>;
+
     /// A short description for logs (`file:///…`, `s3://bucket`).
     fn describe(&self) -> String;
 }

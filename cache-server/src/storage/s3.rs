@@ -270,6 +270,58 @@ impl Storage for S3Storage {
         Ok(Some(req.map_err(s3_err("presign GetObject", key))?.uri().to_owned()))
     }
 
+    async fn drop_abandoned(&self, before: std::time::SystemTime) -> Result<u64, StorageError> {
+        let mut dropped = 0;
+        let (mut key_marker, mut upload_id_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_id_marker.take())
+                .send()
+                .await
+                .map_err(|e| StorageError::S3 {
+                    op: "ListMultipartUploads",
+                    key: String::new(),
+                    message: describe(&e),
+                    failure: failure_of(&e),
+                })?;
+            for upload in page.uploads() {
+                let (Some(name), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
+                let begun = upload.initiated().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                // Only the cache layout's keys: the bucket may hold other things.
+                let Ok(key) = Key::parse(name) else { continue };
+                if begun.is_none_or(|t| t >= before) {
+                    continue;
+                }
+                let aborted = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(name)
+                    .upload_id(id)
+                    .send()
+                    .await;
+                match aborted {
+                    Ok(_) => dropped += 1,
+                    // Completed or aborted since it was listed.
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_upload()) => {}
+                    Err(e) => return Err(s3_err("AbortMultipartUpload", &key)(e)),
+                }
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                return Ok(dropped);
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            upload_id_marker = page.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && upload_id_marker.is_none() {
+                return Ok(dropped);
+            }
+        }
+    }
+
     fn describe(&self) -> String {
         format!("s3://{}", self.bucket)
     }
