@@ -128,6 +128,19 @@ in
       };
     };
 
+    connectTimeout = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 5;
+      description = ''
+        Seconds Nix waits to connect to a substituter (`connect-timeout`; 0 leaves Nix's
+        default, no limit of its own: curl's 300 s). When the cache cannot be reached and its
+        packets are dropped (a laptop off the VPN, the cache host down behind a firewall), Nix
+        tries five times before it builds without it: with no limit every Nix command waits up
+        to 25 minutes first, with 5 s about half a minute. The setting applies to every
+        download; `nix.settings.connect-timeout` set elsewhere wins.
+      '';
+    };
+
     negativeTtl = lib.mkOption {
       type = lib.types.ints.unsigned;
       default = 60;
@@ -192,6 +205,7 @@ in
       trusted-public-keys = cfg.publicKeys;
       narinfo-cache-negative-ttl = cfg.negativeTtl;
     }
+    // lib.optionalAttrs (cfg.connectTimeout > 0) { connect-timeout = lib.mkDefault cfg.connectTimeout; }
     // lib.optionalAttrs (cfg.netrcFile != null) { netrc-file = toString cfg.netrcFile; }
     // lib.optionalAttrs cfg.push.enable { post-build-hook = toString hook; };
 

@@ -201,6 +201,11 @@ enum Command {
         /// Print what would change and the new nix.conf; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Seconds Nix waits to connect to a substituter, set when nix.conf sets none (0: leave
+        /// Nix's default, no limit of its own, which lets an unreachable cache that drops
+        /// packets hold every Nix command for up to 25 minutes).
+        #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+        connect_timeout: u64,
     },
     /// Push the closures of store paths (or of the outputs of .drv files) to a cache-server.
     ///
@@ -385,7 +390,7 @@ fn main() -> ExitCode {
         Command::Unpin { rev, common } => {
             collect::pin(common.config.as_deref(), common.state_dir, &rev, false)
         }
-        Command::Use { url, public_keys, token_file, system, user, nix_conf, dry_run } => {
+        Command::Use { url, public_keys, token_file, system, user, nix_conf, dry_run, connect_timeout } => {
             let (nix_conf, system) = orchestrator::use_cache::target(nix_conf, system, user);
             match token_file.as_deref().map(commands::read_token).transpose() {
                 Err(e) => Err(e),
@@ -396,6 +401,7 @@ fn main() -> ExitCode {
                     nix_conf,
                     system,
                     dry_run,
+                    connect_timeout,
                 })
                 .map_err(CliError::from),
             }

@@ -1,7 +1,7 @@
 //! `orchestrator use URL`: adds a fleetcache cache to a machine's Nix outside NixOS (a laptop, a
-//! CI runner) — `extra-substituters`, `extra-trusted-public-keys` and, for a private cache, a
-//! netrc entry with `netrc-file` — without touching what is there, and only what is missing:
-//! run twice, the second run changes nothing.
+//! CI runner) — `extra-substituters`, `extra-trusted-public-keys`, a `connect-timeout` when
+//! nix.conf sets none and, for a private cache, a netrc entry with `netrc-file` — without
+//! touching what is there, and only what is missing: run twice, the second run changes nothing.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,8 @@ pub struct Request<'a> {
     pub public_keys: &'a [String],
     /// A read token, for a private cache.
     pub token: Option<&'a str>,
+    /// `connect-timeout` to set when nix.conf sets none; 0 sets nothing.
+    pub connect_timeout: u64,
 }
 
 /// A nix.conf and a netrc file, as they are and as they would be.
@@ -120,6 +122,14 @@ pub fn plan(
     if !new_keys.is_empty() {
         text.push_str(&format!("extra-trusted-public-keys = {}\n", new_keys.join(" ")));
         changes.push(format!("added {} to extra-trusted-public-keys", new_keys.join(" ")));
+    }
+    if req.connect_timeout > 0 && values(conf, &["connect-timeout"]).is_empty() {
+        text.push_str(&format!("connect-timeout = {}\n", req.connect_timeout));
+        changes.push(format!(
+            "set connect-timeout = {} (when the cache cannot be reached, Nix gives up connecting after \
+             that many seconds, not curl's 300)",
+            req.connect_timeout
+        ));
     }
     let mut netrc = None;
     if let Some(token) = req.token {
@@ -266,6 +276,8 @@ pub struct Args {
     pub system: bool,
     /// Print, write nothing.
     pub dry_run: bool,
+    /// `connect-timeout` to set when nix.conf sets none; 0 sets nothing.
+    pub connect_timeout: u64,
 }
 
 /// `orchestrator use`: plans, says what changes, writes it (unless a dry run) and says what the
@@ -286,7 +298,12 @@ pub fn run(args: Args) -> Result<(), UseError> {
         args.public_keys
     };
     let conf = read_conf(&args.nix_conf)?;
-    let req = Request { url: &args.url, public_keys: &public_keys, token: args.token.as_deref() };
+    let req = Request {
+        url: &args.url,
+        public_keys: &public_keys,
+        token: args.token.as_deref(),
+        connect_timeout: args.connect_timeout,
+    };
     let plan = plan(&conf, &args.nix_conf, |p| fs::read_to_string(p).ok(), &req)?;
     if plan.changes.is_empty() {
         eprintln!("{} already uses {}: nothing to change", args.nix_conf.display(), args.url);
@@ -329,7 +346,7 @@ mod tests {
     const KEY: &str = "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
     fn req<'a>(keys: &'a [String], token: Option<&'a str>) -> Request<'a> {
-        Request { url: "https://cache.example.org/", public_keys: keys, token }
+        Request { url: "https://cache.example.org/", public_keys: keys, token, connect_timeout: 5 }
     }
 
     #[test]
@@ -341,13 +358,30 @@ mod tests {
             p.nix_conf,
             format!(
                 "# mine\nsubstituters = https://cache.nixos.org/\nmax-jobs = 4\n\
-                 extra-substituters = https://cache.example.org\nextra-trusted-public-keys = {KEY}\n"
+                 extra-substituters = https://cache.example.org\nextra-trusted-public-keys = {KEY}\n\
+                 connect-timeout = 5\n"
             )
         );
-        assert_eq!(p.changes.len(), 2);
+        assert_eq!(p.changes.len(), 3);
         assert!(p.netrc.is_none());
         let again = plan(&p.nix_conf, Path::new("/etc/nix/nix.conf"), |_| None, &req(&keys, None)).unwrap();
         assert_eq!((again.nix_conf, again.changes), (p.nix_conf, Vec::<String>::new()));
+    }
+
+    #[test]
+    fn a_connect_timeout_is_set_only_where_none_is() {
+        let keys = vec![KEY.to_owned()];
+        let path = Path::new("/etc/nix/nix.conf");
+        let conf = "connect-timeout = 30 # a slow link\n";
+        let p = plan(conf, path, |_| None, &req(&keys, None)).unwrap();
+        assert!(
+            p.nix_conf.starts_with(conf) && p.nix_conf.matches("connect-timeout").count() == 1,
+            "{}",
+            p.nix_conf
+        );
+        let none = Request { connect_timeout: 0, ..req(&keys, None) };
+        let p = plan("", path, |_| None, &none).unwrap();
+        assert!(!p.nix_conf.contains("connect-timeout"), "{}", p.nix_conf);
     }
 
     #[test]
@@ -378,7 +412,7 @@ mod tests {
         let bad = vec!["nope".to_owned()];
         assert!(matches!(plan("", Path::new("/x"), |_| None, &req(&bad, None)), Err(UseError::Key { .. })));
         let keys = vec![KEY.to_owned()];
-        let r = Request { url: "cache.example.org", public_keys: &keys, token: None };
+        let r = Request { url: "cache.example.org", public_keys: &keys, token: None, connect_timeout: 5 };
         assert!(matches!(plan("", Path::new("/x"), |_| None, &r), Err(UseError::Url(_))));
     }
 }

@@ -64,7 +64,10 @@ async fn what_the_page_says_to_paste_works() {
     let conf = element(&html, "nix-conf").unwrap();
     assert_eq!(
         conf,
-        format!("extra-substituters = {}\nextra-trusted-public-keys = {}\n", server.url, server.public_key)
+        format!(
+            "extra-substituters = {}\nextra-trusted-public-keys = {}\nconnect-timeout = 5\n",
+            server.url, server.public_key
+        )
     );
     let (copied, stderr) = copy_with(&server, &conf, &top);
     assert!(copied, "the page's nix.conf lines let nix copy --from read the cache: {stderr}");

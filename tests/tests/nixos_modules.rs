@@ -172,7 +172,7 @@ fn the_client_module_adds_the_cache_and_installs_the_chosen_variant() {
     let bench = Bench::new();
     let v = bench.eval(&format!(
         "let m = {}; s = m.config.nix.settings; in {{
-           inherit (s) substituters trusted-public-keys narinfo-cache-negative-ttl;
+           inherit (s) substituters trusted-public-keys narinfo-cache-negative-ttl connect-timeout;
            packages = map (p: p.drvPath) m.config.environment.systemPackages;
            cuda = t.pkgs.llama-cpp-cuda.drvPath;
            overlays = builtins.length m.config.nixpkgs.overlays;
@@ -191,6 +191,7 @@ fn the_client_module_adds_the_cache_and_installs_the_chosen_variant() {
         json!(["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=", "cache.example.org-1:AAAA"])
     );
     assert_eq!(v["narinfo-cache-negative-ttl"], json!(60));
+    assert_eq!(v["connect-timeout"], json!(5));
     assert_eq!(v["packages"], json!([v["cuda"]]));
     assert_eq!(v["overlays"], json!(1), "the flake's client module applies the overlay");
 
@@ -654,4 +655,69 @@ fn the_client_module_pushes_what_the_machine_builds() {
         client_machine("", "")
     ));
     assert_eq!(v, json!([false, false]));
+}
+
+/// A cache that cannot be reached and drops packets (as behind a firewall, or a laptop off the
+/// VPN) costs the real Nix, reading the client module's nix.conf, `connectTimeout` per attempt
+/// before it builds without it — not curl's 300 s. The host here is a listener whose accept
+/// queue is full: the kernel drops the SYNs that come after, as a firewall does.
+#[test]
+fn an_unreachable_cache_costs_a_build_seconds_not_minutes() {
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let listener = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        socket.listen(0).unwrap()
+    });
+    let addr = listener.local_addr().unwrap();
+    let held: Vec<TcpStream> =
+        (0..4).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()).collect();
+    let probe = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    assert!(
+        probe.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut),
+        "the listener does not drop connections ({} held): {probe:?}",
+        held.len()
+    );
+
+    let bench = Bench::new();
+    let url = format!("http://{addr}");
+    let v = bench.eval(&format!(
+        "({}).nixConf",
+        client_machine(&format!("url = {url:?}; connectTimeout = 1; installPackage = false;"), "")
+    ));
+    let conf = v.as_str().unwrap();
+    assert!(conf.contains("connect-timeout = 1\n"), "{conf}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("nix.conf"), conf).unwrap();
+    let drv = dir.path().join("one.nix");
+    let nonce = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+    std::fs::write(
+        &drv,
+        format!(
+            "derivation {{ name = \"offline\"; nonce = \"{nonce}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [ \"-c\" \"echo built > $out\" ]; }}"
+        ),
+    )
+    .unwrap();
+    // This machine's single-user Nix: no build users, no sandbox; and only the fleet cache
+    // (cache.nixos.org is not reachable from here either). Five attempts of a second each and
+    // Nix's pauses between them take ~10 s; with no limit they would take 25 minutes, so the
+    // build is stopped after two (exit 124) rather than let it pass that late.
+    let out = Command::new("timeout")
+        .args(["120", "nix-build"])
+        .arg(&drv)
+        .arg("--no-out-link")
+        .env("NIX_CONF_DIR", dir.path())
+        .env("NIX_CONFIG", format!("build-users-group =\nsandbox = false\nsubstituters = {url}\n"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?} {stderr}", out.status.code());
+    let built = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(std::fs::read_to_string(built.trim()).unwrap(), "built\n");
+    assert!(stderr.contains(&format!("{url}/nix-cache-info")) && stderr.contains("Timeout"), "{stderr}");
+    drop((held, listener));
 }

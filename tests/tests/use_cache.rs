@@ -49,6 +49,7 @@ fn use_adds_a_private_cache_once_and_nix_copy_then_works() {
     assert!(written.starts_with(mine), "what was there stays first: {written}");
     assert!(written.contains(&format!("extra-substituters = {}\n", server.url)), "{written}");
     assert!(written.contains(&format!("extra-trusted-public-keys = {}\n", server.public_key)), "{written}");
+    assert!(written.contains("connect-timeout = 5\n"), "an unreachable cache costs seconds: {written}");
     let netrc = conf_dir.path().join("netrc");
     let netrc_text = std::fs::read_to_string(&netrc).unwrap();
     assert_eq!(netrc_text, "machine 127.0.0.1 login fleetcache password reader-secret\n");

@@ -75,7 +75,8 @@ fn nix_conf(p: &Page) -> String {
     if p.private {
         s += "netrc-file = /etc/nix/netrc\n";
     }
-    s
+    // An unreachable cache that drops packets then costs seconds, not curl's 300 s an attempt.
+    s + "connect-timeout = 5\n"
 }
 
 fn netrc(p: &Page) -> String {
@@ -243,13 +244,14 @@ mod tests {
         };
         assert_eq!(
             nix_conf(&p),
-            "extra-substituters = https://c.example\nextra-trusted-public-keys = c-1:AAAA c-2:BBBB\n"
+            "extra-substituters = https://c.example\nextra-trusted-public-keys = c-1:AAAA c-2:BBBB\n\
+             connect-timeout = 5\n"
         );
         assert!(
             nixos(&p).contains("publicKeys = [ \"c-1:AAAA\" \"c-2:BBBB\" ];") && !nixos(&p).contains("netrc")
         );
         p.private = true;
-        assert!(nix_conf(&p).ends_with("netrc-file = /etc/nix/netrc\n"));
+        assert!(nix_conf(&p).contains("netrc-file = /etc/nix/netrc\n"));
         assert!(text(&p).contains("machine c.example login fleetcache password YOUR-READ-TOKEN"));
         assert!(use_command(&p).contains("--token-file"));
         assert_eq!(priority("StoreDir: /nix/store\nPriority: 30\n"), 30);
