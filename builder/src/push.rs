@@ -110,15 +110,38 @@ pub struct PushSummary {
 }
 
 impl PushSummary {
-    /// `push refused: <path>: <reason>; …` when the cache refused some path.
+    /// `push refused: <path>: <reason>; …` when the cache refused some path (a few paths of any
+    /// one reason, the rest counted: [`PushSummary::failures`]).
     pub fn refusal(&self) -> Option<String> {
         if self.failed.is_empty() {
             return None;
         }
-        let why: Vec<String> = self.failed.iter().map(|f| format!("{}: {}", f.path, f.reason)).collect();
-        Some(format!("push refused: {}", why.join("; ")))
+        Some(format!("push refused: {}", self.failures().join("; ")))
+    }
+
+    /// What failed, a line each: `<path>: <reason>` for the first [`SHOWN_PER_REASON`] paths of
+    /// a reason, then `<n> more paths: <reason>` (a full cache fails every path the same way).
+    pub fn failures(&self) -> Vec<String> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut lines = Vec::new();
+        for f in &self.failed {
+            let n = seen.entry(&f.reason).or_default();
+            *n += 1;
+            if *n <= SHOWN_PER_REASON {
+                lines.push(format!("{}: {}", f.path, f.reason));
+            }
+        }
+        let mut more: Vec<(&str, usize)> = seen.into_iter().filter(|(_, n)| *n > SHOWN_PER_REASON).collect();
+        more.sort();
+        lines.extend(
+            more.into_iter().map(|(reason, n)| format!("{} more paths: {reason}", n - SHOWN_PER_REASON)),
+        );
+        lines
     }
 }
+
+/// Paths named with any one reason in [`PushSummary::failures`].
+pub const SHOWN_PER_REASON: usize = 3;
 
 /// A path that could not be pushed.
 #[derive(Debug, Clone, Serialize)]
@@ -548,6 +571,35 @@ async fn push_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_name_a_few_paths_of_a_reason_and_count_the_rest() {
+        let failed = |path: &str, reason: &str| FailedPath {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+            permanent: false,
+            needs: None,
+        };
+        let mut summary = PushSummary::default();
+        assert_eq!(summary.refusal(), None);
+        summary.failed.push(failed("/nix/store/a", "the cache answered 507"));
+        summary.failed.push(failed("/nix/store/b", "needs /nix/store/a"));
+        summary.failed.extend((0..7).map(|i| failed(&format!("/nix/store/l{i}"), "the cache is full")));
+        assert_eq!(
+            summary.failures(),
+            [
+                "/nix/store/a: the cache answered 507",
+                "/nix/store/b: needs /nix/store/a",
+                "/nix/store/l0: the cache is full",
+                "/nix/store/l1: the cache is full",
+                "/nix/store/l2: the cache is full",
+                "4 more paths: the cache is full",
+            ]
+        );
+        assert!(
+            summary.refusal().unwrap().starts_with("push refused: /nix/store/a: the cache answered 507; ")
+        );
+    }
 
     #[test]
     fn large_nars_wait_for_a_slot_while_small_ones_start() {

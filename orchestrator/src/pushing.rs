@@ -45,29 +45,10 @@ pub(crate) fn push(
     if summary.failed.is_empty() {
         return Ok(());
     }
-    print_failed(&summary.failed);
+    for line in summary.failures() {
+        eprintln!("error: {line}");
+    }
     Err(CliError::Failed)
-}
-
-/// The paths shown with a reason that many paths share (the cache is full, say); the rest are
-/// counted on one line.
-const SHOWN_PER_REASON: usize = 3;
-
-/// Each failed path with its reason, at most [`SHOWN_PER_REASON`] of any one reason.
-fn print_failed(failed: &[FailedPath]) {
-    let mut shown: HashMap<&str, usize> = HashMap::new();
-    for f in failed {
-        let n = shown.entry(&f.reason).or_default();
-        *n += 1;
-        if *n <= SHOWN_PER_REASON {
-            eprintln!("error: {}: {}", f.path, f.reason);
-        }
-    }
-    let mut more: Vec<(&str, usize)> = shown.into_iter().filter(|(_, n)| *n > SHOWN_PER_REASON).collect();
-    more.sort();
-    for (reason, n) in more {
-        eprintln!("error: {} more paths: {reason}", n - SHOWN_PER_REASON);
-    }
 }
 
 /// Progress bars on a terminal, lines otherwise.
