@@ -74,6 +74,13 @@ pub struct Config {
     /// those environment variables.
     #[serde(default)]
     pub s3_credentials_file: Option<PathBuf>,
+    /// Seconds an S3 request may wait for the first byte of the service's answer (each of three
+    /// attempts) before it fails (a 503, or a retried upload): a service that accepts
+    /// connections and then stalls would otherwise hold every request, and every machine asking
+    /// for a narinfo, until Nix gives up (300 s, five times). NAR uploads wait without limit (on
+    /// a slow link sending a part takes long). 0: no limit. Default 30.
+    #[serde(default = "default_s3_timeout")]
+    pub s3_timeout_seconds: u64,
     /// Substituter priority advertised in `nix-cache-info` (lower is asked first;
     /// cache.nixos.org is 40). Default 41: machines ask cache.nixos.org first for what it has and
     /// this cache for the rest; 30 puts this cache first.
@@ -176,6 +183,9 @@ fn default_priority() -> u32 {
     nix_formats::CacheInfo::FLEETCACHE_PRIORITY
 }
 fn default_narinfo_cache_seconds() -> u64 {
+    30
+}
+fn default_s3_timeout() -> u64 {
     30
 }
 fn default_index_refresh() -> u64 {
@@ -351,8 +361,8 @@ mod tests {
         // What it says of the limits is the default.
         let d = Config::default();
         assert_eq!(
-            (c.priority, c.narinfo_cache_seconds, c.max_narinfo_bytes, c.limits()),
-            (d.priority, d.narinfo_cache_seconds, d.max_narinfo_bytes, d.limits())
+            (c.priority, c.narinfo_cache_seconds, c.max_narinfo_bytes, c.limits(), c.s3_timeout_seconds),
+            (d.priority, d.narinfo_cache_seconds, d.max_narinfo_bytes, d.limits(), d.s3_timeout_seconds)
         );
     }
 

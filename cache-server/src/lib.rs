@@ -94,6 +94,8 @@ pub async fn setup(config: &Config) -> Result<AppState, SetupError> {
                 region,
                 credentials: config.s3_credentials_file.as_deref().map(s3_credentials).transpose()?,
                 checksums_when_required,
+                timeout: (config.s3_timeout_seconds > 0)
+                    .then(|| Duration::from_secs(config.s3_timeout_seconds)),
             })?;
             Box::new(match &config.nar_presigned_endpoint {
                 Some(e) => s3.presigning_for(e),

@@ -192,8 +192,16 @@ fn main() {
         unreachable!("an s3:// URL")
     };
     let credentials = Some((env[0].1.clone(), env[1].1.clone()));
-    let s3 = S3Storage::new(&S3Options { bucket, endpoint, region, credentials, checksums_when_required })
-        .expect("S3 storage");
+    let timeout = Some(std::time::Duration::from_secs(30));
+    let s3 = S3Storage::new(&S3Options {
+        bucket,
+        endpoint,
+        region,
+        credentials,
+        checksums_when_required,
+        timeout,
+    })
+    .expect("S3 storage");
     rows.extend(bench("Garage", &garage.store_url(), &env, &s3, &infos, &roots_file));
 
     println!(

@@ -183,6 +183,17 @@ root_domain = ".s3.garage.localhost"
         assert!(out.status.success(), "garage bucket set-quotas: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted by the kernel, and nothing
+    /// answers them — S3 that stalls rather than refuses. [`Garage::unstall`] lets it go on.
+    pub fn stall(&self) {
+        self.child.as_ref().expect("running").pause();
+    }
+
+    /// Lets a stalled server go on.
+    pub fn unstall(&self) {
+        self.child.as_ref().expect("running").resume();
+    }
+
     /// Stops the server with SIGTERM ("S3 is down"); data stays for [`Garage::restart`].
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -74,6 +74,16 @@ impl ChildGuard {
         self.signal(Signal::INT);
     }
 
+    /// Stops the process where it stands (SIGSTOP): its sockets stay open and answer nothing.
+    pub fn pause(&self) {
+        self.signal(Signal::STOP);
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(Signal::CONT);
+    }
+
     fn signal(&self, signal: Signal) {
         if let Some(pid) = self.child.as_ref().and_then(|c| Pid::from_raw(c.id() as i32)) {
             let _ = kill_process(pid, signal);

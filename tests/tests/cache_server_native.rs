@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use cache_server::native::MissingResponse;
-use fleetcache_tests::cache_server::{CacheServer, Options, body_for, closure_in_upload_order, upload};
+use fleetcache_tests::cache_server::{
+    CacheServer, Options, body_for, closure_in_upload_order, push_json, upload,
+};
 use fleetcache_tests::garage::Garage;
 use fleetcache_tests::nix::{self, TempStore};
 use nix_formats::{Hash, StorePath};
@@ -112,6 +114,33 @@ async fn lies_and_broken_streams_publish_nothing() {
     // And the honest upload still works afterwards.
     assert_eq!(upload(&server, body_for(leaf)).await.0, StatusCode::OK);
     assert_eq!(status_of(&server, &narinfo).await, StatusCode::OK);
+}
+
+/// S3 that accepts connections and then answers nothing (a frozen Garage): a narinfo request
+/// gets a 503 after `s3-timeout-seconds` (each of three attempts), not a request that never
+/// ends, and once S3 answers again so does the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_s3_gives_503_not_a_request_that_never_ends() {
+    let g = Garage::start();
+    let config = "s3-timeout-seconds = 1\nnarinfo-cache-seconds = 0\nindex-refresh-seconds = 0\n";
+    let server = CacheServer::start_with(
+        &g.store_url(),
+        Options { env: g.credential_env().to_vec(), config: Some(config.to_owned()), ..Default::default() },
+    );
+    let top = nix::build_closure("native-s3-stalled", 1, 0);
+    push_json(&server, &[&top]);
+    let narinfo = format!("{}.narinfo", top.hash_part());
+    assert_eq!(status_of(&server, &narinfo).await, StatusCode::OK);
+
+    g.stall();
+    // Without a limit the request would wait for as long as Garage is frozen.
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap();
+    let asked = client.get(format!("{}/{narinfo}", server.url)).send().await;
+    g.unstall();
+    let answer = asked.expect("an answer within 60 s");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(server.log().contains("GetObject"), "{}", server.log());
+    assert_eq!(status_of(&server, &narinfo).await, StatusCode::OK, "S3 answers again, and so does the cache");
 }
 
 #[tokio::test(flavor = "multi_thread")]

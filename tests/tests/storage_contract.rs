@@ -162,6 +162,8 @@ async fn s3_backend_on_garage() {
         region: REGION.to_owned(),
         credentials: Some((g.access_key_id.clone(), g.secret_access_key.clone())),
         checksums_when_required: true,
+        // As cache-server's default sets it: the large uploads below wait without it.
+        timeout: Some(Duration::from_secs(30)),
     })
     .unwrap();
     // What a killed server leaves: a multipart upload with a part, never completed nor

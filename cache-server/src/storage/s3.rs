@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -40,6 +41,21 @@ pub struct S3Options {
     /// Send and check checksums only when the operation requires them. Needed for Garage, R2
     /// and older MinIO, which refuse the SDK's default streamed checksum trailers.
     pub checksums_when_required: bool,
+    /// How long a request may wait for the first byte of the service's answer (each of the
+    /// SDK's three attempts), so a service that accepts connections and then stalls gives an
+    /// error rather than a request that never ends. Requests that send more than
+    /// [`super::SMALL_OBJECT`] (NAR uploads) wait without limit: on a slow link the upload
+    /// itself takes that long. `None`: no limit.
+    pub timeout: Option<Duration>,
+}
+
+/// The SDK's own connect timeout, kept when a read timeout is set.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
+
+/// For a request that sends a large body: no limit on the wait for the answer's first byte.
+fn sending_long() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default()
+        .timeout_config(TimeoutConfig::builder().disable_read_timeout().build())
 }
 
 /// Why S3 could not be set up.
@@ -74,6 +90,11 @@ impl S3Storage {
             .credentials_provider(Credentials::new(id, secret, session, None, "fleetcache"));
         if let Some(endpoint) = &opts.endpoint {
             conf = conf.endpoint_url(endpoint).force_path_style(true);
+        }
+        if let Some(t) = opts.timeout {
+            conf = conf.timeout_config(
+                TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).read_timeout(t).build(),
+            );
         }
         if opts.checksums_when_required {
             conf = conf
@@ -364,15 +385,16 @@ impl S3Upload {
         }
         if self.multipart.is_none() {
             let body = self.buf.split().freeze();
-            let sent = self
+            let long = body.len() as u64 > super::SMALL_OBJECT;
+            let put = self
                 .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key.as_str())
                 .set_if_none_match(condition.map(str::to_owned))
                 .body(ByteStream::from(body))
-                .send()
-                .await;
+                .customize();
+            let sent = if long { put.config_override(sending_long()).send().await } else { put.send().await };
             return match sent {
                 Ok(_) => Ok(Some(self.size)),
                 Err(e) if only_new && precondition_failed(&e) => Ok(None),
@@ -433,6 +455,8 @@ impl S3Upload {
             .upload_id(&mp.upload_id)
             .part_number(part_number)
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(sending_long())
             .send()
             .await
             .map_err(s3_err("UploadPart", &key))?;
