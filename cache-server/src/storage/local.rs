@@ -32,12 +32,12 @@ impl LocalStorage {
         let io_err = |source| StorageError::Io { key: root.display().to_string(), source };
         fs::create_dir_all(root.join(TMP_DIR)).await.map_err(io_err)?;
         fs::create_dir_all(root.join("nar")).await.map_err(io_err)?;
-        let before = std::time::SystemTime::now() - ABANDONED_AFTER;
-        let removed = remove_abandoned(&root.join(TMP_DIR), before).await.map_err(io_err)?;
+        let storage = LocalStorage { root: root.to_owned() };
+        let removed = storage.drop_abandoned(std::time::SystemTime::now() - ABANDONED_AFTER).await?;
         if removed > 0 {
             tracing::info!(removed, "removed uploads a stopped server left behind");
         }
-        Ok(LocalStorage { root: root.to_owned() })
+        Ok(storage)
     }
 
     fn path(&self, key: &Key) -> PathBuf {
