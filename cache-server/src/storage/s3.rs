@@ -116,9 +116,11 @@ impl S3Storage {
     }
 }
 
+/// A failed request as a [`StorageError`]; `key` is empty for a request about the whole
+/// bucket (a listing).
 fn s3_err<'a, E: std::error::Error + ProvideErrorMetadata + 'static>(
     op: &'static str,
-    key: &'a Key,
+    key: &'a (impl std::fmt::Display + ?Sized),
 ) -> impl Fn(SdkError<E>) -> StorageError + 'a {
     move |e| StorageError::S3 { op, key: key.to_string(), message: describe(&e), failure: failure_of(&e) }
 }
@@ -256,12 +258,7 @@ impl Storage for S3Storage {
         futures_util::stream::unfold(pages, |mut pages| async move {
             let page = pages.next().await?;
             let items: Vec<Result<Listed, StorageError>> = match page {
-                Err(e) => vec![Err(StorageError::S3 {
-                    op: "ListObjectsV2",
-                    key: String::new(),
-                    message: describe(&e),
-                    failure: failure_of(&e),
-                })],
+                Err(e) => vec![Err(s3_err("ListObjectsV2", "")(e))],
                 Ok(out) => out
                     .contents()
                     .iter()
@@ -303,12 +300,7 @@ impl Storage for S3Storage {
                 .set_upload_id_marker(upload_id_marker.take())
                 .send()
                 .await
-                .map_err(|e| StorageError::S3 {
-                    op: "ListMultipartUploads",
-                    key: String::new(),
-                    message: describe(&e),
-                    failure: failure_of(&e),
-                })?;
+                .map_err(s3_err("ListMultipartUploads", ""))?;
             for upload in page.uploads() {
                 let (Some(name), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
                 let begun = upload.initiated().and_then(|t| std::time::SystemTime::try_from(*t).ok());
