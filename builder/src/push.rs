@@ -317,8 +317,8 @@ fn dump<W: Write>(info: &PathInfo, out: W, progress: Arc<dyn Progress>) -> io::R
     Ok(counting.inner)
 }
 
-/// Why one attempt at one path failed.
-#[derive(Debug)]
+/// Why one attempt at one path failed (by default: for no reason that has a kind of its own).
+#[derive(Debug, Default)]
 struct AttemptError {
     message: String,
     transient: bool,
@@ -352,21 +352,14 @@ async fn upload_one(
     let producer = tokio::task::spawn_blocking(move || produce(&owned, &opts, tx, progress));
     let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     let sent = client.upload(body).await;
-    let produced = producer.await.map_err(|e| AttemptError {
-        message: e.to_string(),
-        transient: false,
-        permanent: false,
-        stale: false,
-        full: false,
-    })?;
+    let produced =
+        producer.await.map_err(|e| AttemptError { message: e.to_string(), ..Default::default() })?;
     match (sent, produced) {
         (Ok(size), Ok(())) => Ok(size),
         (_, Err(e)) if e.kind() != io::ErrorKind::BrokenPipe => Err(AttemptError {
             message: format!("reading {} from the store: {e}", info.path),
-            transient: false,
             permanent: true,
-            stale: false,
-            full: false,
+            ..Default::default()
         }),
         (Err(e), _) => Err(AttemptError {
             transient: e.is_transient(),
@@ -375,13 +368,9 @@ async fn upload_one(
             full: e.is_full(),
             message: e.to_string(),
         }),
-        (Ok(_), Err(e)) => Err(AttemptError {
-            message: e.to_string(),
-            transient: true,
-            permanent: false,
-            stale: false,
-            full: false,
-        }),
+        (Ok(_), Err(e)) => {
+            Err(AttemptError { message: e.to_string(), transient: true, ..Default::default() })
+        }
     }
 }
 
