@@ -135,9 +135,11 @@ in
         Seconds Nix waits to connect to a substituter (`connect-timeout`; 0 leaves Nix's
         default, no limit of its own: curl's 300 s). When the cache cannot be reached and its
         packets are dropped (a laptop off the VPN, the cache host down behind a firewall), Nix
-        tries five times before it builds without it: with no limit every Nix command waits up
-        to 25 minutes first, with 5 s about half a minute. The setting applies to every
-        download; `nix.settings.connect-timeout` set elsewhere wins.
+        tries five times: with no limit every Nix command waits up to 25 minutes, with 5 s
+        about half a minute. Then a machine that never reached the cache builds without it, and
+        one whose Nix remembers the cache stops with an error naming it unless
+        `nix.settings.fallback` is set. The setting applies to every download;
+        `nix.settings.connect-timeout` set elsewhere wins.
       '';
     };
 

@@ -657,19 +657,18 @@ fn the_client_module_pushes_what_the_machine_builds() {
     assert_eq!(v, json!([false, false]));
 }
 
-/// A cache that cannot be reached and drops packets (as behind a firewall, or a laptop off the
-/// VPN) costs the real Nix, reading the client module's nix.conf, `connectTimeout` per attempt
-/// before it builds without it — not curl's 300 s. The host here is a listener whose accept
-/// queue is full: the kernel drops the SYNs that come after, as a firewall does.
-#[test]
-fn an_unreachable_cache_costs_a_build_seconds_not_minutes() {
-    use std::net::{SocketAddr, TcpStream};
+/// A listener on `addr` (port 0: any) whose accept queue is full, so the kernel drops the SYNs
+/// that come after, as a firewall does: a host that cannot be reached. Keep both while it is
+/// needed.
+fn unreachable_host(addr: std::net::SocketAddr) -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    use std::net::TcpStream;
     use std::time::Duration;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let listener = rt.block_on(async {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
         socket.listen(0).unwrap()
     });
     let addr = listener.local_addr().unwrap();
@@ -681,9 +680,21 @@ fn an_unreachable_cache_costs_a_build_seconds_not_minutes() {
         "the listener does not drop connections ({} held): {probe:?}",
         held.len()
     );
+    (listener, held)
+}
 
+/// A cache that cannot be reached and drops packets (as behind a firewall, or a laptop off the
+/// VPN) costs the real Nix, reading the client module's nix.conf, `connectTimeout` per attempt
+/// — seconds, not curl's 300 s. A machine that never reached the cache then builds without
+/// it; one whose Nix remembers the cache gets an error naming it (Nix fails a substitution it
+/// cannot ask about unless `fallback` is set, which the module leaves to the fleet).
+#[test]
+fn an_unreachable_cache_costs_a_build_seconds_not_minutes() {
+    use fleetcache_tests::cache_server::CacheServer;
+
+    let (listener, held) = unreachable_host(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let url = format!("http://{}", listener.local_addr().unwrap());
     let bench = Bench::new();
-    let url = format!("http://{addr}");
     let v = bench.eval(&format!(
         "({}).nixConf",
         client_machine(&format!("url = {url:?}; connectTimeout = 1; installPackage = false;"), "")
@@ -692,32 +703,56 @@ fn an_unreachable_cache_costs_a_build_seconds_not_minutes() {
     assert!(conf.contains("connect-timeout = 1\n"), "{conf}");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("nix.conf"), conf).unwrap();
-    let drv = dir.path().join("one.nix");
-    let nonce = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
-    std::fs::write(
-        &drv,
-        format!(
-            "derivation {{ name = \"offline\"; nonce = \"{nonce}\"; system = builtins.currentSystem; \
-             builder = \"/bin/sh\"; args = [ \"-c\" \"echo built > $out\" ]; }}"
-        ),
-    )
-    .unwrap();
-    // This machine's single-user Nix: no build users, no sandbox; and only the fleet cache
-    // (cache.nixos.org is not reachable from here either). Five attempts of a second each and
-    // Nix's pauses between them take ~10 s; with no limit they would take 25 minutes, so the
-    // build is stopped after two (exit 124) rather than let it pass that late.
-    let out = Command::new("timeout")
-        .args(["120", "nix-build"])
-        .arg(&drv)
-        .arg("--no-out-link")
-        .env("NIX_CONF_DIR", dir.path())
-        .env("NIX_CONFIG", format!("build-users-group =\nsandbox = false\nsubstituters = {url}\n"))
-        .output()
+    // Nix remembers caches under XDG_CACHE_HOME: one of this test's own.
+    let nix_cache = tempfile::tempdir().unwrap();
+    let build = |substituter: &str, name: &str| {
+        let drv = dir.path().join(format!("{name}.nix"));
+        let nonce = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+        std::fs::write(
+            &drv,
+            format!(
+                "derivation {{ name = \"{name}\"; nonce = \"{nonce}\"; system = builtins.currentSystem; \
+                 builder = \"/bin/sh\"; args = [ \"-c\" \"echo built > $out\" ]; }}"
+            ),
+        )
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        // This machine's single-user Nix: no build users, no sandbox; and only the fleet cache
+        // (cache.nixos.org is not reachable from here either). Five attempts of a second each
+        // and Nix's pauses between them take ~10 s; with no limit they would take 25 minutes,
+        // so the build is stopped after two (exit 124) rather than let it end that late.
+        let out = Command::new("timeout")
+            .args(["120", "nix-build"])
+            .arg(&drv)
+            .arg("--no-out-link")
+            .env("NIX_CONF_DIR", dir.path())
+            .env("XDG_CACHE_HOME", nix_cache.path())
+            .env(
+                "NIX_CONFIG",
+                format!("build-users-group =\nsandbox = false\nsubstituters = {substituter}\n"),
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_ne!(out.status.code(), Some(124), "Nix still waited after 120 s: {stderr}");
+        (out, stderr)
+    };
+
+    // Never reached: after its attempts at nix-cache-info, Nix builds without the cache.
+    let (out, stderr) = build(&url, "offline");
     assert!(out.status.success(), "{:?} {stderr}", out.status.code());
     let built = String::from_utf8_lossy(&out.stdout);
     assert_eq!(std::fs::read_to_string(built.trim()).unwrap(), "built\n");
     assert!(stderr.contains(&format!("{url}/nix-cache-info")) && stderr.contains("Timeout"), "{stderr}");
     drop((held, listener));
+
+    // Reached once (a real cache-server), then gone behind a firewall on the same address.
+    let (_store, mut server) = CacheServer::start_local();
+    let (out, stderr) = build(&server.url, "online");
+    assert!(out.status.success(), "{stderr}");
+    let addr: std::net::SocketAddr = server.url.trim_start_matches("http://").parse().unwrap();
+    server.stop();
+    let (_listener, _held) = unreachable_host(addr);
+    let (out, stderr) = build(&server.url, "remembered");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&server.url) && stderr.contains("Timeout"), "{stderr}");
 }
